@@ -1,0 +1,21 @@
+"""Exceptions with messages meant for users: one line saying what is wrong and what to do."""
+
+
+class DraftwiseError(Exception):
+    """Base class: every error draftwise raises on purpose."""
+
+
+class InstallError(DraftwiseError):
+    """A model could not be installed (unknown name, missing part, bad checksum, disk full...)."""
+
+
+class CheckpointError(DraftwiseError):
+    """A checkpoint directory or file is missing, incomplete or corrupt."""
+
+
+class ConfigError(DraftwiseError, ValueError):
+    """An invalid configuration value (sampling parameters, method names, budgets...)."""
+
+
+class PromptError(DraftwiseError, ValueError):
+    """An empty prompt, or one that does not fit the model's context."""

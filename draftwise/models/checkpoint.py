@@ -1,0 +1,114 @@
+"""Finding, converting and reading checkpoints (HF-format directories and GGUF files)."""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+import torch
+
+from draftwise.errors import CheckpointError, InstallError
+from draftwise.models import registry
+from draftwise.models.config import ModelConfig
+
+
+def convert_gguf(gguf: Path, out_dir: Path, progress: bool = True) -> None:
+    """Dequantize a GGUF file to an fp32 HF-format directory (config, safetensors, tokenizer)."""
+    try:
+        from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+        from transformers.utils import logging as hf_logging
+    except ImportError as e:  # pragma: no cover - transformers is a hard dependency
+        raise InstallError(f"transformers is required to import GGUF files: {e}") from None
+    from safetensors.torch import save_file
+
+    if not progress:
+        hf_logging.disable_progress_bar()
+    try:
+        model = AutoModelForCausalLM.from_pretrained(str(gguf.parent), gguf_file=gguf.name, dtype=torch.float32)
+        tok = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
+    except (ValueError, OSError, KeyError, RuntimeError) as e:
+        raise InstallError(f"could not read GGUF file {gguf}: {e}") from None
+    cfg = model.config.to_dict()
+    cfg.pop("quantization_config", None)
+    cfg["torch_dtype"] = "float32"
+    state = {k: v.contiguous() for k, v in model.state_dict().items()}
+    if cfg.get("tie_word_embeddings"):
+        state.pop("lm_head.weight", None)
+    save_file(state, str(out_dir / "model.safetensors"), metadata={"format": "pt"})
+    (out_dir / "config.json").write_text(json.dumps(cfg, indent=1))
+    if model.generation_config is not None:
+        model.generation_config.save_pretrained(str(out_dir))
+    tok.save_pretrained(str(out_dir))
+    del model
+
+
+def _gguf_dir(path: Path, progress: bool) -> Path:
+    st = path.stat()
+    key = hashlib.sha256(f"{path.resolve()}:{st.st_size}:{st.st_mtime_ns}".encode()).hexdigest()[:16]
+    final = registry.cache_root() / "gguf" / f"{path.stem}-{key}"
+    if (final / "model.safetensors").is_file():
+        return final
+    final.parent.mkdir(parents=True, exist_ok=True)
+    work = Path(tempfile.mkdtemp(prefix=".convert-", dir=final.parent))
+    try:
+        convert_gguf(path, work, progress=progress)
+        os.replace(work, final)
+    finally:
+        if work.exists():
+            shutil.rmtree(work, ignore_errors=True)
+    return final
+
+
+def resolve(model: str, progress: bool = True) -> Path:
+    """Turn a model argument (known name, HF dir, .gguf file, hub id) into an HF-format dir."""
+    if model in registry.MODELS:
+        return registry.install(model, progress=progress)
+    p = Path(model).expanduser()
+    if p.is_dir():
+        if not (p / "config.json").is_file():
+            raise CheckpointError(f"{p} has no config.json: not a Hugging Face model directory")
+        return p
+    if p.is_file() and p.suffix == ".gguf":
+        return _gguf_dir(p, progress)
+    if p.exists():
+        raise CheckpointError(f"{p} is neither a model directory nor a .gguf file")
+    if "/" in model and not model.startswith((".", "/", "~")):
+        try:
+            from huggingface_hub import snapshot_download
+
+            return Path(snapshot_download(model, allow_patterns=["*.json", "*.safetensors", "*.model", "*.txt"]))
+        except Exception as e:  # noqa: BLE001 - the hub client raises many unrelated types
+            raise CheckpointError(f"{model!r} is not a known model or local path, and the hub "
+                                  f"download failed ({type(e).__name__}); known models: "
+                                  f"{', '.join(sorted(registry.MODELS))}") from None
+    raise CheckpointError(f"model {model!r} not found: not a known name ({', '.join(sorted(registry.MODELS))}), "
+                          "a local HF directory or a .gguf file")
+
+
+def load_config(path: Path) -> ModelConfig:
+    try:
+        cfg = json.loads((path / "config.json").read_text())
+    except FileNotFoundError:
+        raise CheckpointError(f"{path} has no config.json") from None
+    except json.JSONDecodeError as e:
+        raise CheckpointError(f"{path / 'config.json'} is not valid JSON: {e}") from None
+    return ModelConfig.from_hf(cfg)
+
+
+def load_state_dict(path: Path) -> dict[str, torch.Tensor]:
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    files = sorted(path.glob("*.safetensors"))
+    if not files:
+        raise CheckpointError(f"{path} has no .safetensors weights")
+    state: dict[str, torch.Tensor] = {}
+    for f in files:
+        try:
+            state.update(load_file(str(f)))
+        except (SafetensorError, OSError, ValueError) as e:
+            raise CheckpointError(f"corrupt safetensors file {f}: {e}") from None
+    return state

@@ -1,0 +1,243 @@
+"""One config-driven decoder for the Llama family (Llama, SmolLM, Qwen2, Qwen3, Mistral).
+
+Checkpoint-compatible with Hugging Face (same config.json and tensor names). A single
+``forward`` serves prefill, one-token decoding and tree verification: n new tokens with their
+positions and an optional ancestor mask [n, n] are scored against the committed KV prefix in
+one pass. Options: logits only for chosen rows, hidden states of chosen layers, running only
+layers [start_layer, end_layer) and resuming from given hidden states (early exit, EAGLE).
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from draftwise import kernels
+from draftwise.errors import CheckpointError
+from draftwise.models.cache import KVCache
+from draftwise.models.config import ModelConfig
+
+
+class Linear:
+    """y = x W^T + b. On CPU fp32 it runs the prepacked kernel; elsewhere F.linear."""
+
+    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None, packed: bool):
+        self.out_features, self.in_features = weight.shape
+        self.packed = kernels.pack_weight(weight) if packed else None
+        self.weight = None if packed else weight
+        self.bias = (kernels.pad_bias(bias) if packed else bias) if bias is not None else None
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:   # [n, in] -> [n, out]
+        if self.packed is not None:
+            return kernels.linear(x.contiguous(), self.packed, self.bias, self.out_features)
+        return F.linear(x, self.weight, self.bias)
+
+
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    var = x.pow(2).mean(-1, keepdim=True)
+    return weight * (x * torch.rsqrt(var + eps))
+
+
+def rope_tables(cfg: ModelConfig, max_len: int, device, dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos, sin [max_len, head_dim] as Hugging Face computes them (fp32, then cast)."""
+    d = cfg.head_dim
+    inv_freq = 1.0 / (cfg.rope_theta ** (torch.arange(0, d, 2, dtype=torch.int64).float() / d))
+    sc = cfg.rope_scaling
+    if sc:
+        kind = sc.get("rope_type", sc.get("type"))
+        if kind == "linear":
+            inv_freq = inv_freq / float(sc["factor"])
+        elif kind == "llama3":
+            factor, lo, hi = float(sc["factor"]), float(sc["low_freq_factor"]), float(sc["high_freq_factor"])
+            old = float(sc["original_max_position_embeddings"])
+            wavelen = 2 * math.pi / inv_freq
+            scaled = torch.where(wavelen > old / lo, inv_freq / factor, inv_freq)
+            smooth = (old / wavelen - lo) / (hi - lo)
+            mid = (1 - smooth) * scaled / factor + smooth * scaled
+            is_mid = ~(wavelen < old / hi) & ~(wavelen > old / lo)
+            inv_freq = torch.where(is_mid, mid, scaled)
+        else:
+            raise CheckpointError(f"rope scaling type {kind!r} is not supported (supported: linear, llama3)")
+    t = torch.arange(max_len, dtype=torch.int64).float()
+    freqs = torch.outer(t, inv_freq)
+    emb = torch.cat((freqs, freqs), dim=-1)
+    return emb.cos().to(device=device, dtype=dtype), emb.sin().to(device=device, dtype=dtype)
+
+
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """x [n, H, D]; cos/sin [n, 1, D]."""
+    half = x.shape[-1] // 2
+    rot = torch.cat((-x[..., half:], x[..., :half]), dim=-1)
+    return x * cos + rot * sin
+
+
+@dataclass
+class Layer:
+    attn_norm: torch.Tensor
+    qkv: Linear
+    q_norm: torch.Tensor | None
+    k_norm: torch.Tensor | None
+    o: Linear
+    mlp_norm: torch.Tensor
+    gate_up: Linear
+    down: Linear
+
+
+@dataclass
+class ForwardOut:
+    logits: torch.Tensor | None                 # [rows, vocab] (rows = logits_rows or all n)
+    hidden: torch.Tensor                        # [n, D]: final-norm hidden (or raw, if end_layer stops early)
+    layer_hidden: dict[int, torch.Tensor] = field(default_factory=dict)   # layer i output [n, D]
+
+
+class Transformer:
+    def __init__(self, cfg: ModelConfig, state: dict[str, torch.Tensor], device="cpu",
+                 dtype: torch.dtype = torch.float32, max_len: int | None = None, fast: bool = True):
+        self.cfg = cfg
+        self.device = torch.device(device)
+        self.dtype = dtype
+        self.max_len = int(max_len or min(cfg.max_position_embeddings, 8192))
+        self.fast = bool(fast and self.device.type == "cpu" and dtype == torch.float32 and kernels.available())
+
+        def get(name: str, required: bool = True) -> torch.Tensor | None:
+            t = state.get(name)
+            if t is None:
+                if required:
+                    raise CheckpointError(f"checkpoint is missing tensor {name!r}")
+                return None
+            return t.to(device=self.device, dtype=dtype)
+
+        def lin(ws: list[str], bs: list[str] | None = None) -> Linear:
+            w = torch.cat([get(n) for n in ws], 0) if len(ws) > 1 else get(ws[0])
+            b = None
+            if bs is not None:
+                b = torch.cat([get(n) for n in bs], 0)
+            return Linear(w, b, self.fast)
+
+        self.embed = get("model.embed_tokens.weight")                 # [V, D]
+        if self.embed.shape != (cfg.vocab_size, cfg.hidden_size):
+            raise CheckpointError(f"embed_tokens has shape {tuple(self.embed.shape)}, config says "
+                                  f"({cfg.vocab_size}, {cfg.hidden_size})")
+        self.layers: list[Layer] = []
+        for i in range(cfg.num_layers):
+            p = f"model.layers.{i}."
+            a = p + "self_attn."
+            qkv_names = [a + "q_proj.weight", a + "k_proj.weight", a + "v_proj.weight"]
+            qkv_bias = [a + "q_proj.bias", a + "k_proj.bias", a + "v_proj.bias"] if cfg.attention_bias else None
+            self.layers.append(Layer(
+                attn_norm=get(p + "input_layernorm.weight"),
+                qkv=lin(qkv_names, qkv_bias),
+                q_norm=get(a + "q_norm.weight") if cfg.qk_norm else None,
+                k_norm=get(a + "k_norm.weight") if cfg.qk_norm else None,
+                o=lin([a + "o_proj.weight"]),
+                mlp_norm=get(p + "post_attention_layernorm.weight"),
+                gate_up=lin([p + "mlp.gate_proj.weight", p + "mlp.up_proj.weight"]),
+                down=lin([p + "mlp.down_proj.weight"]),
+            ))
+        self.norm = get("model.norm.weight")
+        head = state.get("lm_head.weight")
+        if head is None or cfg.tie_word_embeddings:
+            head = state["model.embed_tokens.weight"]
+        self.lm_head = Linear(head.to(device=self.device, dtype=dtype), None, self.fast)
+        self.cos, self.sin = rope_tables(cfg, self.max_len, self.device, dtype)
+
+    # ------------------------------------------------------------------ construction
+    @classmethod
+    def from_pretrained(cls, path: str | Path, device="cpu", dtype=torch.float32, **kw) -> "Transformer":
+        from draftwise.models.checkpoint import load_config, load_state_dict
+
+        path = Path(path)
+        return cls(load_config(path), load_state_dict(path), device=device, dtype=dtype, **kw)
+
+    def new_cache(self, max_len: int | None = None) -> KVCache:
+        c = self.cfg
+        return KVCache(c.num_layers, c.num_kv_heads, max_len or self.max_len, c.head_dim, self.dtype, self.device)
+
+    # ------------------------------------------------------------------ forward
+    def forward(self, tokens: torch.Tensor, positions: torch.Tensor, cache: KVCache,
+                tree_mask: torch.Tensor | None = None, logits_rows: torch.Tensor | slice | None = None,
+                hidden_layers: tuple[int, ...] = (), start_layer: int = 0, end_layer: int | None = None,
+                hidden_in: torch.Tensor | None = None, compute_logits: bool = True) -> ForwardOut:
+        """Score n new tokens against the committed cache prefix in one pass.
+
+        tokens [n] long, positions [n] long; tree_mask [n, n] bool (True where node j is an
+        ancestor of node i or j == i); None means causal order (prefill / chain). Entries are
+        written to cache slots [cache.length, cache.length + n) and are not committed.
+        """
+        cfg = self.cfg
+        n = int(tokens.shape[0]) if hidden_in is None else int(hidden_in.shape[0])
+        start = cache.reserve(n)
+        end_layer = cfg.num_layers if end_layer is None else end_layer
+        if int(positions.max()) >= self.max_len:
+            raise ValueError(f"position {int(positions.max())} exceeds the model's context of {self.max_len}")
+        x = self.embed[tokens] if hidden_in is None else hidden_in.to(self.dtype)   # [n, D]
+        mask = self._attn_mask(n, start, tree_mask)                                  # [n, start+n] or None
+        cos = self.cos[positions].unsqueeze(1)                                       # [n, 1, Dh]
+        sin = self.sin[positions].unsqueeze(1)
+        out_hidden: dict[int, torch.Tensor] = {}
+        for i in range(start_layer, end_layer):
+            x = self._layer(i, x, cos, sin, cache, start, mask)
+            if i in hidden_layers:
+                out_hidden[i] = x
+        if end_layer < cfg.num_layers:
+            return ForwardOut(None, x, out_hidden)
+        h = rms_norm(x, self.norm, cfg.rms_norm_eps)                                 # [n, D]
+        logits = None
+        if compute_logits:
+            rows = h if logits_rows is None else h[logits_rows]
+            logits = self.lm_head(rows)                                              # [rows, V]
+        return ForwardOut(logits, h, out_hidden)
+
+    __call__ = forward
+
+    def _attn_mask(self, n: int, start: int, tree_mask: torch.Tensor | None) -> torch.Tensor | None:
+        if n == 1:
+            return None
+        if tree_mask is None:
+            tree_mask = torch.ones(n, n, dtype=torch.bool, device=self.device).tril_()
+        prefix = torch.ones(n, start, dtype=torch.bool, device=self.device)
+        return torch.cat([prefix, tree_mask.to(self.device)], dim=1)
+
+    def _layer(self, i: int, x: torch.Tensor, cos, sin, cache: KVCache, start: int, mask) -> torch.Tensor:
+        cfg, L = self.cfg, self.layers[i]
+        n, H, Hkv, Dh = x.shape[0], cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
+        h = rms_norm(x, L.attn_norm, cfg.rms_norm_eps)
+        qkv = L.qkv(h)                                                     # [n, (H + 2 Hkv) Dh]
+        q, k, v = qkv.split([H * Dh, Hkv * Dh, Hkv * Dh], dim=-1)
+        q, k, v = q.view(n, H, Dh), k.view(n, Hkv, Dh), v.view(n, Hkv, Dh)
+        if L.q_norm is not None:
+            q = rms_norm(q, L.q_norm, cfg.rms_norm_eps)
+            k = rms_norm(k, L.k_norm, cfg.rms_norm_eps)
+        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        keys, values = cache.write(i, k.transpose(0, 1), v.transpose(0, 1), start)   # [Hkv, T, Dh]
+        attn = F.scaled_dot_product_attention(q.transpose(0, 1).unsqueeze(0), keys.unsqueeze(0),
+                                              values.unsqueeze(0), attn_mask=mask, enable_gqa=H != Hkv)
+        attn = attn.squeeze(0).transpose(0, 1).reshape(n, H * Dh)          # [n, H Dh]
+        x = x + L.o(attn)
+        h = rms_norm(x, L.mlp_norm, cfg.rms_norm_eps)
+        gate, up = L.gate_up(h).chunk(2, dim=-1)                           # [n, I] each
+        return x + L.down(F.silu(gate) * up)
+
+
+# ---------------------------------------------------------------------- free functions
+@torch.inference_mode()
+def prefill(model: Transformer, cache: KVCache, tokens: torch.Tensor) -> ForwardOut:
+    """Run the prompt [n] through the model, commit it, return logits of the last position."""
+    n = int(tokens.shape[0])
+    pos = torch.arange(cache.length, cache.length + n, device=model.device)
+    out = model.forward(tokens.to(model.device), pos, cache, logits_rows=slice(n - 1, n))
+    cache.commit(n)
+    return out
+
+
+@torch.inference_mode()
+def decode_one(model: Transformer, cache: KVCache, token: int) -> torch.Tensor:
+    """One plain decoding step: feed one token, commit it, return its logits [V]."""
+    t = torch.tensor([token], device=model.device)
+    pos = torch.tensor([cache.length], device=model.device)
+    out = model.forward(t, pos, cache)
+    cache.commit(1)
+    return out.logits[0]
