@@ -1,0 +1,176 @@
+"""The one decoding loop: prefill -> (propose -> forward tree -> verify -> commit -> observe)*.
+
+Plain autoregressive decoding is this loop with the empty drafter, so the baseline and every
+method are timed by the same code.
+"""
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+
+import torch
+
+from draftwise.drafters.base import Context, Drafter
+from draftwise.errors import PromptError
+from draftwise.models.transformer import Transformer, prefill
+from draftwise.sampling import Sampling, sample, warp
+from draftwise.verify import verify
+
+
+@dataclass
+class Stats:
+    prompt_tokens: int = 0
+    new_tokens: int = 0
+    steps: int = 0                                   # target passes after prefill
+    accept_lengths: list[int] = field(default_factory=list)   # tokens emitted per pass (bonus incl.)
+    tree_sizes: list[int] = field(default_factory=list)
+    proposed_by_depth: list[int] = field(default_factory=list)
+    accepted_by_depth: list[int] = field(default_factory=list)
+    prefill_s: float = 0.0
+    draft_s: float = 0.0
+    verify_s: float = 0.0
+    wall_s: float = 0.0
+    stop_reason: str = ""
+
+    @property
+    def tau(self) -> float:
+        """Mean tokens per target pass, bonus included."""
+        return sum(self.accept_lengths) / len(self.accept_lengths) if self.accept_lengths else 0.0
+
+    @property
+    def tokens_per_s(self) -> float:
+        return self.new_tokens / self.wall_s if self.wall_s > 0 else 0.0
+
+    def acceptance_by_depth(self) -> list[float]:
+        return [a / p if p else 0.0 for a, p in zip(self.accepted_by_depth, self.proposed_by_depth)]
+
+    def _record(self, tree, accepted, emitted: int) -> None:
+        self.steps += 1
+        self.accept_lengths.append(emitted)
+        self.tree_sizes.append(tree.size)
+        if tree.size > 1:
+            depth_counts = torch.bincount(tree.depths[1:].cpu()).tolist()
+            _grow(self.proposed_by_depth, len(depth_counts))
+            for d, c in enumerate(depth_counts):
+                self.proposed_by_depth[d] += c
+            _grow(self.accepted_by_depth, len(depth_counts))
+            for d in range(1, len(accepted.path)):
+                self.accepted_by_depth[d] += 1
+
+    def as_dict(self) -> dict:
+        return {"prompt_tokens": self.prompt_tokens, "new_tokens": self.new_tokens, "steps": self.steps,
+                "tau": self.tau, "tokens_per_s": self.tokens_per_s, "wall_s": self.wall_s,
+                "prefill_s": self.prefill_s, "draft_s": self.draft_s, "verify_s": self.verify_s,
+                "mean_tree_size": sum(self.tree_sizes) / max(1, len(self.tree_sizes)),
+                "acceptance_by_depth": self.acceptance_by_depth()[1:], "stop_reason": self.stop_reason}
+
+
+def _grow(xs: list[int], n: int) -> None:
+    xs.extend([0] * (n - len(xs)))
+
+
+class Stopper:
+    """EOS, stop strings and max_new_tokens, applied to the stream of emitted tokens."""
+
+    def __init__(self, max_new_tokens: int, eos_ids=(), stop: list[str] | None = None,
+                 detok: Callable[[list[int]], str] | None = None):
+        self.max_new = max_new_tokens
+        self.eos = set(eos_ids)
+        self.stop = [s for s in (stop or []) if s]
+        if self.stop and detok is None:
+            raise ValueError("stop strings need a detokenizer")
+        self.detok = detok
+        self.out: list[int] = []
+        self.reason = ""
+
+    def push(self, tokens: list[int]) -> list[int]:
+        """Append tokens; return the part that is emitted (cut at the first stop condition)."""
+        taken = []
+        for t in tokens:
+            if self.reason:
+                break
+            self.out.append(t)
+            taken.append(t)
+            if t in self.eos:
+                self.reason = "eos"
+            elif self.stop and self._hit_stop():
+                self.reason = "stop"
+            elif len(self.out) >= self.max_new:
+                self.reason = "length"
+        return taken
+
+    def _hit_stop(self) -> bool:
+        longest = max(len(s) for s in self.stop)
+        tail = self.detok(self.out[-(longest + 8):])
+        return any(s in tail for s in self.stop)
+
+
+def decode(model: Transformer, prompt_ids: list[int], drafter: Drafter | None = None,
+           sampling: Sampling = Sampling(), max_new_tokens: int = 128, eos_ids=(), stop=None,
+           detok=None, stats: Stats | None = None, cache=None) -> Iterator[list[int]]:
+    """Yield lists of newly generated token ids until a stop condition. Lossless for any drafter."""
+    if not prompt_ids:
+        raise PromptError("empty prompt: give at least one token")
+    if max_new_tokens < 1:
+        raise PromptError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
+    if len(prompt_ids) + 1 > model.max_len:
+        raise PromptError(f"prompt of {len(prompt_ids)} tokens does not fit the context of {model.max_len} tokens")
+    drafter = drafter or Drafter()
+    stats = stats if stats is not None else Stats()
+    stats.prompt_tokens = len(prompt_ids)
+    cache = cache if cache is not None else model.new_cache()
+    cache.truncate(0)
+    g = None if sampling.greedy else sampling.generator("cpu")
+    stopper = Stopper(max_new_tokens, eos_ids, stop, detok)
+    ctx = Context(list(prompt_ids), sampling, model, cache)
+    t_start = time.perf_counter()
+    with torch.inference_mode():
+        drafter.reset(ctx)
+        out = prefill(model, cache, torch.tensor(prompt_ids, dtype=torch.long))
+        first = _pick(out.logits[0], sampling, g)
+        stats.prefill_s = time.perf_counter() - t_start
+        emitted = stopper.push([first])
+        ctx.tokens.append(first)
+        stats.new_tokens += len(emitted)
+        yield emitted
+        while not stopper.reason:
+            if cache.length + 1 >= cache.max_len:
+                stopper.reason = "context"
+                break
+            ctx.remaining = max_new_tokens - len(stopper.out)
+            t0 = time.perf_counter()
+            tree = drafter.propose(ctx)
+            room = cache.max_len - cache.length
+            if tree.size > room:   # never overflow the context: keep the nodes that fit
+                tree = tree.select(torch.arange(room, device=tree.tokens.device))
+            t1 = time.perf_counter()
+            mask = tree.ancestor_mask() if tree.size > 1 else None
+            fwd = model.forward(tree.tokens, tree.positions(cache.length), cache, tree_mask=mask)
+            acc = verify(tree, fwd.logits, sampling, g)
+            cache.commit(acc.path)
+            t2 = time.perf_counter()
+            drafter.observe(tree, fwd.logits, acc, ctx)
+            emitted = stopper.push(acc.tokens)
+            ctx.tokens.extend(acc.tokens)
+            stats.draft_s += (t1 - t0) + (time.perf_counter() - t2)
+            stats.verify_s += t2 - t1
+            stats._record(tree, acc, len(acc.tokens))
+            stats.new_tokens += len(emitted)
+            yield emitted
+    stats.stop_reason = stopper.reason
+    stats.wall_s = time.perf_counter() - t_start
+
+
+def _pick(logits: torch.Tensor, sampling: Sampling, g) -> int:
+    if sampling.greedy:
+        return int(logits.argmax())
+    return sample(warp(logits, sampling).double().cpu(), g)
+
+
+def generate(model: Transformer, prompt_ids: list[int], **kw) -> tuple[list[int], Stats]:
+    stats = kw.pop("stats", None) or Stats()
+    out: list[int] = []
+    for piece in decode(model, prompt_ids, stats=stats, **kw):
+        out.extend(piece)
+    return out, stats

@@ -1,0 +1,113 @@
+"""Prompt lookup decoding (PLD): draft the continuation of an earlier occurrence of the newest
+n-gram in the prompt and generated text. Longest n first; several matches become a small trie.
+
+Budget (ours): acceptance is tracked online per (depth, first-child-or-not); each step keeps the
+nodes whose expected gain pays for their verification cost under the measured t(n).
+"""
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+from draftwise.drafters.base import Context, Drafter
+from draftwise.errors import ConfigError
+from draftwise.policies.budget import CostCurve, best_prefix
+from draftwise.tree import DraftTree, merge_tries
+
+
+def find_matches(arr: np.ndarray, n: int, limit: int) -> np.ndarray:
+    """Start indices i (most recent first) with arr[i:i+n] == arr[-n:] and i + n < len(arr)."""
+    L = arr.size
+    if L <= n:
+        return np.empty(0, dtype=np.int64)
+    suffix = arr[L - n:]
+    cand = np.flatnonzero(arr[: L - n] == suffix[0])
+    for j in range(1, n):
+        if cand.size == 0:
+            break
+        cand = cand[arr[cand + j] == suffix[j]]
+    return cand[::-1][:limit]
+
+
+class PromptLookup(Drafter):
+    name = "lookup"
+
+    def __init__(self, max_ngram: int = 3, min_ngram: int = 1, max_depth: int = 16, max_matches: int = 4,
+                 max_nodes: int | None = None, cost: CostCurve | None = None, prior_weight: float = 4.0):
+        if not 1 <= min_ngram <= max_ngram:
+            raise ConfigError("lookup needs 1 <= min_ngram <= max_ngram")
+        if max_depth < 1 or max_matches < 1:
+            raise ConfigError("lookup needs max_depth >= 1 and max_matches >= 1")
+        self.max_ngram, self.min_ngram, self.max_depth = max_ngram, min_ngram, max_depth
+        self.max_matches, self.max_nodes, self.cost, self.w = max_matches, max_nodes, cost, prior_weight
+        # online acceptance counts per [depth, first-child?]
+        self.proposed = np.zeros((max_depth + 1, 2))
+        self.accepted = np.zeros((max_depth + 1, 2))
+        self.prior = np.array([[0.6 ** d, 0.3 * 0.6 ** d] for d in range(max_depth + 1)])
+
+    def continuations(self, arr: np.ndarray) -> list[list[int]]:
+        conts: list[list[int]] = []
+        seen: set[tuple[int, ...]] = set()
+        for n in range(self.max_ngram, self.min_ngram - 1, -1):
+            for i in find_matches(arr, n, self.max_matches * 2):
+                c = tuple(arr[i + n: i + n + self.max_depth].tolist())
+                if c and c not in seen:
+                    seen.add(c)
+                    conts.append(list(c))
+                    if len(conts) >= self.max_matches:
+                        return conts
+            if conts:
+                break                          # longest n-gram that matched wins
+        return conts
+
+    def propose(self, ctx: Context) -> DraftTree:
+        dev = ctx.model.device if ctx.model is not None else "cpu"
+        conts = self.continuations(ctx.array())
+        if not conts:
+            return DraftTree.root_only(ctx.root, device=dev)
+        toks, pars = merge_tries(ctx.root, conts)
+        tree = DraftTree.from_parents(toks, pars)
+        kind = self._kind(tree)                                           # [n] 0 first child, 1 other
+        d = tree.depths.numpy()
+        est_rate = (self.accepted + self.w * self.prior) / (self.proposed + self.w)
+        rate = est_rate[np.minimum(d, self.max_depth), kind]             # P(node accepted), per node
+        est = np.ones(tree.size)
+        for i in range(1, tree.size):                                     # tiny trees; parents first
+            est[i] = min(est[pars[i]], rate[i])
+        order = np.argsort(-est[1:], kind="stable") + 1
+        m = (best_prefix(est[order], self.cost, self.max_nodes) if self.cost is not None
+             else min(len(order), self.max_nodes if self.max_nodes is not None else len(order)))
+        keep = np.sort(np.concatenate([[0], order[:m]]))
+        keep = keep[d[keep] < max(1, ctx.remaining)]
+        if keep.size == 1:
+            return DraftTree.root_only(ctx.root, device=dev)
+        sub = tree.select(torch.as_tensor(keep))
+        sub.template_ids = torch.as_tensor(kind[keep])
+        return DraftTree(sub.tokens.to(dev), sub.parents.to(dev), sub.depths.to(dev), template_ids=sub.template_ids)
+
+    @staticmethod
+    def _kind(tree: DraftTree) -> np.ndarray:
+        par = tree.parents.numpy()
+        kind = np.ones(tree.size, dtype=np.int64)
+        first: set[int] = set()
+        for i in range(1, tree.size):
+            if par[i] not in first:
+                first.add(par[i])
+                kind[i] = 0
+        kind[0] = 0
+        return kind
+
+    def observe(self, tree: DraftTree, logits, accepted, ctx: Context) -> None:
+        if tree.template_ids is None:
+            return
+        d = tree.depths.cpu().numpy()
+        kind = tree.template_ids.numpy()
+        np.add.at(self.proposed, (d[1:], kind[1:]), 1)
+        path = np.asarray(accepted.path[1:], dtype=np.int64)
+        if path.size:
+            np.add.at(self.accepted, (d[path], kind[path]), 1)
+
+    def describe(self) -> dict:
+        return {"method": self.name, "max_ngram": self.max_ngram, "max_depth": self.max_depth,
+                "max_matches": self.max_matches, "max_nodes": self.max_nodes,
+                "budget": "cost-curve" if self.cost else "fixed"}

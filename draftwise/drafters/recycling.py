@@ -1,0 +1,148 @@
+"""Token Recycling (arXiv 2408.08696): train-free drafting from the target's own past top-k.
+
+State: an adjacency matrix M [V, k] holding, for each token, the top-k next tokens the target
+last predicted after it. A fixed tree template (node = (parent, rank)) is expanded breadth-first
+with one gather per level: token[node] = M[token[parent], rank]. After every target pass, every
+scored node refreshes its row: M[token[node]] = topk(logits[node], k). M persists across
+prompts (hot start) and can be saved and loaded.
+
+Budget (ours): each template node keeps an online estimate of its acceptance probability;
+each step keeps the best nodes (parents first) that maximize expected tokens per second under
+the measured cost curve t(n) (see policies/budget.py). The paper's static 80-node template is
+far too large for a CPU; here the tree shrinks or grows to what the hardware pays for.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+from draftwise.drafters.base import Context, Drafter
+from draftwise.errors import CheckpointError, ConfigError
+from draftwise.policies.budget import CostCurve, best_prefix
+from draftwise.tree import DraftTree
+
+# Prior probability that the target's top-r prediction (r = 0..7) is the next token (ours; it
+# only seeds the online estimates).
+RANK_PRIOR = (0.55, 0.12, 0.05, 0.03, 0.02, 0.015, 0.01, 0.008)
+
+
+def make_template(num_nodes: int = 80, k: int = 8, max_depth: int = 6,
+                  rank_prior=RANK_PRIOR) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Best-first template by prior path probability. Returns parents, ranks, prior (node 0 = root)."""
+    import heapq
+
+    parents, ranks, prior, depth = [-1], [-1], [1.0], [0]
+    heap = [(-rank_prior[r], 0, r) for r in range(k)]
+    heapq.heapify(heap)
+    while len(parents) < num_nodes and heap:
+        negp, par, r = heapq.heappop(heap)
+        idx = len(parents)
+        parents.append(par); ranks.append(r); prior.append(-negp); depth.append(depth[par] + 1)
+        if depth[idx] < max_depth:
+            for r2 in range(k):
+                heapq.heappush(heap, (negp * rank_prior[r2], idx, r2))
+    # parents-first order by depth (BFS), stable within a depth
+    order = sorted(range(len(parents)), key=lambda i: (depth[i], i))
+    pos = {old: new for new, old in enumerate(order)}
+    par_t = torch.tensor([-1 if parents[o] < 0 else pos[parents[o]] for o in order])
+    return par_t, torch.tensor([ranks[o] for o in order]), torch.tensor([prior[o] for o in order])
+
+
+class TokenRecycling(Drafter):
+    name = "recycling"
+
+    def __init__(self, vocab_size: int, k: int = 8, template_nodes: int = 80, max_nodes: int | None = None,
+                 cost: CostCurve | None = None, prior_weight: float = 4.0, device="cpu"):
+        if k < 1 or template_nodes < 1:
+            raise ConfigError("recycling needs k >= 1 and template_nodes >= 1")
+        if max_nodes is not None and max_nodes < 0:
+            raise ConfigError("max_nodes must be >= 0")
+        self.vocab_size, self.k, self.device = vocab_size, k, torch.device(device)
+        self.M = torch.zeros(vocab_size, k, dtype=torch.long, device=self.device)   # [V, k]
+        self.parents, self.ranks, self.prior = make_template(template_nodes + 1, k)
+        self.depths = torch.zeros_like(self.parents)
+        for i in range(1, self.parents.numel()):
+            self.depths[i] = self.depths[self.parents[i]] + 1
+        self.levels_cpu = [torch.nonzero(self.depths == d).flatten() for d in range(1, int(self.depths.max()) + 1)]
+        self.levels = [lv.to(self.device) for lv in self.levels_cpu]
+        self.max_nodes = max_nodes
+        self.cost = cost
+        self.w = prior_weight
+        self.proposed = torch.zeros(self.parents.numel())
+        self.accepted = torch.zeros(self.parents.numel())
+        self._par_dev = self.parents.to(self.device)
+        self._rank_dev = self.ranks.to(self.device)
+        self.last_size = 0
+
+    # ---------------------------------------------------------------- budget
+    def estimates(self) -> torch.Tensor:
+        """[T] acceptance probability estimate per template node (never above its parent's)."""
+        est = (self.accepted + self.w * self.prior) / (self.proposed + self.w)
+        est[0] = 1.0
+        for lv in self.levels_cpu:
+            est[lv] = torch.minimum(est[lv], est[self.parents[lv]])
+        return est
+
+    def choose_nodes(self, remaining: int) -> torch.Tensor:
+        est = self.estimates()
+        order = torch.sort(-est[1:], stable=True).indices + 1          # best first, parents first on ties
+        if self.cost is None:
+            m = min(self.max_nodes if self.max_nodes is not None else order.numel(), order.numel())
+        else:
+            m = best_prefix(est[order], self.cost, max_nodes=self.max_nodes)
+        keep = torch.cat([torch.zeros(1, dtype=torch.long), order[:m]])
+        # a node deeper than the tokens still allowed is wasted work
+        keep = keep[self.depths[keep] < max(1, remaining)]
+        return torch.sort(keep).values
+
+    # ---------------------------------------------------------------- drafter API
+    def propose(self, ctx: Context) -> DraftTree:
+        keep = self.choose_nodes(ctx.remaining)
+        self.last_size = keep.numel()
+        if keep.numel() == 1:
+            return DraftTree.root_only(ctx.root, device=self.device)
+        toks = torch.empty(self.parents.numel(), dtype=torch.long, device=self.device)
+        toks[0] = ctx.root
+        for lvl in self.levels:                                          # one gather per level
+            toks[lvl] = self.M[toks[self._par_dev[lvl]], self._rank_dev[lvl]]
+        tree = DraftTree(toks, self._par_dev, self.depths.to(self.device))
+        tree_keep = tree.select(keep.to(self.device))
+        tree_keep.template_ids = keep                                    # for observe()
+        return tree_keep
+
+    def observe(self, tree: DraftTree, logits: torch.Tensor, accepted, ctx: Context) -> None:
+        top = torch.topk(logits, self.k, dim=-1).indices                # [n, k]
+        self.M[tree.tokens] = top.to(self.M.device)
+        ids = getattr(tree, "template_ids", None)
+        if ids is not None:
+            self.proposed[ids] += 1
+            self.accepted[ids[torch.tensor(accepted.path)]] += 1
+
+    def describe(self) -> dict:
+        return {"method": self.name, "k": self.k, "template_nodes": self.parents.numel() - 1,
+                "max_nodes": self.max_nodes, "budget": "cost-curve" if self.cost else "fixed"}
+
+    # ---------------------------------------------------------------- persistence
+    def save(self, path: str | Path) -> None:
+        path = Path(path)
+        tmp = path.with_name(path.name + ".tmp")
+        torch.save({"format": "draftwise-recycling-v1", "M": self.M.cpu(), "k": self.k,
+                    "vocab_size": self.vocab_size, "proposed": self.proposed, "accepted": self.accepted}, tmp)
+        tmp.replace(path)
+
+    def load(self, path: str | Path) -> None:
+        try:
+            d = torch.load(Path(path), map_location="cpu", weights_only=True)
+        except FileNotFoundError:
+            raise CheckpointError(f"recycling matrix {path} not found") from None
+        except Exception as e:  # noqa: BLE001 - torch.load raises many types for corrupt files
+            raise CheckpointError(f"recycling matrix {path} is corrupt: {type(e).__name__}") from None
+        if not isinstance(d, dict) or d.get("format") != "draftwise-recycling-v1":
+            raise CheckpointError(f"{path} is not a draftwise recycling matrix")
+        if d["vocab_size"] != self.vocab_size or d["k"] != self.k:
+            raise CheckpointError(f"recycling matrix {path} is for vocab {d['vocab_size']} / k {d['k']}, "
+                                  f"this model needs vocab {self.vocab_size} / k {self.k}")
+        self.M.copy_(d["M"])
+        if d["proposed"].shape == self.proposed.shape:
+            self.proposed.copy_(d["proposed"]); self.accepted.copy_(d["accepted"])

@@ -1,0 +1,112 @@
+"""Lossless acceptance over a draft tree.
+
+Greedy: node i is accepted when its token equals the target's argmax at its parent and its
+parent is accepted; the deepest accepted node ends the path and the target's argmax there is
+the bonus token. Fully vectorized: one host sync per step.
+
+Sampling: recursive rejection sampling down the tree (SpecInfer / Medusa style). At the current
+node with target distribution p, children are tried in order:
+  - deterministic children (q is None, i.e. one-hot q): accept child x with probability p(x);
+    on rejection set p(x) = 0 and renormalize; duplicate siblings are skipped;
+  - children drawn from a known q (sampled without replacement): accept x with probability
+    min(1, p(x)/q(x)); on rejection p <- norm(max(p - q, 0)) and q(x) <- 0, renormalized.
+When no child is accepted the next token is drawn from the residual p. Either way the emitted
+token has exactly the target's distribution.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from draftwise.sampling import Sampling, warp
+from draftwise.tree import DraftTree
+
+
+@dataclass
+class Accepted:
+    path: list[int]        # node indices from the root (inclusive) to the deepest accepted node
+    tokens: list[int]      # accepted draft tokens (path without the root), then the bonus token
+    bonus: int
+
+    @property
+    def num_accepted(self) -> int:
+        """Draft tokens accepted (bonus excluded)."""
+        return len(self.path) - 1
+
+
+def verify_greedy(tree: DraftTree, logits: torch.Tensor) -> Accepted:
+    """logits [n, V] from the target at every node."""
+    n = tree.size
+    best = logits.argmax(-1)                                     # [n]
+    if n == 1:
+        b = int(best[0])
+        return Accepted([0], [b], b)
+    par = tree.parents.clamp(min=0)
+    ok = tree.tokens == best[par]                                # [n] edge matches
+    ok[0] = True
+    acc = ok.clone()
+    for _ in range(int(tree.depths.max())):                     # propagate along ancestors
+        acc = ok & acc[par]
+    acc[0] = True
+    score = torch.where(acc, tree.depths, torch.full_like(tree.depths, -1))
+    node = int(torch.argmax(score))                              # first deepest accepted node
+    path = tree.path_to(node)
+    bonus = int(best[node])
+    toks = tree.tokens[path[1:]].tolist() if len(path) > 1 else []
+    return Accepted(path, toks + [bonus], bonus)
+
+
+def verify_sampling(tree: DraftTree, logits: torch.Tensor, sampling: Sampling,
+                    g: torch.Generator) -> Accepted:
+    """Recursive rejection sampling; logits [n, V]. Uses tree.q when the draft was sampled."""
+    probs = warp(logits, sampling).double().cpu()                # [n, V]
+    q_all = None if tree.q is None else tree.q.double().cpu()    # already warped by the drafter
+    kids: dict[int, list[int]] = {}
+    for i, p in enumerate(tree.parents.tolist()):
+        if p >= 0:
+            kids.setdefault(p, []).append(i)
+    tokens = tree.tokens.tolist()
+    node, path = 0, [0]
+    while True:
+        p = probs[node].clone()
+        q = None if q_all is None else q_all[node].clone()
+        seen: set[int] = set()
+        nxt = None
+        for c in kids.get(node, ()):
+            x = tokens[c]
+            if x in seen:
+                continue
+            seen.add(x)
+            u = torch.rand((), generator=g, dtype=torch.float64, device=p.device)
+            if q is None:
+                if u < p[x]:
+                    nxt = c
+                    break
+                p[x] = 0.0
+                p = _renorm(p)
+            else:
+                ratio = p[x] / q[x] if q[x] > 0 else torch.tensor(1.0, dtype=p.dtype)
+                if u < ratio:
+                    nxt = c
+                    break
+                p = _renorm((p - q).clamp_(min=0))
+                q[x] = 0.0
+                q = _renorm(q)
+        if nxt is None:
+            bonus = int(torch.multinomial(p if p.sum() > 0 else probs[node], 1, generator=g))
+            return Accepted(path, [tokens[i] for i in path[1:]] + [bonus], bonus)
+        node = nxt
+        path.append(node)
+
+
+def _renorm(p: torch.Tensor) -> torch.Tensor:
+    s = p.sum()
+    return p / s if s > 0 else p
+
+
+def verify(tree: DraftTree, logits: torch.Tensor, sampling: Sampling, g: torch.Generator | None) -> Accepted:
+    if sampling.greedy:
+        return verify_greedy(tree, logits)
+    assert g is not None
+    return verify_sampling(tree, logits, sampling, g)
