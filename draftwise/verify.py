@@ -57,10 +57,14 @@ def verify_greedy(tree: DraftTree, logits: torch.Tensor) -> Accepted:
     return Accepted(path, toks + [bonus], bonus)
 
 
-def verify_sampling(tree: DraftTree, logits: torch.Tensor, sampling: Sampling,
-                    g: torch.Generator) -> Accepted:
-    """Recursive rejection sampling; logits [n, V]. Uses tree.q when the draft was sampled."""
-    probs = warp(logits, sampling).double().cpu()                # [n, V]
+def verify_sampling(tree: DraftTree, logits: torch.Tensor | None, sampling: Sampling,
+                    g: torch.Generator, probs: torch.Tensor | None = None) -> Accepted:
+    """Recursive rejection sampling; logits [n, V] (or already warped probs [n, V]).
+
+    Uses tree.q when the draft was sampled (q must be warped with the same Sampling).
+    """
+    if probs is None:
+        probs = warp(logits, sampling).double().cpu()            # [n, V]
     q_all = None if tree.q is None else tree.q.double().cpu()    # already warped by the drafter
     kids: dict[int, list[int]] = {}
     for i, p in enumerate(tree.parents.tolist()):
