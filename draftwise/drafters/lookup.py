@@ -33,13 +33,15 @@ class PromptLookup(Drafter):
     name = "lookup"
 
     def __init__(self, max_ngram: int = 3, min_ngram: int = 1, max_depth: int = 16, max_matches: int = 4,
-                 max_nodes: int | None = None, cost: CostCurve | None = None, prior_weight: float = 4.0):
+                 max_nodes: int | None = None, cost: CostCurve | None = None, prior_weight: float = 4.0,
+                 decay: float = 0.98):
         if not 1 <= min_ngram <= max_ngram:
             raise ConfigError("lookup needs 1 <= min_ngram <= max_ngram")
         if max_depth < 1 or max_matches < 1:
             raise ConfigError("lookup needs max_depth >= 1 and max_matches >= 1")
         self.max_ngram, self.min_ngram, self.max_depth = max_ngram, min_ngram, max_depth
         self.max_matches, self.max_nodes, self.cost, self.w = max_matches, max_nodes, cost, prior_weight
+        self.decay = decay
         # online acceptance counts per [depth, first-child?]
         self.proposed = np.zeros((max_depth + 1, 2))
         self.accepted = np.zeros((max_depth + 1, 2))
@@ -98,6 +100,8 @@ class PromptLookup(Drafter):
         return kind
 
     def observe(self, tree: DraftTree, logits, accepted, ctx: Context) -> None:
+        self.proposed *= self.decay      # old evidence fades: a text that turns repetitive is noticed
+        self.accepted *= self.decay
         if tree.template_ids is None:
             return
         d = tree.depths.cpu().numpy()

@@ -53,13 +53,14 @@ class TokenRecycling(Drafter):
     name = "recycling"
 
     def __init__(self, vocab_size: int, k: int = 8, template_nodes: int = 80, max_nodes: int | None = None,
-                 cost: CostCurve | None = None, prior_weight: float = 4.0, device="cpu"):
+                 cost: CostCurve | None = None, prior_weight: float = 4.0, decay: float = 0.98, device="cpu"):
         if k < 1 or template_nodes < 1:
             raise ConfigError("recycling needs k >= 1 and template_nodes >= 1")
         if max_nodes is not None and max_nodes < 0:
             raise ConfigError("max_nodes must be >= 0")
         self.vocab_size, self.k, self.device = vocab_size, k, torch.device(device)
         self.M = torch.zeros(vocab_size, k, dtype=torch.long, device=self.device)   # [V, k]
+        self.seen = torch.zeros(vocab_size, dtype=torch.bool, device=self.device)     # [V] row filled
         self.parents, self.ranks, self.prior = make_template(template_nodes + 1, k)
         self.depths = torch.zeros_like(self.parents)
         for i in range(1, self.parents.numel()):
@@ -69,6 +70,7 @@ class TokenRecycling(Drafter):
         self.max_nodes = max_nodes
         self.cost = cost
         self.w = prior_weight
+        self.decay = decay      # old evidence fades, so a rejected node is retried after a while
         self.proposed = torch.zeros(self.parents.numel())
         self.accepted = torch.zeros(self.parents.numel())
         self._par_dev = self.parents.to(self.device)
@@ -84,9 +86,10 @@ class TokenRecycling(Drafter):
             est[lv] = torch.minimum(est[lv], est[self.parents[lv]])
         return est
 
-    def choose_nodes(self, remaining: int) -> torch.Tensor:
-        est = self.estimates()
+    def choose_nodes(self, est: torch.Tensor, remaining: int) -> torch.Tensor:
+        """Template node ids to draft (sorted, parents first, root included)."""
         order = torch.sort(-est[1:], stable=True).indices + 1          # best first, parents first on ties
+        order = order[est[order] > 0]
         if self.cost is None:
             m = min(self.max_nodes if self.max_nodes is not None else order.numel(), order.numel())
         else:
@@ -98,23 +101,29 @@ class TokenRecycling(Drafter):
 
     # ---------------------------------------------------------------- drafter API
     def propose(self, ctx: Context) -> DraftTree:
-        keep = self.choose_nodes(ctx.remaining)
+        toks = torch.empty(self.parents.numel(), dtype=torch.long, device=self.device)
+        valid = torch.ones(self.parents.numel(), dtype=torch.bool, device=self.device)
+        toks[0] = ctx.root
+        for lvl in self.levels:                                          # one gather per level
+            ptok = toks[self._par_dev[lvl]]
+            toks[lvl] = self.M[ptok, self._rank_dev[lvl]]
+            valid[lvl] = valid[self._par_dev[lvl]] & self.seen[ptok]    # never draft from an empty row
+        est = self.estimates() * valid.cpu()
+        keep = self.choose_nodes(est, ctx.remaining)
         self.last_size = keep.numel()
         if keep.numel() == 1:
             return DraftTree.root_only(ctx.root, device=self.device)
-        toks = torch.empty(self.parents.numel(), dtype=torch.long, device=self.device)
-        toks[0] = ctx.root
-        for lvl in self.levels:                                          # one gather per level
-            toks[lvl] = self.M[toks[self._par_dev[lvl]], self._rank_dev[lvl]]
-        tree = DraftTree(toks, self._par_dev, self.depths.to(self.device))
-        tree_keep = tree.select(keep.to(self.device))
-        tree_keep.template_ids = keep                                    # for observe()
-        return tree_keep
+        tree = DraftTree(toks, self._par_dev, self.depths.to(self.device)).select(keep.to(self.device))
+        tree.template_ids = keep                                         # for observe()
+        return tree
 
     def observe(self, tree: DraftTree, logits: torch.Tensor, accepted, ctx: Context) -> None:
         top = torch.topk(logits, self.k, dim=-1).indices                # [n, k]
         self.M[tree.tokens] = top.to(self.M.device)
-        ids = getattr(tree, "template_ids", None)
+        self.seen[tree.tokens] = True
+        ids = tree.template_ids
+        self.proposed *= self.decay
+        self.accepted *= self.decay
         if ids is not None:
             self.proposed[ids] += 1
             self.accepted[ids[torch.tensor(accepted.path)]] += 1
@@ -128,7 +137,7 @@ class TokenRecycling(Drafter):
         path = Path(path)
         tmp = path.with_name(path.name + ".tmp")
         torch.save({"format": "draftwise-recycling-v1", "M": self.M.cpu(), "k": self.k,
-                    "vocab_size": self.vocab_size, "proposed": self.proposed, "accepted": self.accepted}, tmp)
+                    "vocab_size": self.vocab_size, "seen": self.seen.cpu(), "proposed": self.proposed, "accepted": self.accepted}, tmp)
         tmp.replace(path)
 
     def load(self, path: str | Path) -> None:
@@ -144,5 +153,6 @@ class TokenRecycling(Drafter):
             raise CheckpointError(f"recycling matrix {path} is for vocab {d['vocab_size']} / k {d['k']}, "
                                   f"this model needs vocab {self.vocab_size} / k {self.k}")
         self.M.copy_(d["M"])
+        self.seen.copy_(d["seen"])
         if d["proposed"].shape == self.proposed.shape:
             self.proposed.copy_(d["proposed"]); self.accepted.copy_(d["accepted"])

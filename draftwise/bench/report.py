@@ -1,0 +1,85 @@
+"""report.md and PNG plots from summary.json."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+
+def _fmt(x, spec=".2f") -> str:
+    return "–" if x is None else format(x, spec)
+
+
+def table(summary: dict) -> str:
+    rows = ["| method | tokens/s | speedup vs our AR | speedup vs HF generate | τ (tokens/pass) | mean tree | samples |",
+            "|---|---|---|---|---|---|---|"]
+    for m, d in summary["methods"].items():
+        o = d["overall"]
+        rows.append(f"| {m} | {_fmt(o['tokens_per_s'])} | {_fmt(o['speedup_vs_ar'])}× | "
+                    f"{_fmt(o.get('speedup_vs_hf'))}× | {_fmt(o['tau'])} | {_fmt(o['mean_tree_size'], '.1f')} | "
+                    f"{o['samples']} |")
+    return "\n".join(rows)
+
+
+def write_report(out: Path, summary: dict, engine=None) -> None:
+    cfg = summary["config"]
+    lines = [f"# draftwise bench: {cfg['model']}", "",
+             f"max_new_tokens {cfg['max_new_tokens']}, temperature {cfg['temperature']}, threads {cfg['threads']}, "
+             f"device {cfg['device']} ({cfg.get('processor', '')}), torch {cfg['torch']}, "
+             f"prepacked kernels {cfg['kernels']}.", "", "## Overall", "", table(summary), ""]
+    cats = sorted({c for d in summary["methods"].values() for c in d["categories"]})
+    if len(cats) > 1:
+        lines += ["## Speedup vs our AR by category", "",
+                  "| method | " + " | ".join(cats) + " |", "|---|" + "---|" * len(cats)]
+        for m, d in summary["methods"].items():
+            lines.append(f"| {m} | " + " | ".join(_fmt(d["categories"].get(c, {}).get("speedup_vs_ar")) for c in cats) + " |")
+        lines.append("")
+    mism = summary.get("mismatches") or []
+    lines += ["## Lossless check", "",
+              "all greedy outputs identical to AR" if not mism else f"**{len(mism)} mismatches**: {mism[:10]}", ""]
+    lines.append(f"Peak RSS: {summary.get('peak_rss_mb', 0):.0f} MB")
+    (out / "report.md").write_text("\n".join(lines) + "\n")
+    try:
+        _plots(out, summary, engine)
+    except ImportError:
+        pass   # matplotlib is optional
+
+
+def _plots(out: Path, summary: dict, engine) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    methods = summary["methods"]
+    cats = sorted({c for d in methods.values() for c in d["categories"]})
+    fig, ax = plt.subplots(figsize=(max(5, 1.2 * len(cats) * max(1, len(methods)) / 2), 3.5))
+    w = 0.8 / max(1, len(methods))
+    for i, (m, d) in enumerate(methods.items()):
+        ys = [d["categories"].get(c, {}).get("speedup_vs_ar") or 0 for c in cats]
+        ax.bar([j + i * w for j in range(len(cats))], ys, w, label=m)
+    ax.axhline(1.0, color="k", lw=0.8)
+    ax.set_xticks([j + w * (len(methods) - 1) / 2 for j in range(len(cats))], cats, rotation=20)
+    ax.set_ylabel("speedup vs our AR"); ax.legend(fontsize=7); fig.tight_layout()
+    fig.savefig(out / "speedup.png", dpi=110); plt.close(fig)
+
+    fig, ax = plt.subplots(figsize=(5, 3.5))
+    for m in methods:
+        p = out / f"answers-{m}.jsonl"
+        if not p.is_file():
+            continue
+        acc = [a for line in p.read_text().splitlines() for t in json.loads(line)["choices"][0]["accept_lengths"] for a in t]
+        if acc and max(acc) > 1:
+            ax.hist(acc, bins=range(1, max(acc) + 2), alpha=0.5, label=m, align="left")
+    ax.set_xlabel("tokens per target pass"); ax.set_ylabel("passes"); ax.legend(fontsize=7); fig.tight_layout()
+    fig.savefig(out / "tau_hist.png", dpi=110); plt.close(fig)
+
+    if engine is not None:
+        curve = engine.cost_curve()
+        fig, ax = plt.subplots(figsize=(5, 3.5))
+        ax.plot(curve.ns, curve.ms, "o-", label="measured t(n)")
+        for m, d in methods.items():
+            size = d["overall"]["mean_tree_size"]
+            if size and size > 1:
+                ax.axvline(size, ls="--", lw=0.8, label=f"{m} mean tree {size:.1f}", color=f"C{hash(m) % 8 + 1}")
+        ax.set_xscale("log", base=2); ax.set_xlabel("nodes per forward"); ax.set_ylabel("ms")
+        ax.legend(fontsize=7); fig.tight_layout(); fig.savefig(out / "cost_curve.png", dpi=110); plt.close(fig)

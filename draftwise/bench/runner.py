@@ -1,0 +1,264 @@
+"""Spec-Bench-style runner: every method over the same prompts in one process.
+
+Prompt-major order (each prompt runs through every method before the next prompt) so slow
+drifts of the machine hit all methods alike. Greedy runs check every method's tokens against
+our AR decoding; any mismatch is reported and makes the command fail.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import platform
+import resource
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from draftwise.errors import ConfigError
+
+HF_METHODS = ("hf", "hf-lookup", "hf-assisted")
+
+
+@dataclass
+class Sample:
+    method: str
+    question_id: str
+    category: str
+    turns: list[str] = field(default_factory=list)
+    new_tokens: list[int] = field(default_factory=list)
+    wall_time: list[float] = field(default_factory=list)
+    decoding_steps: list[int] = field(default_factory=list)
+    accept_lengths: list[list[int]] = field(default_factory=list)
+    token_ids: list[list[int]] = field(default_factory=list)
+    draft_time: float = 0.0
+    verify_time: float = 0.0
+    mean_tree_size: float = 0.0
+
+    @property
+    def tokens_per_s(self) -> float:
+        t = sum(self.wall_time)
+        return sum(self.new_tokens) / t if t > 0 else 0.0
+
+    def to_json(self) -> dict:
+        return {"question_id": self.question_id, "category": self.category, "model_id": self.method,
+                "choices": [{"index": 0, "turns": self.turns, "new_tokens": self.new_tokens,
+                             "wall_time": self.wall_time, "decoding_steps": self.decoding_steps,
+                             "accept_lengths": self.accept_lengths}],
+                "token_ids": self.token_ids, "draft_time": self.draft_time, "verify_time": self.verify_time,
+                "mean_tree_size": self.mean_tree_size, "tstamp": time.time()}
+
+    @classmethod
+    def from_json(cls, method: str, d: dict) -> "Sample":
+        c = d["choices"][0]
+        return cls(method, str(d["question_id"]), d["category"], c["turns"], c["new_tokens"], c["wall_time"],
+                   c["decoding_steps"], c["accept_lengths"], d.get("token_ids", []), d.get("draft_time", 0.0),
+                   d.get("verify_time", 0.0), d.get("mean_tree_size", 0.0))
+
+
+def summarize(samples: dict[str, list[Sample]], ref: str = "ar") -> dict:
+    """Per method: tokens/s, speedup vs AR (mean of per-sample ratios, as Spec-Bench), tau, per category."""
+    base = {s.question_id: s for s in samples.get(ref, [])}
+    out = {}
+    for method, ss in samples.items():
+        def agg(group: list[Sample]) -> dict:
+            toks = sum(sum(s.new_tokens) for s in group)
+            wall = sum(sum(s.wall_time) for s in group)
+            steps = sum(sum(s.decoding_steps) for s in group)
+            ratios = [s.tokens_per_s / base[s.question_id].tokens_per_s for s in group
+                      if s.question_id in base and base[s.question_id].tokens_per_s > 0]
+            acc = [a for s in group for turn in s.accept_lengths for a in turn]
+            return {"samples": len(group), "new_tokens": toks, "wall_time": wall,
+                    "tokens_per_s": toks / wall if wall else 0.0,
+                    "speedup_vs_ar": sum(ratios) / len(ratios) if ratios else None,
+                    "tau": sum(acc) / len(acc) if acc else (toks / steps if steps else None),
+                    "draft_time": sum(s.draft_time for s in group), "verify_time": sum(s.verify_time for s in group),
+                    "mean_tree_size": (sum(s.mean_tree_size for s in group) / len(group)) if group else 0.0}
+        cats = sorted({s.category for s in ss})
+        out[method] = {"overall": agg(ss), "categories": {c: agg([s for s in ss if s.category == c]) for c in cats}}
+    if "hf" in out and out["hf"]["overall"]["tokens_per_s"]:
+        hf_tps = out["hf"]["overall"]["tokens_per_s"]
+        for m in out.values():
+            m["overall"]["speedup_vs_hf"] = m["overall"]["tokens_per_s"] / hf_tps
+    return out
+
+
+class Runner:
+    def __init__(self, engine, methods: list[str], questions: list[dict], out: Path, max_new_tokens: int = 128,
+                 temperature: float = 0.0, draft: str | None = None, config: dict | None = None,
+                 progress: bool = True, drafters: dict | None = None):
+        from draftwise.api import METHODS
+
+        for m in methods:
+            if m not in METHODS and m not in HF_METHODS and not (drafters and m in drafters):
+                raise ConfigError(f"unknown method {m!r}; choose from {', '.join(METHODS + HF_METHODS)}")
+        if "hf-assisted" in methods and not draft:
+            raise ConfigError("hf-assisted needs --draft")
+        if "ar" not in methods:
+            methods = ["ar"] + methods
+        self.engine, self.methods, self.questions, self.out = engine, methods, questions, Path(out)
+        self.max_new, self.temperature, self.draft, self.progress = max_new_tokens, temperature, draft, progress
+        self.extra_drafters = drafters or {}
+        self.config = {"model": engine.model_id, "draft": draft, "methods": methods, "max_new_tokens": max_new_tokens,
+                       "temperature": temperature, "threads": torch.get_num_threads(),
+                       "device": str(engine.model.device), "kernels": engine.model.fast,
+                       "torch": torch.__version__, "python": platform.python_version(),
+                       "machine": platform.machine(), "processor": _cpu_name(), **(config or {})}
+        self.mismatches: list[dict] = []
+        self._hf = {}
+
+    # ------------------------------------------------------------------ files
+    def _check_config(self) -> None:
+        self.out.mkdir(parents=True, exist_ok=True)
+        cfg_path = self.out / "config.json"
+        key = {k: v for k, v in self.config.items() if k not in ("methods",)}
+        if cfg_path.is_file():
+            old = json.loads(cfg_path.read_text())
+            old_key = {k: v for k, v in old.items() if k not in ("methods",)}
+            if old_key != key:
+                diff = sorted(k for k in set(old_key) | set(key) if old_key.get(k) != key.get(k))
+                raise ConfigError(f"{self.out} holds results of a different configuration (differs in: "
+                                  f"{', '.join(diff)}); use another --out")
+        cfg_path.write_text(json.dumps(self.config, indent=1))
+
+    def _answers(self, method: str) -> Path:
+        return self.out / f"answers-{method}.jsonl"
+
+    def load_done(self) -> dict[str, dict[str, Sample]]:
+        done: dict[str, dict[str, Sample]] = {}
+        for m in self.methods:
+            p = self._answers(m)
+            done[m] = {}
+            if p.is_file():
+                for line in p.read_text().splitlines():
+                    try:
+                        s = Sample.from_json(m, json.loads(line))
+                    except (json.JSONDecodeError, KeyError):
+                        continue                   # a line cut by an interrupt: redo that sample
+                    done[m][s.question_id] = s
+        return done
+
+    # ------------------------------------------------------------------ running
+    def run(self) -> dict:
+        from tqdm import tqdm
+
+        self._check_config()
+        done = self.load_done()
+        self._warmup()
+        todo = [(q, m) for q in self.questions for m in self.methods if str(q["question_id"]) not in done[m]]
+        bar = tqdm(todo, disable=not self.progress, desc="bench", dynamic_ncols=True)
+        for q, m in bar:
+            s = self.run_one(m, q, done.get("ar", {}).get(str(q["question_id"])))
+            done[m][s.question_id] = s
+            with self._answers(m).open("a") as fh:
+                fh.write(json.dumps(s.to_json()) + "\n")
+            bar.set_postfix_str(f"{m} {s.question_id} {s.tokens_per_s:.1f} tok/s")
+            self._check_lossless(m, s, done["ar"].get(s.question_id))
+        samples = {m: [done[m][str(q["question_id"])] for q in self.questions if str(q["question_id"]) in done[m]]
+                   for m in self.methods}
+        summary = {"config": self.config, "methods": summarize(samples),
+                   "mismatches": self.mismatches, "peak_rss_mb": _peak_rss_mb()}
+        (self.out / "summary.json").write_text(json.dumps(summary, indent=1))
+        from draftwise.bench.report import write_report
+
+        write_report(self.out, summary, self.engine)
+        return summary
+
+    def _warmup(self) -> None:
+        ids = self.engine.encode("def fibonacci(n):")
+        for m in self.methods:
+            if m in HF_METHODS:
+                self._hf_generate(m, ids, 8)
+            else:
+                self.engine.generate(ids, method=m, max_new_tokens=8, **self._opts(m))
+
+    def _opts(self, m: str) -> dict:
+        return {}
+
+    def _prompt_ids(self, q: dict, history: list[tuple[str, str]], turn: str) -> list[int]:
+        if not q.get("chat", True):
+            return self.engine.encode(turn)
+        msgs = []
+        for u, a in history:
+            msgs += [{"role": "user", "content": u}, {"role": "assistant", "content": a}]
+        msgs.append({"role": "user", "content": turn})
+        return self.engine.encode_messages(msgs)
+
+    def run_one(self, method: str, q: dict, ar_sample: Sample | None) -> Sample:
+        s = Sample(method, str(q["question_id"]), q["category"])
+        history: list[tuple[str, str]] = []
+        for t, turn in enumerate(q["turns"]):
+            ids = self._prompt_ids(q, history, turn)
+            if method in HF_METHODS:
+                t0 = time.perf_counter()
+                toks = self._hf_generate(method, ids, self.max_new)
+                wall = time.perf_counter() - t0
+                steps, acc, dt, vt, size = len(toks), [], 0.0, 0.0, 0.0
+            else:
+                r = self.engine.generate(ids, method=method, max_new_tokens=self.max_new,
+                                         temperature=self.temperature, seed=0 if self.temperature else None)
+                toks, wall, steps = r.token_ids, r.stats.wall_s, r.stats.steps + 1
+                acc, dt, vt = [1] + r.stats.accept_lengths, r.stats.draft_s, r.stats.verify_s
+                size = r.stats.as_dict()["mean_tree_size"]
+            text = self.engine.decode_text(toks)
+            s.turns.append(text); s.new_tokens.append(len(toks)); s.wall_time.append(wall)
+            s.decoding_steps.append(steps); s.accept_lengths.append(acc); s.token_ids.append(toks)
+            s.draft_time += dt; s.verify_time += vt; s.mean_tree_size = size
+            # later turns continue from AR's own answer, so every method sees the same prompt
+            ref_text = ar_sample.turns[t] if ar_sample is not None and t < len(ar_sample.turns) else text
+            history.append((turn, ref_text))
+        return s
+
+    def _check_lossless(self, method: str, s: Sample, ref: Sample | None) -> None:
+        if self.temperature or ref is None or method == "ar" or method in HF_METHODS:
+            return
+        for t, (a, b) in enumerate(zip(s.token_ids, ref.token_ids)):
+            if a != b:
+                k = next((i for i, (x, y) in enumerate(zip(a, b)) if x != y), min(len(a), len(b)))
+                self.mismatches.append({"method": method, "question_id": s.question_id, "turn": t,
+                                        "first_diff": k})
+
+    # ------------------------------------------------------------------ Hugging Face baselines
+    def _hf_model(self, which: str):
+        if which not in self._hf:
+            from transformers import AutoModelForCausalLM
+
+            from draftwise.models.checkpoint import resolve
+
+            path = self.engine.path if which == "target" else resolve(self.draft)
+            self._hf[which] = AutoModelForCausalLM.from_pretrained(str(path), dtype=torch.float32).eval()
+        return self._hf[which]
+
+    @torch.inference_mode()
+    def _hf_generate(self, method: str, ids: list[int], max_new: int) -> list[int]:
+        model = self._hf_model("target")
+        kw = dict(max_new_tokens=max_new, do_sample=False, eos_token_id=list(self.engine.eos_ids),
+                  pad_token_id=self.engine.eos_ids[0], temperature=None, top_p=None, top_k=None)
+        if method == "hf-lookup":
+            kw["prompt_lookup_num_tokens"] = 10
+        elif method == "hf-assisted":
+            kw["assistant_model"] = self._hf_model("draft")
+        x = torch.tensor([ids])
+        out = model.generate(x, attention_mask=torch.ones_like(x), **kw)[0, len(ids):].tolist()
+        return out
+
+
+def _peak_rss_mb() -> float:
+    r = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return r / 1024 if sys.platform != "darwin" else r / 2**20
+
+
+def _cpu_name() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor()
+
+
+def config_hash(cfg: dict) -> str:
+    return hashlib.sha256(json.dumps(cfg, sort_keys=True).encode()).hexdigest()[:12]

@@ -1,0 +1,157 @@
+"""Command line: draftwise generate | models (list, install, bench-forward)."""
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+
+from draftwise.errors import DraftwiseError
+from draftwise.models import registry
+
+
+def _add_model_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model", default=registry.DEFAULT_MODEL,
+                   help=f"known name, local HF directory or .gguf file (default {registry.DEFAULT_MODEL})")
+    p.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1 ... (default cpu)")
+    p.add_argument("--threads", type=int, default=None, help="CPU threads (default: torch's choice)")
+
+
+def cmd_generate(a) -> int:
+    import draftwise
+
+    eng = draftwise.load(a.model, device=a.device, threads=a.threads)
+    opts = {} if a.max_nodes is None else {"max_nodes": a.max_nodes}
+    kw = dict(max_new_tokens=a.max_new_tokens, temperature=a.temperature, top_k=a.top_k, top_p=a.top_p,
+              seed=a.seed, chat=a.chat, stop=a.stop or None)
+    from draftwise.decoding import Stats
+
+    stats = Stats()
+    for piece in eng.stream(a.prompt, method=a.method, stats=stats, **kw, **opts):
+        sys.stdout.write(piece)
+        sys.stdout.flush()
+    sys.stdout.write("\n")
+    line = (f"[draftwise] {a.method}: {stats.new_tokens} tokens in {stats.wall_s:.2f} s, "
+            f"{stats.tokens_per_s:.2f} tok/s, tau {stats.tau:.2f}, {stats.steps} target passes")
+    if a.compare_ar and a.method != "ar":
+        ar = eng.generate(a.prompt, method="ar", **kw)
+        same = "identical" if ar.token_ids == eng._last_ids(stats) else "DIFFERENT"
+        line += (f"; ar {ar.stats.tokens_per_s:.2f} tok/s, speedup {stats.tokens_per_s / ar.stats.tokens_per_s:.2f}x, "
+                 f"text {same}")
+    print(line, file=sys.stderr)
+    return 0
+
+
+def cmd_models_list(a) -> int:
+    for m in registry.list_models():
+        flag = "installed" if m["installed"] else "not installed"
+        print(f"{m['name']:32s} {flag:14s} {'(default) ' if m['default'] else ''}{m['hf_name']}, "
+              f"{m['license']}, from {m['source']}")
+    return 0
+
+
+def cmd_models_install(a) -> int:
+    path = registry.install(a.name)
+    print(path)
+    return 0
+
+
+def cmd_bench_forward(a) -> int:
+    import draftwise
+    from draftwise.policies.budget import load_or_measure
+
+    eng = draftwise.load(a.name, device=a.device, threads=a.threads)
+    t0 = time.time()
+    curve = load_or_measure(eng.model, eng.model_id, refresh=a.refresh, progress=True)
+    for n, ms in zip(curve.ns, curve.ms):
+        print(f"n={n:<3d} {ms:7.1f} ms")
+    print(f"[draftwise] {'measured' if time.time() - t0 > 0.5 else 'cached'} "
+          f"(kernels: {'prepacked AVX2' if eng.model.fast else 'torch'})", file=sys.stderr)
+    return 0
+
+
+def cmd_bench(a) -> int:
+    from pathlib import Path
+
+    import draftwise
+    from draftwise.bench import datasets
+    from draftwise.bench.runner import Runner
+
+    eng = draftwise.load(a.model, device=a.device, threads=a.threads)
+    qs = datasets.load(a.dataset)
+    if a.limit:
+        qs = qs[: a.limit]
+    methods = [m.strip() for m in a.methods.split(",") if m.strip()]
+    r = Runner(eng, methods, qs, Path(a.out), max_new_tokens=a.max_new_tokens, temperature=a.temperature,
+               draft=a.draft, config={"dataset": a.dataset, "limit": a.limit})
+    summary = r.run()
+    from draftwise.bench.report import table
+
+    print(table(summary))
+    print(f"[draftwise] report: {Path(a.out) / 'report.md'}", file=sys.stderr)
+    if summary["mismatches"]:
+        print(f"draftwise: error: {len(summary['mismatches'])} outputs differ from AR (lossless check failed)",
+              file=sys.stderr)
+        return 1
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="draftwise", description="Lossless speculative decoding.")
+    sub = p.add_subparsers(dest="cmd", required=True)
+
+    g = sub.add_parser("generate", help="generate text from a prompt")
+    _add_model_args(g)
+    g.add_argument("prompt")
+    g.add_argument("--method", default="ar", help="ar | recycling | lookup (default ar)")
+    g.add_argument("--max-new-tokens", type=int, default=128)
+    g.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
+    g.add_argument("--top-k", type=int, default=0)
+    g.add_argument("--top-p", type=float, default=1.0)
+    g.add_argument("--seed", type=int, default=None)
+    g.add_argument("--chat", action="store_true", help="wrap the prompt in the model's chat template")
+    g.add_argument("--stop", action="append", help="stop string (repeatable)")
+    g.add_argument("--max-nodes", type=int, default=None,
+                   help="fixed draft size (default: sized from the measured cost curve)")
+    g.add_argument("--compare-ar", action="store_true", help="also run plain decoding and report the speedup")
+    g.set_defaults(func=cmd_generate)
+
+    b = sub.add_parser("bench", help="Spec-Bench-style comparison of methods and baselines")
+    _add_model_args(b)
+    b.add_argument("--draft", default=None, help="draft model for hf-assisted")
+    b.add_argument("--methods", default="ar,recycling,lookup,hf", help="comma list: ar, recycling, lookup, hf, hf-lookup, hf-assisted")
+    b.add_argument("--dataset", default="humaneval", help="humaneval | mtbench | sharegpt | FILE.jsonl")
+    b.add_argument("--limit", type=int, default=None)
+    b.add_argument("--max-new-tokens", type=int, default=128)
+    b.add_argument("--temperature", type=float, default=0.0)
+    b.add_argument("--out", default="bench_out")
+    b.set_defaults(func=cmd_bench)
+
+    m = sub.add_parser("models", help="list, install and measure models")
+    msub = m.add_subparsers(dest="mcmd", required=True)
+    ml = msub.add_parser("list")
+    ml.set_defaults(func=cmd_models_list)
+    mi = msub.add_parser("install")
+    mi.add_argument("name")
+    mi.set_defaults(func=cmd_models_install)
+    mb = msub.add_parser("bench-forward", help="measure the cost curve t(n) of one forward")
+    mb.add_argument("name", nargs="?", default=registry.DEFAULT_MODEL)
+    mb.add_argument("--device", default="cpu")
+    mb.add_argument("--threads", type=int, default=None)
+    mb.add_argument("--refresh", action="store_true", help="measure again instead of using the cache")
+    mb.set_defaults(func=cmd_bench_forward)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except DraftwiseError as e:
+        print(f"draftwise: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())
