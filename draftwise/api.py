@@ -83,8 +83,14 @@ class Engine:
             self._cost = load_or_measure(self.model, self.model_id, refresh=refresh)
         return self._cost
 
+    def register(self, name: str, drafter: Drafter) -> None:
+        """Make a custom drafter available as method `name` (for experiments and tests)."""
+        self._drafters[(name, ())] = drafter
+
     def drafter(self, method: str, **opts) -> Drafter:
         """The drafter for a method; kept across calls so state (e.g. the recycling matrix) hot-starts."""
+        if (method, tuple(sorted(opts.items()))) in self._drafters:
+            return self._drafters[(method, tuple(sorted(opts.items())))]
         if method not in METHODS:
             raise ConfigError(f"unknown method {method!r}; choose one of {', '.join(METHODS)}")
         key = (method, tuple(sorted(opts.items())))

@@ -88,6 +88,11 @@ def cmd_bench(a) -> int:
 
     print(table(summary))
     print(f"[draftwise] report: {Path(a.out) / 'report.md'}", file=sys.stderr)
+    return bench_exit_code(summary)
+
+
+def bench_exit_code(summary: dict) -> int:
+    """1 when any greedy output differs from AR (the lossless check failed), else 0."""
     if summary["mismatches"]:
         print(f"draftwise: error: {len(summary['mismatches'])} outputs differ from AR (lossless check failed)",
               file=sys.stderr)

@@ -70,7 +70,10 @@ def _plots(out: Path, summary: dict, engine) -> None:
         acc = [a for line in p.read_text().splitlines() for t in json.loads(line)["choices"][0]["accept_lengths"] for a in t]
         if acc and max(acc) > 1:
             ax.hist(acc, bins=range(1, max(acc) + 2), alpha=0.5, label=m, align="left")
-    ax.set_xlabel("tokens per target pass"); ax.set_ylabel("passes"); ax.legend(fontsize=7); fig.tight_layout()
+    ax.set_xlabel("tokens per target pass"); ax.set_ylabel("passes")
+    if ax.get_legend_handles_labels()[1]:
+        ax.legend(fontsize=7)
+    fig.tight_layout()
     fig.savefig(out / "tau_hist.png", dpi=110); plt.close(fig)
 
     if engine is not None:

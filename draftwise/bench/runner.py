@@ -88,11 +88,11 @@ def summarize(samples: dict[str, list[Sample]], ref: str = "ar") -> dict:
 class Runner:
     def __init__(self, engine, methods: list[str], questions: list[dict], out: Path, max_new_tokens: int = 128,
                  temperature: float = 0.0, draft: str | None = None, config: dict | None = None,
-                 progress: bool = True, drafters: dict | None = None):
+                 progress: bool = True):
         from draftwise.api import METHODS
 
         for m in methods:
-            if m not in METHODS and m not in HF_METHODS and not (drafters and m in drafters):
+            if m not in METHODS and m not in HF_METHODS and (m, ()) not in engine._drafters:
                 raise ConfigError(f"unknown method {m!r}; choose from {', '.join(METHODS + HF_METHODS)}")
         if "hf-assisted" in methods and not draft:
             raise ConfigError("hf-assisted needs --draft")
@@ -100,7 +100,6 @@ class Runner:
             methods = ["ar"] + methods
         self.engine, self.methods, self.questions, self.out = engine, methods, questions, Path(out)
         self.max_new, self.temperature, self.draft, self.progress = max_new_tokens, temperature, draft, progress
-        self.extra_drafters = drafters or {}
         self.config = {"model": engine.model_id, "draft": draft, "methods": methods, "max_new_tokens": max_new_tokens,
                        "temperature": temperature, "threads": torch.get_num_threads(),
                        "device": str(engine.model.device), "kernels": engine.model.fast,
@@ -172,10 +171,7 @@ class Runner:
             if m in HF_METHODS:
                 self._hf_generate(m, ids, 8)
             else:
-                self.engine.generate(ids, method=m, max_new_tokens=8, **self._opts(m))
-
-    def _opts(self, m: str) -> dict:
-        return {}
+                self.engine.generate(ids, method=m, max_new_tokens=8)
 
     def _prompt_ids(self, q: dict, history: list[tuple[str, str]], turn: str) -> list[int]:
         if not q.get("chat", True):

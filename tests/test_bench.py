@@ -1,0 +1,90 @@
+"""Bench runner: metric arithmetic, answer schema, resume, and the lossless check."""
+import json
+
+import pytest
+
+from draftwise.bench.runner import Runner, Sample, summarize
+from draftwise.drafters.base import Drafter
+from draftwise.errors import ConfigError
+
+
+def test_summary_arithmetic():
+    ar = [Sample("ar", "q1", "a", new_tokens=[10], wall_time=[2.0], decoding_steps=[10], accept_lengths=[[1] * 10]),
+          Sample("ar", "q2", "b", new_tokens=[20], wall_time=[2.0], decoding_steps=[20], accept_lengths=[[1] * 20])]
+    tr = [Sample("x", "q1", "a", new_tokens=[10], wall_time=[1.0], decoding_steps=[5], accept_lengths=[[2] * 5]),
+          Sample("x", "q2", "b", new_tokens=[20], wall_time=[4.0], decoding_steps=[10], accept_lengths=[[3, 1] * 5])]
+    s = summarize({"ar": ar, "x": tr})
+    o = s["x"]["overall"]
+    assert o["new_tokens"] == 30 and o["wall_time"] == 5.0 and o["tokens_per_s"] == 6.0
+    assert o["speedup_vs_ar"] == pytest.approx((10 / 1 / 5 + 20 / 4 / 10) / 2)    # mean per-sample ratio
+    assert o["tau"] == pytest.approx(30 / 15)
+    assert s["x"]["categories"]["a"]["speedup_vs_ar"] == pytest.approx(2.0)
+    assert s["ar"]["overall"]["speedup_vs_ar"] == pytest.approx(1.0)
+
+
+@pytest.fixture(scope="module")
+def engine():
+    import draftwise
+
+    return draftwise.load("smollm2-135m-instruct", progress=False)
+
+
+@pytest.fixture
+def questions(tmp_path):
+    p = tmp_path / "q.jsonl"
+    p.write_text("\n".join(json.dumps(q) for q in [
+        {"question_id": 1, "category": "count", "turns": ["Count from one to ten.", "Now backwards."]},
+        {"question_id": 2, "category": "code", "turns": ["Write a Python hello world."]}]))
+    from draftwise.bench import datasets
+
+    return datasets.load(str(p))
+
+
+def test_run_schema_and_resume(engine, questions, tmp_path):
+    out = tmp_path / "out"
+    s = Runner(engine, ["ar", "lookup"], questions, out, max_new_tokens=8, progress=False).run()
+    assert not s["mismatches"]
+    lines = (out / "answers-lookup.jsonl").read_text().splitlines()
+    assert len(lines) == 2
+    rec = json.loads(lines[0])
+    ch = rec["choices"][0]
+    for k in ("turns", "new_tokens", "wall_time", "decoding_steps", "accept_lengths"):
+        assert len(ch[k]) == 2, k
+    assert sum(ch["accept_lengths"][0]) == ch["new_tokens"][0]
+    assert (out / "report.md").is_file() and (out / "summary.json").is_file()
+    # resume: nothing is run twice
+    Runner(engine, ["ar", "lookup"], questions, out, max_new_tokens=8, progress=False).run()
+    assert len((out / "answers-lookup.jsonl").read_text().splitlines()) == 2
+    # a different configuration never mixes into the same directory
+    with pytest.raises(ConfigError, match="different configuration"):
+        Runner(engine, ["ar"], questions, out, max_new_tokens=9, progress=False).run()
+
+
+class BrokenDrafter(Drafter):
+    """Corrupts the target's KV cache: the lossless check must catch it."""
+    name = "broken"
+
+    def observe(self, tree, logits, accepted, ctx):
+        ctx.cache.v[:, :, : ctx.cache.length].mul_(-1.0)
+
+
+def test_mismatch_is_reported_and_fails(engine, questions, tmp_path):
+    engine.register("broken", BrokenDrafter())
+    s = Runner(engine, ["ar", "broken"], questions, tmp_path / "o", max_new_tokens=8, progress=False).run()
+    assert s["mismatches"] and all(m["method"] == "broken" for m in s["mismatches"])
+    from draftwise.cli import bench_exit_code
+
+    assert bench_exit_code(s) == 1
+
+
+def test_unknown_method_and_dataset(engine, tmp_path):
+    from draftwise.bench import datasets
+
+    with pytest.raises(ConfigError):
+        Runner(engine, ["nope"], [], tmp_path)
+    with pytest.raises(ConfigError):
+        datasets.load("nope")
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"question_id": 1}\n')
+    with pytest.raises(ConfigError, match="not a Spec-Bench question"):
+        datasets.load(str(bad))
