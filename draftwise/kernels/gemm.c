@@ -1,45 +1,102 @@
 // draftwise fp32 small-n GEMM for CPU (AVX2 + FMA), prepacked weights.
 // y[n, O] = x[n, I] @ W^T (+ bias), with W prepacked as [ceil(O/16)][I][16].
-// The weight is streamed once per call; rows of x are processed in register tiles of up to
-// 6 rows x 16 outputs (12 ymm accumulators), so the cost grows slowly with n for small n.
+// The weight is streamed once per call. Rows of x are split into groups of 6 (and a remainder);
+// a group of R rows runs a register tile of R x 16 outputs (R <= 6: 2R accumulators), and for
+// R <= 3 a tile of R x 32 outputs (4R accumulators) so that enough independent FMA chains hide
+// the FMA latency. Every output row is computed by the same sequence of operations whatever n
+// is, so results are bit-identical between one-token steps and tree verification.
 #include <immintrin.h>
 #include <omp.h>
 
-#define KERNEL(R) \
-static inline void mk##R(const float* x, long ldx, const float* P, long I, float* y, long ldy, const float* bias, int valid) { \
+static inline void store16(float* y, __m256 a0, __m256 a1, const float* bias, int valid) {
+  if (bias) { a0 = _mm256_add_ps(a0, _mm256_loadu_ps(bias)); a1 = _mm256_add_ps(a1, _mm256_loadu_ps(bias + 8)); }
+  if (valid == 16) { _mm256_storeu_ps(y, a0); _mm256_storeu_ps(y + 8, a1); return; }
+  float tmp[16];
+  _mm256_storeu_ps(tmp, a0); _mm256_storeu_ps(tmp + 8, a1);
+  for (int c = 0; c < valid; c++) y[c] = tmp[c];
+}
+
+#define K16(R) \
+static inline void k16_##R(const float* x, long ldx, const float* P, long I, float* y, long ldy, \
+                           const float* bias, int valid) { \
   __m256 a0[R], a1[R]; \
   for (int r = 0; r < R; r++) { a0[r] = _mm256_setzero_ps(); a1[r] = _mm256_setzero_ps(); } \
   for (long i = 0; i < I; i++) { \
-    __m256 w0 = _mm256_loadu_ps(P + i * 16); __m256 w1 = _mm256_loadu_ps(P + i * 16 + 8); \
-    for (int r = 0; r < R; r++) { __m256 xv = _mm256_broadcast_ss(x + r * ldx + i); \
-      a0[r] = _mm256_fmadd_ps(xv, w0, a0[r]); a1[r] = _mm256_fmadd_ps(xv, w1, a1[r]); } \
+    _mm_prefetch((const char*)(P + i * 16 + 512), _MM_HINT_T0); \
+    __m256 w0 = _mm256_loadu_ps(P + i * 16), w1 = _mm256_loadu_ps(P + i * 16 + 8); \
+    for (int r = 0; r < R; r++) { \
+      __m256 xv = _mm256_broadcast_ss(x + r * ldx + i); \
+      a0[r] = _mm256_fmadd_ps(xv, w0, a0[r]); a1[r] = _mm256_fmadd_ps(xv, w1, a1[r]); \
+    } \
   } \
-  float tmp[16]; \
+  for (int r = 0; r < R; r++) store16(y + r * ldy, a0[r], a1[r], bias, valid); \
+}
+
+#define K32(R) \
+static inline void k32_##R(const float* x, long ldx, const float* P0, const float* P1, long I, float* y, \
+                           long ldy, const float* bias, int valid1) { \
+  __m256 a0[R], a1[R], a2[R], a3[R]; \
+  for (int r = 0; r < R; r++) { a0[r] = a1[r] = a2[r] = a3[r] = _mm256_setzero_ps(); } \
+  for (long i = 0; i < I; i++) { \
+    _mm_prefetch((const char*)(P0 + i * 16 + 512), _MM_HINT_T0); _mm_prefetch((const char*)(P1 + i * 16 + 512), _MM_HINT_T0); \
+    __m256 w0 = _mm256_loadu_ps(P0 + i * 16), w1 = _mm256_loadu_ps(P0 + i * 16 + 8); \
+    __m256 w2 = _mm256_loadu_ps(P1 + i * 16), w3 = _mm256_loadu_ps(P1 + i * 16 + 8); \
+    for (int r = 0; r < R; r++) { \
+      __m256 xv = _mm256_broadcast_ss(x + r * ldx + i); \
+      a0[r] = _mm256_fmadd_ps(xv, w0, a0[r]); a1[r] = _mm256_fmadd_ps(xv, w1, a1[r]); \
+      a2[r] = _mm256_fmadd_ps(xv, w2, a2[r]); a3[r] = _mm256_fmadd_ps(xv, w3, a3[r]); \
+    } \
+  } \
   for (int r = 0; r < R; r++) { \
-    if (bias) { a0[r] = _mm256_add_ps(a0[r], _mm256_loadu_ps(bias)); a1[r] = _mm256_add_ps(a1[r], _mm256_loadu_ps(bias + 8)); } \
-    if (valid == 16) { _mm256_storeu_ps(y + r * ldy, a0[r]); _mm256_storeu_ps(y + r * ldy + 8, a1[r]); } \
-    else { _mm256_storeu_ps(tmp, a0[r]); _mm256_storeu_ps(tmp + 8, a1[r]); for (int c = 0; c < valid; c++) y[r * ldy + c] = tmp[c]; } \
+    store16(y + r * ldy, a0[r], a1[r], bias, 16); \
+    store16(y + r * ldy + 16, a2[r], a3[r], bias ? bias + 16 : 0, valid1); \
   } \
 }
-KERNEL(1) KERNEL(2) KERNEL(3) KERNEL(4) KERNEL(5) KERNEL(6)
+
+K16(1) K16(2) K16(3) K16(4) K16(5) K16(6)
+K32(1) K32(2) K32(3)
+
+static void tile16(long R, const float* x, long I, const float* P, float* y, long O, const float* b, int valid) {
+  switch (R) {
+    case 1: k16_1(x, I, P, I, y, O, b, valid); break;
+    case 2: k16_2(x, I, P, I, y, O, b, valid); break;
+    case 3: k16_3(x, I, P, I, y, O, b, valid); break;
+    case 4: k16_4(x, I, P, I, y, O, b, valid); break;
+    case 5: k16_5(x, I, P, I, y, O, b, valid); break;
+    default: k16_6(x, I, P, I, y, O, b, valid); break;
+  }
+}
+
 void dw_linear(const float* x, long n, long I, const float* P, const float* bias_padded, long O, float* y) {
   long OB = (O + 15) / 16;
+  if (n <= 3) {                      // wide tiles: two 16-column blocks at once
+    long pairs = (OB + 1) / 2;
+    #pragma omp parallel for schedule(static)
+    for (long p = 0; p < pairs; p++) {
+      long b = 2 * p;
+      const float* bb = bias_padded ? bias_padded + b * 16 : 0;
+      if (b + 1 < OB) {
+        int valid1 = (int)((O - (b + 1) * 16) < 16 ? (O - (b + 1) * 16) : 16);
+        const float* P0 = P + b * I * 16;
+        const float* P1 = P0 + I * 16;
+        switch (n) {
+          case 1: k32_1(x, I, P0, P1, I, y + b * 16, O, bb, valid1); break;
+          case 2: k32_2(x, I, P0, P1, I, y + b * 16, O, bb, valid1); break;
+          default: k32_3(x, I, P0, P1, I, y + b * 16, O, bb, valid1); break;
+        }
+      } else {
+        int valid = (int)((O - b * 16) < 16 ? (O - b * 16) : 16);
+        tile16(n, x, I, P + b * I * 16, y + b * 16, O, bb, valid);
+      }
+    }
+    return;
+  }
   #pragma omp parallel for schedule(static)
   for (long b = 0; b < OB; b++) {
     const float* Pb = P + b * I * 16;
     int valid = (int)((O - b * 16) < 16 ? (O - b * 16) : 16);
     const float* bb = bias_padded ? bias_padded + b * 16 : 0;
-    for (long j = 0; j < n; j += 6) {
-      long R = n - j < 6 ? n - j : 6;
-      const float* xj = x + j * I; float* yj = y + j * O + b * 16;
-      switch (R) {
-        case 1: mk1(xj, I, Pb, I, yj, O, bb, valid); break;
-        case 2: mk2(xj, I, Pb, I, yj, O, bb, valid); break;
-        case 3: mk3(xj, I, Pb, I, yj, O, bb, valid); break;
-        case 4: mk4(xj, I, Pb, I, yj, O, bb, valid); break;
-        case 5: mk5(xj, I, Pb, I, yj, O, bb, valid); break;
-        default: mk6(xj, I, Pb, I, yj, O, bb, valid); break;
-      }
-    }
+    for (long j = 0; j < n; j += 6)   // groups of 6 rows, then the remainder (measured best)
+      tile16(n - j < 6 ? n - j : 6, x + j * I, I, Pb, y + j * O + b * 16, O, bb, valid);
   }
 }

@@ -37,8 +37,7 @@ class Linear:
 
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
-    var = x.pow(2).mean(-1, keepdim=True)
-    return weight * (x * torch.rsqrt(var + eps))
+    return F.rms_norm(x, weight.shape, weight, eps)
 
 
 def rope_tables(cfg: ModelConfig, max_len: int, device, dtype) -> tuple[torch.Tensor, torch.Tensor]:
@@ -194,12 +193,19 @@ class Transformer:
     __call__ = forward
 
     def _attn_mask(self, n: int, start: int, tree_mask: torch.Tensor | None) -> torch.Tensor | None:
+        """Additive float mask [groups * n, start + n] shared by all layers (None for one token).
+
+        Query heads that share a KV head are stacked along the query axis (no KV expansion), so
+        the mask is repeated once per query head in a group.
+        """
         if n == 1:
             return None
         if tree_mask is None:
             tree_mask = torch.ones(n, n, dtype=torch.bool, device=self.device).tril_()
-        prefix = torch.ones(n, start, dtype=torch.bool, device=self.device)
-        return torch.cat([prefix, tree_mask.to(self.device)], dim=1)
+        allowed = torch.cat([torch.ones(n, start, dtype=torch.bool, device=self.device),
+                             tree_mask.to(self.device)], dim=1)
+        mask = torch.zeros(allowed.shape, dtype=self.dtype, device=self.device).masked_fill_(~allowed, float("-inf"))
+        return mask.repeat(self.cfg.num_heads // self.cfg.num_kv_heads, 1)
 
     def _layer(self, i: int, x: torch.Tensor, cos, sin, cache: KVCache, start: int, mask) -> torch.Tensor:
         cfg, L = self.cfg, self.layers[i]
@@ -213,9 +219,10 @@ class Transformer:
             k = rms_norm(k, L.k_norm, cfg.rms_norm_eps)
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         keys, values = cache.write(i, k.transpose(0, 1), v.transpose(0, 1), start)   # [Hkv, T, Dh]
-        attn = F.scaled_dot_product_attention(q.transpose(0, 1).unsqueeze(0), keys.unsqueeze(0),
-                                              values.unsqueeze(0), attn_mask=mask, enable_gqa=H != Hkv)
-        attn = attn.squeeze(0).transpose(0, 1).reshape(n, H * Dh)          # [n, H Dh]
+        g = H // Hkv
+        qg = q.view(n, Hkv, g, Dh).permute(1, 2, 0, 3).reshape(1, Hkv, g * n, Dh)    # [1, Hkv, g n, Dh]
+        attn = F.scaled_dot_product_attention(qg, keys.unsqueeze(0), values.unsqueeze(0), attn_mask=mask)
+        attn = attn.view(Hkv, g, n, Dh).permute(2, 0, 1, 3).reshape(n, H * Dh)       # [n, H Dh]
         x = x + L.o(attn)
         h = rms_norm(x, L.mlp_norm, cfg.rms_norm_eps)
         gate, up = L.gate_up(h).chunk(2, dim=-1)                           # [n, I] each
