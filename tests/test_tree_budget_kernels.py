@@ -1,0 +1,100 @@
+"""Unit tests: DraftTree, trie merge, budget arithmetic, the prepacked kernel, TR persistence."""
+import numpy as np
+import pytest
+import torch
+
+from draftwise import kernels
+from draftwise.errors import CheckpointError, ConfigError
+from draftwise.policies.budget import CostCurve, best_prefix
+from draftwise.tree import DraftTree, merge_tries, merge_trees
+
+
+def test_ancestor_mask_paths_and_select():
+    t = DraftTree.from_parents([9, 1, 2, 3, 4, 5], [-1, 0, 0, 1, 3, 2])
+    m = t.ancestor_mask()
+    expect = torch.tensor([[1, 0, 0, 0, 0, 0], [1, 1, 0, 0, 0, 0], [1, 0, 1, 0, 0, 0],
+                           [1, 1, 0, 1, 0, 0], [1, 1, 0, 1, 1, 0], [1, 0, 1, 0, 0, 1]], dtype=torch.bool)
+    assert torch.equal(m, expect)
+    assert t.depths.tolist() == [0, 1, 1, 2, 3, 2]
+    assert sorted(t.paths()) == [[0, 1, 3, 4], [0, 2, 5]]
+    assert t.positions(10).tolist() == [10, 11, 11, 12, 13, 12]
+    s = t.select(torch.tensor([0, 2, 5]))
+    assert s.tokens.tolist() == [9, 2, 5] and s.parents.tolist() == [-1, 0, 1]
+    with pytest.raises(ValueError):
+        t.select(torch.tensor([0, 3]))
+    with pytest.raises(ValueError):
+        DraftTree(torch.tensor([1, 2]), torch.tensor([-1, 1]), torch.tensor([0, 1]))
+
+
+def test_trie_merge_and_tree_fusion():
+    toks, pars = merge_tries(7, [[1, 2, 3], [1, 2, 4], [5]])
+    assert toks == [7, 1, 2, 3, 4, 5] and pars == [-1, 0, 1, 2, 2, 0]
+    a = DraftTree.from_parents(toks, pars)
+    b = DraftTree.from_parents([7, 1, 2, 9, 5, 6], [-1, 0, 1, 2, 0, 4])
+    f = merge_trees(a, b)
+    assert f.size == 8                                   # shared prefix 1-2 and 5 reuse nodes
+    assert f.tokens.tolist()[:6] == toks and f.tokens.tolist()[6:] == [9, 6]
+    assert f.parents.tolist()[6:] == [2, 5]
+
+
+def test_budget_arithmetic():
+    flat = CostCurve.flat()
+    assert best_prefix([0.9, 0.5, 0.1], flat) == 3
+    steep = CostCurve((1, 2, 4), (1.0, 2.0, 4.0))        # cost proportional to n: drafting never pays
+    assert best_prefix([0.9, 0.5], steep) == 0
+    c = CostCurve((1, 2, 4, 8), (100.0, 110.0, 130.0, 200.0))
+    # m=1: 1.8/110, m=2: 2.4/120, m=3: 2.6/130 -> m=2
+    assert best_prefix([0.8, 0.6, 0.2], c) == 2
+    assert c.t(16) == pytest.approx(200 + 70 / 4 * 8)   # linear extrapolation
+    assert best_prefix([0.8, 0.6, 0.2], c, max_nodes=1) == 1
+    with pytest.raises(ConfigError):
+        CostCurve((1, 2), (1.0,))
+
+
+@pytest.mark.skipif(not kernels.available(), reason=f"kernels unavailable: {kernels.why_unavailable()}")
+@pytest.mark.parametrize("shape", [(40, 100), (17, 64), (33, 96)])
+def test_kernel_matches_float64_and_is_batch_invariant(shape):
+    out_f, in_f = shape
+    torch.manual_seed(0)
+    w, b = torch.randn(out_f, in_f), torch.randn(out_f)
+    p, bp = kernels.pack_weight(w), kernels.pad_bias(b)
+    for n in (1, 2, 3, 4, 5, 6, 7, 8, 13, 16):
+        x = torch.randn(n, in_f)
+        y = kernels.linear(x, p, bp, out_f)
+        ref = x.double() @ w.double().t() + b.double()
+        assert (y.double() - ref).abs().max().item() < 1e-4
+        for r in range(n):                                   # every row equals its one-row result
+            assert torch.equal(y[r:r + 1], kernels.linear(x[r:r + 1].contiguous(), p, bp, out_f))
+
+
+def test_recycling_save_load_roundtrip(tmp_path):
+    from draftwise.drafters.recycling import TokenRecycling
+
+    d = TokenRecycling(50, k=4)
+    d.M[3] = torch.tensor([1, 2, 3, 4]); d.seen[3] = True
+    d.save(tmp_path / "m.pt")
+    e = TokenRecycling(50, k=4)
+    e.load(tmp_path / "m.pt")
+    assert torch.equal(e.M, d.M) and bool(e.seen[3])
+    with pytest.raises(CheckpointError, match="vocab"):
+        TokenRecycling(60, k=4).load(tmp_path / "m.pt")
+    (tmp_path / "bad.pt").write_bytes(b"garbage")
+    with pytest.raises(CheckpointError, match="corrupt"):
+        e.load(tmp_path / "bad.pt")
+    with pytest.raises(CheckpointError, match="not found"):
+        e.load(tmp_path / "none.pt")
+    with pytest.raises(ConfigError):
+        TokenRecycling(50, k=0)
+
+
+def test_lookup_matching():
+    from draftwise.drafters.lookup import PromptLookup, find_matches
+
+    arr = np.array([1, 2, 3, 9, 1, 2, 3, 7, 1, 2, 3])
+    assert find_matches(arr, 3, 5).tolist() == [4, 0]
+    assert find_matches(arr, 4, 5).tolist() == []
+    d = PromptLookup(max_depth=3, max_matches=2)
+    conts = d.continuations(arr)
+    assert conts == [[7, 1, 2], [9, 1, 2]]
+    with pytest.raises(ConfigError):
+        PromptLookup(min_ngram=3, max_ngram=2)
