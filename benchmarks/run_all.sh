@@ -10,7 +10,7 @@ draftwise models bench-forward qwen2.5-coder-1.5b-instruct --threads 2
 draftwise bench --model qwen2.5-coder-0.5b-instruct --methods ar,recycling,lookup,hf,hf-lookup \
     --dataset humaneval --limit ${LIMIT_HE:-10} $T --out bench_out/qwen0.5b-humaneval
 draftwise bench --model qwen2.5-coder-0.5b-instruct --methods ar,recycling,lookup \
-    --dataset mtbench --limit ${LIMIT_MT:-4} $T --out bench_out/qwen0.5b-mtbench
+    --dataset mtbench --limit ${LIMIT_MT:-8} $T --out bench_out/qwen0.5b-mtbench
 draftwise bench --model qwen2.5-coder-0.5b-instruct --methods ar,recycling,lookup \
     --dataset sharegpt --limit ${LIMIT_SG:-4} $T --out bench_out/qwen0.5b-sharegpt
 draftwise bench --model qwen2.5-coder-1.5b-instruct --draft qwen2.5-coder-0.5b-instruct \

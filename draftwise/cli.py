@@ -77,9 +77,7 @@ def cmd_bench(a) -> int:
     from draftwise.bench.runner import Runner
 
     eng = draftwise.load(a.model, device=a.device, threads=a.threads)
-    qs = datasets.load(a.dataset)
-    if a.limit:
-        qs = qs[: a.limit]
+    qs = datasets.balanced(datasets.load(a.dataset), a.limit)
     methods = [m.strip() for m in a.methods.split(",") if m.strip()]
     r = Runner(eng, methods, qs, Path(a.out), max_new_tokens=a.max_new_tokens, temperature=a.temperature,
                draft=a.draft, config={"dataset": a.dataset, "limit": a.limit})
@@ -125,7 +123,7 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--draft", default=None, help="draft model for hf-assisted")
     b.add_argument("--methods", default="ar,recycling,lookup,hf", help="comma list: ar, recycling, lookup, hf, hf-lookup, hf-assisted")
     b.add_argument("--dataset", default="humaneval", help="humaneval | mtbench | sharegpt | FILE.jsonl")
-    b.add_argument("--limit", type=int, default=None)
+    b.add_argument("--limit", type=int, default=None, help="at most N questions, round-robin over categories")
     b.add_argument("--max-new-tokens", type=int, default=128)
     b.add_argument("--temperature", type=float, default=0.0)
     b.add_argument("--out", default="bench_out")

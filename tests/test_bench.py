@@ -11,7 +11,8 @@ from draftwise.errors import ConfigError
 def test_summary_arithmetic():
     ar = [Sample("ar", "q1", "a", new_tokens=[10], wall_time=[2.0], decoding_steps=[10], accept_lengths=[[1] * 10]),
           Sample("ar", "q2", "b", new_tokens=[20], wall_time=[2.0], decoding_steps=[20], accept_lengths=[[1] * 20])]
-    tr = [Sample("x", "q1", "a", new_tokens=[10], wall_time=[1.0], decoding_steps=[5], accept_lengths=[[2] * 5]),
+    tr = [Sample("x", "q1", "a", new_tokens=[10], wall_time=[1.0], decoding_steps=[5], accept_lengths=[[2] * 5],
+                 proposed_by_depth=[0, 10, 4], accepted_by_depth=[0, 5, 1]),
           Sample("x", "q2", "b", new_tokens=[20], wall_time=[4.0], decoding_steps=[10], accept_lengths=[[3, 1] * 5])]
     s = summarize({"ar": ar, "x": tr})
     o = s["x"]["overall"]
@@ -20,6 +21,7 @@ def test_summary_arithmetic():
     assert o["tau"] == pytest.approx(30 / 15)
     assert s["x"]["categories"]["a"]["speedup_vs_ar"] == pytest.approx(2.0)
     assert s["ar"]["overall"]["speedup_vs_ar"] == pytest.approx(1.0)
+    assert s["x"]["overall"]["acceptance_by_depth"] == pytest.approx([0.5, 0.25])
 
 
 @pytest.fixture(scope="module")
@@ -88,3 +90,11 @@ def test_unknown_method_and_dataset(engine, tmp_path):
     bad.write_text('{"question_id": 1}\n')
     with pytest.raises(ConfigError, match="not a Spec-Bench question"):
         datasets.load(str(bad))
+
+
+def test_balanced_limit_covers_categories():
+    from draftwise.bench.datasets import balanced
+
+    qs = [{"question_id": i, "category": c} for i, c in enumerate("aaabbc")]
+    assert [q["question_id"] for q in balanced(qs, 4)] == [0, 3, 5, 1]
+    assert balanced(qs, None) == qs and len(balanced(qs, 100)) == 6

@@ -78,6 +78,21 @@ def sharegpt(max_items: int = 2000, max_chars: int = 1500) -> list[dict]:
     return out
 
 
+def balanced(questions: list[dict], limit: int | None) -> list[dict]:
+    """The first `limit` questions taken round-robin over categories (so a small limit covers them all)."""
+    if not limit:
+        return questions
+    by_cat: dict[str, list[dict]] = {}
+    for q in questions:
+        by_cat.setdefault(q["category"], []).append(q)
+    out: list[dict] = []
+    while len(out) < min(limit, len(questions)):
+        for qs in by_cat.values():
+            if qs and len(out) < limit:
+                out.append(qs.pop(0))
+    return out
+
+
 def load(name: str) -> list[dict]:
     if name == "humaneval":
         return humaneval()

@@ -14,6 +14,8 @@ def table(summary: dict) -> str:
             "|---|---|---|---|---|---|---|"]
     for m, d in summary["methods"].items():
         o = d["overall"]
+        if m.startswith("hf"):
+            o = {**o, "tau": None, "mean_tree_size": None}     # HF does not report its target passes
         rows.append(f"| {m} | {_fmt(o['tokens_per_s'])} | {_fmt(o['speedup_vs_ar'])}× | "
                     f"{_fmt(o.get('speedup_vs_hf'))}× | {_fmt(o['tau'])} | {_fmt(o['mean_tree_size'], '.1f')} | "
                     f"{o['samples']} |")
@@ -32,6 +34,12 @@ def write_report(out: Path, summary: dict, engine=None) -> None:
                   "| method | " + " | ".join(cats) + " |", "|---|" + "---|" * len(cats)]
         for m, d in summary["methods"].items():
             lines.append(f"| {m} | " + " | ".join(_fmt(d["categories"].get(c, {}).get("speedup_vs_ar")) for c in cats) + " |")
+        lines.append("")
+    depth_rows = [(m, d["overall"].get("acceptance_by_depth") or []) for m, d in summary["methods"].items()]
+    depth_rows = [(m, a) for m, a in depth_rows if a]
+    if depth_rows:
+        lines += ["## Acceptance rate by depth (accepted / drafted nodes at depth d)", ""]
+        lines += [f"- {m}: " + ", ".join(f"d{i + 1} {x:.2f}" for i, x in enumerate(a[:8])) for m, a in depth_rows]
         lines.append("")
     mism = summary.get("mismatches") or []
     lines += ["## Lossless check", "",

@@ -36,6 +36,8 @@ class Sample:
     draft_time: float = 0.0
     verify_time: float = 0.0
     mean_tree_size: float = 0.0
+    proposed_by_depth: list[int] = field(default_factory=list)   # draft nodes per depth (1-based)
+    accepted_by_depth: list[int] = field(default_factory=list)
 
     @property
     def tokens_per_s(self) -> float:
@@ -48,14 +50,16 @@ class Sample:
                              "wall_time": self.wall_time, "decoding_steps": self.decoding_steps,
                              "accept_lengths": self.accept_lengths}],
                 "token_ids": self.token_ids, "draft_time": self.draft_time, "verify_time": self.verify_time,
-                "mean_tree_size": self.mean_tree_size, "tstamp": time.time()}
+                "mean_tree_size": self.mean_tree_size, "proposed_by_depth": self.proposed_by_depth,
+                "accepted_by_depth": self.accepted_by_depth, "tstamp": time.time()}
 
     @classmethod
     def from_json(cls, method: str, d: dict) -> "Sample":
         c = d["choices"][0]
         return cls(method, str(d["question_id"]), d["category"], c["turns"], c["new_tokens"], c["wall_time"],
                    c["decoding_steps"], c["accept_lengths"], d.get("token_ids", []), d.get("draft_time", 0.0),
-                   d.get("verify_time", 0.0), d.get("mean_tree_size", 0.0))
+                   d.get("verify_time", 0.0), d.get("mean_tree_size", 0.0), d.get("proposed_by_depth", []),
+                   d.get("accepted_by_depth", []))
 
 
 def summarize(samples: dict[str, list[Sample]], ref: str = "ar") -> dict:
@@ -70,18 +74,29 @@ def summarize(samples: dict[str, list[Sample]], ref: str = "ar") -> dict:
             ratios = [s.tokens_per_s / base[s.question_id].tokens_per_s for s in group
                       if s.question_id in base and base[s.question_id].tokens_per_s > 0]
             acc = [a for s in group for turn in s.accept_lengths for a in turn]
+            prop_d, acc_d = _sum_lists([s.proposed_by_depth for s in group]), _sum_lists([s.accepted_by_depth for s in group])
             return {"samples": len(group), "new_tokens": toks, "wall_time": wall,
                     "tokens_per_s": toks / wall if wall else 0.0,
                     "speedup_vs_ar": sum(ratios) / len(ratios) if ratios else None,
                     "tau": sum(acc) / len(acc) if acc else (toks / steps if steps else None),
                     "draft_time": sum(s.draft_time for s in group), "verify_time": sum(s.verify_time for s in group),
-                    "mean_tree_size": (sum(s.mean_tree_size for s in group) / len(group)) if group else 0.0}
+                    "mean_tree_size": (sum(s.mean_tree_size for s in group) / len(group)) if group else 0.0,
+                    "acceptance_by_depth": [a / p if p else 0.0 for a, p in zip(acc_d[1:], prop_d[1:])]}
         cats = sorted({s.category for s in ss})
         out[method] = {"overall": agg(ss), "categories": {c: agg([s for s in ss if s.category == c]) for c in cats}}
     if "hf" in out and out["hf"]["overall"]["tokens_per_s"]:
         hf_tps = out["hf"]["overall"]["tokens_per_s"]
         for m in out.values():
             m["overall"]["speedup_vs_hf"] = m["overall"]["tokens_per_s"] / hf_tps
+    return out
+
+
+def _sum_lists(lists: list[list[int]]) -> list[int]:
+    out: list[int] = []
+    for xs in lists:
+        out.extend([0] * (len(xs) - len(out)))
+        for i, x in enumerate(xs):
+            out[i] += x
     return out
 
 
@@ -191,13 +206,15 @@ class Runner:
                 t0 = time.perf_counter()
                 toks = self._hf_generate(method, ids, self.max_new)
                 wall = time.perf_counter() - t0
-                steps, acc, dt, vt, size = len(toks), [], 0.0, 0.0, 0.0
+                steps, acc, dt, vt, size = 0, [], 0.0, 0.0, 0.0   # HF does not report its passes
             else:
                 r = self.engine.generate(ids, method=method, max_new_tokens=self.max_new,
                                          temperature=self.temperature, seed=0 if self.temperature else None)
                 toks, wall, steps = r.token_ids, r.stats.wall_s, r.stats.steps + 1
                 acc, dt, vt = [1] + r.stats.accept_lengths, r.stats.draft_s, r.stats.verify_s
                 size = r.stats.as_dict()["mean_tree_size"]
+                s.proposed_by_depth = _sum_lists([s.proposed_by_depth, r.stats.proposed_by_depth])
+                s.accepted_by_depth = _sum_lists([s.accepted_by_depth, r.stats.accepted_by_depth])
             text = self.engine.decode_text(toks)
             s.turns.append(text); s.new_tokens.append(len(toks)); s.wall_time.append(wall)
             s.decoding_steps.append(steps); s.accept_lengths.append(acc); s.token_ids.append(toks)
