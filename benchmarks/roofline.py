@@ -1,7 +1,7 @@
 """t(n) of a model next to this machine's roofline.
 
 Roofline(n) = max(weight bytes / read bandwidth, 2 * n * params / peak FLOP/s). Bandwidth and peak
-are measured here (numpy sum over 1 GiB; a 2048^3 sgemm with OpenBLAS), and the issue's nominal
+are measured here (torch sum over 2 GiB; a 2048^3 sgemm with OpenBLAS), and the issue's nominal
 40 GB/s / 120 GFLOP/s are shown too.
 
 Usage: python benchmarks/roofline.py qwen2.5-coder-0.5b-instruct [--threads 2]
@@ -14,10 +14,11 @@ import torch
 
 
 def measure_bandwidth() -> float:
-    a = np.ones(2**28, dtype=np.float32)                  # 1 GiB
+    """Read bandwidth with all threads: the best of several sums over 2 GiB (no cache reuse)."""
+    a = torch.ones(2**29, dtype=torch.float32)            # 2 GiB
     a.sum()
     best = min(_t(lambda: a.sum()) for _ in range(5))
-    return a.nbytes / best
+    return a.numel() * 4 / best
 
 
 def measure_peak() -> float:

@@ -127,10 +127,13 @@ class Runner:
     def _check_config(self) -> None:
         self.out.mkdir(parents=True, exist_ok=True)
         cfg_path = self.out / "config.json"
-        key = {k: v for k, v in self.config.items() if k not in ("methods",)}
+        # methods and limit may change between runs (results are per method and per question);
+        # anything that changes a sample's result may not
+        free = ("methods", "limit")
+        key = {k: v for k, v in self.config.items() if k not in free}
         if cfg_path.is_file():
             old = json.loads(cfg_path.read_text())
-            old_key = {k: v for k, v in old.items() if k not in ("methods",)}
+            old_key = {k: v for k, v in old.items() if k not in free}
             if old_key != key:
                 diff = sorted(k for k in set(old_key) | set(key) if old_key.get(k) != key.get(k))
                 raise ConfigError(f"{self.out} holds results of a different configuration (differs in: "
