@@ -80,7 +80,8 @@ class Engine:
     # ------------------------------------------------------------------ methods
     def cost_curve(self, refresh: bool = False) -> CostCurve:
         if self._cost is None or refresh:
-            self._cost = load_or_measure(self.model, self.model_id, refresh=refresh)
+            # measured once per model/device/threads and cached (a progress bar shows the first time)
+            self._cost = load_or_measure(self.model, self.model_id, refresh=refresh, progress=True)
         return self._cost
 
     def register(self, name: str, drafter: Drafter) -> None:
