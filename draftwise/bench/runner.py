@@ -6,7 +6,6 @@ our AR decoding; any mismatch is reported and makes the command fail.
 """
 from __future__ import annotations
 
-import hashlib
 import json
 import platform
 import resource
@@ -275,6 +274,3 @@ def _cpu_name() -> str:
         pass
     return platform.processor()
 
-
-def config_hash(cfg: dict) -> str:
-    return hashlib.sha256(json.dumps(cfg, sort_keys=True).encode()).hexdigest()[:12]

@@ -18,7 +18,7 @@ from draftwise.models.config import ModelConfig
 def convert_gguf(gguf: Path, out_dir: Path, progress: bool = True) -> None:
     """Dequantize a GGUF file to an fp32 HF-format directory (config, safetensors, tokenizer)."""
     try:
-        from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+        from transformers import AutoModelForCausalLM, AutoTokenizer
         from transformers.utils import logging as hf_logging
     except ImportError as e:  # pragma: no cover - transformers is a hard dependency
         raise InstallError(f"transformers is required to import GGUF files: {e}") from None
