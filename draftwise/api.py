@@ -35,7 +35,7 @@ class Engine:
         self._drafters: dict[tuple, Drafter] = {}
         self._cost: CostCurve | None = None
         self._cache = None
-        self._last_out: list[int] = []
+        self.last_token_ids: list[int] = []   # token ids of the latest stream() call
 
     @classmethod
     def load(cls, model: str = registry.DEFAULT_MODEL, device: str = "cpu", dtype: torch.dtype | None = None,
@@ -141,7 +141,7 @@ class Engine:
         stats = stats if stats is not None else Stats()
         out: list[int] = []
         shown = ""
-        self._last_out = out
+        self.last_token_ids = out
         for piece in self._tokens(prompt, method, max_new_tokens, temperature, top_k, top_p, seed, chat,
                                   stop, stats, drafter_opts):
             out.extend(piece)
@@ -156,9 +156,6 @@ class Engine:
         final = self._final_text(out, stop)
         if final.startswith(shown) and len(final) > len(shown):
             yield final[len(shown):]
-
-    def _last_ids(self, stats: Stats) -> list[int]:
-        return list(self._last_out)
 
     def _final_text(self, ids: list[int], stop) -> str:
         text = self.decode_text(ids)

@@ -34,7 +34,7 @@ def cmd_generate(a) -> int:
             f"{stats.tokens_per_s:.2f} tok/s, tau {stats.tau:.2f}, {stats.steps} target passes")
     if a.compare_ar and a.method != "ar":
         ar = eng.generate(a.prompt, method="ar", **kw)
-        same = "identical" if ar.token_ids == eng._last_ids(stats) else "DIFFERENT"
+        same = "identical" if ar.token_ids == eng.last_token_ids else "DIFFERENT"
         line += (f"; ar {ar.stats.tokens_per_s:.2f} tok/s, speedup {stats.tokens_per_s / ar.stats.tokens_per_s:.2f}x, "
                  f"text {same}")
     print(line, file=sys.stderr)
