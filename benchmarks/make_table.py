@@ -1,25 +1,81 @@
-"""Regenerate the README's results section from bench summary.json files.
+"""Results tables from bench summary.json files: one summary row per run, then each run's table.
 
-Usage: python benchmarks/make_table.py bench_out/*/summary.json > benchmarks/RESULTS.md
+    python benchmarks/make_table.py bench_out/quick/*/summary.json              # print markdown
+    python benchmarks/make_table.py --readme README.md bench_out/quick/*/summary.json
+        # rewrite the README's table between <!-- results:begin --> and <!-- results:end -->
 """
+import argparse
 import json
 import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from draftwise.bench.baselines import EXTERNAL_METHODS  # noqa: E402
 from draftwise.bench.report import table  # noqa: E402
 
+COLUMNS = [("recycling", "recycling"), ("lookup", "lookup"), ("hf", "HF generate"),
+           ("hf-lookup", "HF lookup"), ("hf-assisted", "HF assisted"), ("llamacpp", "llama.cpp"),
+           ("llamacpp-lookup", "llama.cpp lookup")]
+BEGIN, END = "<!-- results:begin -->", "<!-- results:end -->"
 
-def main(paths: list[str]) -> None:
-    for p in paths:
-        s = json.loads(Path(p).read_text())
+
+def _short(model: str) -> str:
+    return model.replace("qwen2.5-coder-", "Qwen2.5-Coder-").replace("-instruct", "").replace("b", "B")
+
+
+def summary_table(summaries: list[dict]) -> str:
+    used = [(m, name) for m, name in COLUMNS if any(m in s["methods"] for s in summaries)]
+    head = ["model", "dataset", "turns", "our AR tok/s"] + [f"{name} ×AR" for _, name in used] + \
+           ["τ recycling / lookup", "draftwise = AR", "HF = AR"]
+    rows = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for s in summaries:
+        c, ms = s["config"], s["methods"]
+        ar = ms["ar"]["overall"]
+        cells = [_short(c["model"]), str(c.get("dataset")), str(ar.get("turns", ar["samples"])),
+                 f"{ar['tokens_per_s']:.2f}"]
+        for m, _ in used:
+            o = ms.get(m, {}).get("overall")
+            cells.append("–" if o is None or o["speedup_vs_ar"] is None else f"{o['speedup_vs_ar']:.2f}×")
+        cells.append(" / ".join(f"{ms[m]['overall']['tau']:.2f}" if m in ms else "–" for m in ("recycling", "lookup")))
+        ours = [m for m in ms if m != "ar" and m not in EXTERNAL_METHODS]
+        n_ours = sum(ms[m]["overall"]["samples"] for m in ours)
+        same_ours = sum(ms[m]["overall"].get("same_as_ar", 0) for m in ours)
+        cells.append(f"{same_ours}/{n_ours}" if not s.get("mismatches") else f"**{len(s['mismatches'])} mismatches**")
+        cells.append(f"{ms['hf']['overall'].get('same_as_ar', '?')}/{ms['hf']['overall']['samples']}" if "hf" in ms else "–")
+        rows.append("| " + " | ".join(cells) + " |")
+    return "\n".join(rows)
+
+
+def details(summaries: list[dict]) -> str:
+    out = []
+    for s in summaries:
         c = s["config"]
-        print(f"### {c['model']} on {c.get('dataset')} (limit {c.get('limit')}, {c['max_new_tokens']} new tokens, "
-              f"{c['threads']} threads, {c.get('processor', '')})\n")
-        print(table(s))
+        out.append(f"### {c['model']} on {c.get('dataset')} (limit {c.get('limit')}, {c['max_new_tokens']} new tokens, "
+                   f"{c['threads']} threads, {c.get('processor', '')})\n")
+        out.append(table(s))
         mism = s.get("mismatches") or []
-        print(f"\nLossless check: {'all greedy outputs identical to AR' if not mism else f'{len(mism)} mismatches'}.\n")
+        out.append(f"\nLossless check: {'all greedy outputs identical to AR' if not mism else f'{len(mism)} mismatches'}.\n")
+    return "\n".join(out)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("summaries", nargs="+")
+    ap.add_argument("--readme", help="rewrite the table between the results markers of this file")
+    a = ap.parse_args()
+    summaries = [json.loads(Path(p).read_text()) for p in a.summaries]
+    if a.readme:
+        path = Path(a.readme)
+        text = path.read_text()
+        if BEGIN not in text or END not in text:
+            sys.exit(f"{path} has no {BEGIN} ... {END} section")
+        pre, rest = text.split(BEGIN, 1)
+        post = rest.split(END, 1)[1]
+        path.write_text(f"{pre}{BEGIN}\n{summary_table(summaries)}\n{END}{post}")
+        return
+    print(summary_table(summaries) + "\n")
+    print(details(summaries))
 
 
 if __name__ == "__main__":
-    main(sys.argv[1:])
+    main()

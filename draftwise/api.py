@@ -38,7 +38,7 @@ class Engine:
         self.last_token_ids: list[int] = []   # token ids of the latest stream() call
 
     @classmethod
-    def load(cls, model: str = registry.DEFAULT_MODEL, device: str = "cpu", dtype: torch.dtype | None = None,
+    def load(cls, model: str = registry.DEFAULT_MODEL, device: str = "cpu", dtype: torch.dtype | str | None = None,
              max_len: int | None = None, threads: int | None = None, fast: bool = True,
              progress: bool = True) -> "Engine":
         from transformers import AutoTokenizer
@@ -49,8 +49,8 @@ class Engine:
             torch.set_num_threads(threads)
         if device.startswith("cuda") and not torch.cuda.is_available():
             raise ConfigError(f"device {device!r} requested but CUDA is not available")
+        dtype = _dtype(dtype)
         path = resolve(model, progress=progress)
-        dtype = dtype or (torch.float32 if device == "cpu" else torch.bfloat16)
         net = Transformer.from_pretrained(path, device=device, dtype=dtype, max_len=max_len, fast=fast)
         tok = AutoTokenizer.from_pretrained(str(path))
         return cls(net, tok, model, path)
@@ -163,6 +163,25 @@ class Engine:
             if s and s in text:
                 text = text[: text.index(s)]
         return text
+
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16, "float64": torch.float64}
+
+
+def _dtype(dtype: torch.dtype | str | None) -> torch.dtype:
+    """float32 by default on every device: it keeps greedy output identical to plain decoding.
+
+    In bfloat16/float16 a tree pass and a one-token pass round differently, so near-tied argmaxes
+    can flip and speculative output may differ from plain decoding (measured on an H100: see
+    benchmarks/results/gpu-h100).
+    """
+    if dtype is None:
+        return torch.float32
+    if isinstance(dtype, torch.dtype) and dtype in DTYPES.values():
+        return dtype
+    if isinstance(dtype, str) and dtype in DTYPES:
+        return DTYPES[dtype]
+    raise ConfigError(f"unsupported dtype {dtype!r}; choose one of {', '.join(DTYPES)}")
 
 
 def _eos_ids(path: Path, model: Transformer, tokenizer) -> tuple[int, ...]:

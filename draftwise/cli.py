@@ -14,12 +14,15 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
                    help=f"known name, local HF directory or .gguf file (default {registry.DEFAULT_MODEL})")
     p.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1 ... (default cpu)")
     p.add_argument("--threads", type=int, default=None, help="CPU threads (default: torch's choice)")
+    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"],
+                   help="weights and activations (default float32: greedy output stays identical to plain "
+                        "decoding; in 16-bit, tree and one-token passes round differently and can disagree)")
 
 
 def cmd_generate(a) -> int:
     import draftwise
 
-    eng = draftwise.load(a.model, device=a.device, threads=a.threads)
+    eng = draftwise.load(a.model, device=a.device, dtype=a.dtype, threads=a.threads)
     opts = {} if a.max_nodes is None else {"max_nodes": a.max_nodes}
     kw = dict(max_new_tokens=a.max_new_tokens, temperature=a.temperature, top_k=a.top_k, top_p=a.top_p,
               seed=a.seed, chat=a.chat, stop=a.stop or None)
@@ -59,7 +62,7 @@ def cmd_bench_forward(a) -> int:
     import draftwise
     from draftwise.policies.budget import load_or_measure
 
-    eng = draftwise.load(a.name, device=a.device, threads=a.threads)
+    eng = draftwise.load(a.name, device=a.device, dtype=a.dtype, threads=a.threads)
     t0 = time.time()
     curve = load_or_measure(eng.model, eng.model_id, refresh=a.refresh, progress=True)
     for n, ms in zip(curve.ns, curve.ms):
@@ -76,7 +79,7 @@ def cmd_bench(a) -> int:
     from draftwise.bench import datasets
     from draftwise.bench.runner import Runner
 
-    eng = draftwise.load(a.model, device=a.device, threads=a.threads)
+    eng = draftwise.load(a.model, device=a.device, dtype=a.dtype, threads=a.threads)
     qs = datasets.balanced(datasets.load(a.dataset), a.limit)
     methods = [m.strip() for m in a.methods.split(",") if m.strip()]
     r = Runner(eng, methods, qs, Path(a.out), max_new_tokens=a.max_new_tokens, temperature=a.temperature,
@@ -121,7 +124,7 @@ def build_parser() -> argparse.ArgumentParser:
     b = sub.add_parser("bench", help="Spec-Bench-style comparison of methods and baselines")
     _add_model_args(b)
     b.add_argument("--draft", default=None, help="draft model for hf-assisted")
-    b.add_argument("--methods", default="ar,recycling,lookup,hf", help="comma list: ar, recycling, lookup, hf, hf-lookup, hf-assisted")
+    b.add_argument("--methods", default="ar,recycling,lookup,hf", help="comma list: ar, recycling, lookup; baselines hf, hf-lookup, hf-assisted (needs --draft), llamacpp, llamacpp-lookup (need llama-cpp-python)")
     b.add_argument("--dataset", default="humaneval", help="humaneval | mtbench | sharegpt | FILE.jsonl")
     b.add_argument("--limit", type=int, default=None, help="at most N questions, round-robin over categories")
     b.add_argument("--max-new-tokens", type=int, default=128)
@@ -139,6 +142,7 @@ def build_parser() -> argparse.ArgumentParser:
     mb = msub.add_parser("bench-forward", help="measure the cost curve t(n) of one forward")
     mb.add_argument("name", nargs="?", default=registry.DEFAULT_MODEL)
     mb.add_argument("--device", default="cpu")
+    mb.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
     mb.add_argument("--threads", type=int, default=None)
     mb.add_argument("--refresh", action="store_true", help="measure again instead of using the cache")
     mb.set_defaults(func=cmd_bench_forward)

@@ -140,7 +140,7 @@ def decode(model: Transformer, prompt_ids: list[int], drafter: Drafter | None = 
                 break
             ctx.remaining = max_new_tokens - len(stopper.out)
             t0 = time.perf_counter()
-            tree = drafter.propose(ctx)
+            tree = drafter.propose(ctx).to(model.device)   # drafters may live on another device
             room = cache.max_len - cache.length
             if tree.size > room:   # never overflow the context: keep the nodes that fit
                 tree = tree.select(torch.arange(room, device=tree.tokens.device))

@@ -55,6 +55,16 @@ class DraftTree:
             depths[i] = depths[parents[i]] + 1
         return cls(tokens, parents, depths, scores)
 
+    def to(self, device) -> "DraftTree":
+        """The same tree on another device (no copy when it is there already).
+
+        template_ids stay where they are: they are the drafter's own bookkeeping."""
+        if self.tokens.device == torch.device(device):
+            return self
+        mv = lambda t: None if t is None else t.to(device)   # noqa: E731
+        return DraftTree(self.tokens.to(device), self.parents.to(device), self.depths.to(device),
+                         mv(self.scores), mv(self.q), self.template_ids)
+
     def ancestor_mask(self) -> torch.Tensor:
         """[n, n] bool: mask[i, j] is True when j is i or an ancestor of i."""
         n = self.size

@@ -7,6 +7,10 @@ import torch
 os.environ.setdefault("DRAFTWISE_CACHE", os.path.join(os.path.dirname(__file__), "..", ".test-cache"))
 torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
 
+# Model tests run on this device: `DRAFTWISE_TEST_DEVICE=cuda pytest tests/test_model_parity.py ...`
+# repeats them on a GPU (CI has none, so it runs them on the CPU).
+DEVICE = os.environ.get("DRAFTWISE_TEST_DEVICE", "cpu")
+
 ARCHS = ["llama", "qwen2", "qwen3", "mistral"]
 
 

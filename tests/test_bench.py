@@ -98,3 +98,46 @@ def test_balanced_limit_covers_categories():
     qs = [{"question_id": i, "category": c} for i, c in enumerate("aaabbc")]
     assert [q["question_id"] for q in balanced(qs, 4)] == [0, 3, 5, 1]
     assert balanced(qs, None) == qs and len(balanced(qs, 100)) == 6
+
+
+def test_baselines_run_on_the_same_prompts_and_report_agreement(engine, questions, tmp_path):
+    s = Runner(engine, ["ar", "hf"], questions[:1], tmp_path / "o", max_new_tokens=6, progress=False).run()
+    hf = s["methods"]["hf"]["overall"]
+    assert hf["turns"] == 2 and hf["same_as_ar"] == 1      # HF generate on the same fp32 weights agrees
+    assert s["methods"]["ar"]["overall"]["speedup_vs_hf"] > 0
+
+
+def test_baseline_preconditions_fail_before_any_sample(engine, tmp_path, monkeypatch):
+    import builtins
+
+    with pytest.raises(ConfigError, match="needs --draft"):
+        Runner(engine, ["hf-assisted"], [], tmp_path)
+    real_import = builtins.__import__
+
+    def no_llama(name, *a, **kw):
+        if name == "llama_cpp":
+            raise ImportError(name)
+        return real_import(name, *a, **kw)
+
+    monkeypatch.setattr(builtins, "__import__", no_llama)
+    with pytest.raises(ConfigError, match="llama-cpp-python"):
+        Runner(engine, ["llamacpp"], [], tmp_path)
+
+
+def test_llamacpp_peer_needs_a_gguf(tmp_path):
+    from draftwise.bench.baselines import gguf_file
+
+    with pytest.raises(ConfigError, match="GGUF"):
+        gguf_file(tmp_path)
+    (tmp_path / "m.gguf").write_bytes(b"GGUF")
+    assert gguf_file(tmp_path).name == "m.gguf"
+
+
+def test_llamacpp_peer_generates_when_installed(engine, questions, tmp_path):
+    pytest.importorskip("llama_cpp")     # optional peer: not installed in CI
+    s = Runner(engine, ["ar", "llamacpp", "llamacpp-lookup"], questions[1:], tmp_path / "o", max_new_tokens=6,
+               progress=False).run()
+    for m in ("llamacpp", "llamacpp-lookup"):
+        o = s["methods"][m]["overall"]
+        assert o["new_tokens"] > 0 and o["tokens_per_s"] > 0
+    assert not s["mismatches"]            # a peer's different text is reported, not a lossless failure

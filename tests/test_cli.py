@@ -41,3 +41,18 @@ def test_models_list(capsys):
 def test_models_install_unknown(capsys):
     assert main(["models", "install", "nope"]) == 2
     assert "unknown model" in capsys.readouterr().err
+
+
+def test_dtype_choices_and_cuda_without_gpu():
+    import torch
+
+    import draftwise
+    from draftwise.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="unsupported dtype"):
+        draftwise.load("smollm2-135m-instruct", dtype="int8", progress=False)
+    if not torch.cuda.is_available():
+        with pytest.raises(ConfigError, match="CUDA is not available"):
+            draftwise.load("smollm2-135m-instruct", device="cuda", progress=False)
+    with pytest.raises(SystemExit):      # argparse rejects it before anything loads
+        main(["generate", *SMOL, "--dtype", "int8", "hi"])

@@ -4,22 +4,22 @@ import torch
 
 from draftwise import kernels
 from draftwise.models.transformer import Transformer, prefill
-from tests.conftest import make_tiny_hf
+from tests.conftest import DEVICE, make_tiny_hf
 
 TOL = 1e-4
 
 
 def hf_logits(hf, ids):
     with torch.no_grad():
-        return hf(torch.tensor([ids])).logits[0]
+        return hf(torch.tensor([ids])).logits[0].to(DEVICE)
 
 
 @pytest.mark.parametrize("fast", [True, False])
 def test_prefill_and_incremental_match_hf(tmp_path, arch, fast):
     hf = make_tiny_hf(arch, tmp_path, seed=1, tie=(arch == "qwen2"))
-    ours = Transformer.from_pretrained(tmp_path, fast=fast)
+    ours = Transformer.from_pretrained(tmp_path, fast=fast, device=DEVICE)
     if fast:
-        assert ours.fast == kernels.available()
+        assert ours.fast == (kernels.available() and DEVICE == "cpu")
     ids = [3, 17, 42, 5, 88, 12, 7, 60, 33, 2]
     ref = hf_logits(hf, ids)                                      # [n, V]
     cache = ours.new_cache(64)
@@ -37,7 +37,7 @@ def test_prefill_and_incremental_match_hf(tmp_path, arch, fast):
 
 def test_tree_forward_matches_linear_sequences(tmp_path, arch):
     hf = make_tiny_hf(arch, tmp_path, seed=2)
-    ours = Transformer.from_pretrained(tmp_path)
+    ours = Transformer.from_pretrained(tmp_path, device=DEVICE)
     prompt = [5, 9, 14, 20, 31]
     # tree: 0 <- root child tokens; parents index within the tree (-1 = attached to prompt end)
     tokens = [40, 41, 50, 51, 52, 60]
@@ -64,7 +64,7 @@ def test_tree_forward_matches_linear_sequences(tmp_path, arch):
 
 def test_commit_keeps_exactly_the_accepted_rows(tmp_path):
     make_tiny_hf("qwen2", tmp_path, seed=3)
-    ours = Transformer.from_pretrained(tmp_path)
+    ours = Transformer.from_pretrained(tmp_path, device=DEVICE)
     cache = ours.new_cache(64)
     prefill(ours, cache, torch.tensor([1, 2, 3]))
     anc = torch.tensor([[1, 0, 0, 0], [1, 1, 0, 0], [1, 0, 1, 0], [1, 0, 1, 1]], dtype=torch.bool)
@@ -89,7 +89,7 @@ def test_commit_keeps_exactly_the_accepted_rows(tmp_path):
 
 def test_partial_forward_and_resume_equals_full(tmp_path, arch):
     make_tiny_hf(arch, tmp_path, seed=4)
-    ours = Transformer.from_pretrained(tmp_path)
+    ours = Transformer.from_pretrained(tmp_path, device=DEVICE)
     ids = torch.tensor([4, 8, 15, 16, 23, 42])
     pos = torch.arange(6)
     full = ours.forward(ids, pos, ours.new_cache(32), hidden_layers=(0, 1, 2))
@@ -106,7 +106,7 @@ def test_partial_forward_and_resume_equals_full(tmp_path, arch):
 
 def test_float64_runs_without_kernels(tmp_path):
     make_tiny_hf("llama", tmp_path, seed=5)
-    m = Transformer.from_pretrained(tmp_path, dtype=torch.float64)
+    m = Transformer.from_pretrained(tmp_path, dtype=torch.float64, device=DEVICE)
     assert not m.fast
     out = m.forward(torch.tensor([1, 2, 3]), torch.arange(3), m.new_cache(16))
     assert out.logits.dtype == torch.float64

@@ -4,21 +4,25 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+from draftwise.bench.baselines import EXTERNAL_METHODS
+
 
 def _fmt(x, spec=".2f") -> str:
     return "–" if x is None else format(x, spec)
 
 
 def table(summary: dict) -> str:
-    rows = ["| method | tokens/s | speedup vs our AR | speedup vs HF generate | τ (tokens/pass) | mean tree | samples |",
-            "|---|---|---|---|---|---|---|"]
+    rows = ["| method | tokens/s | speedup vs our AR | speedup vs HF generate | τ (tokens/pass) | mean tree | "
+            "output = AR | samples |",
+            "|---|---|---|---|---|---|---|---|"]
     for m, d in summary["methods"].items():
         o = d["overall"]
-        if m.startswith("hf"):
-            o = {**o, "tau": None, "mean_tree_size": None}     # HF does not report its target passes
+        if m in EXTERNAL_METHODS:
+            o = {**o, "tau": None, "mean_tree_size": None}     # baselines do not report their target passes
+        same = "–" if o.get("same_as_ar") is None else f"{o['same_as_ar']}/{o['samples']}"
         rows.append(f"| {m} | {_fmt(o['tokens_per_s'])} | {_fmt(o['speedup_vs_ar'])}× | "
                     f"{_fmt(o.get('speedup_vs_hf'))}× | {_fmt(o['tau'])} | {_fmt(o['mean_tree_size'], '.1f')} | "
-                    f"{o['samples']} |")
+                    f"{same} | {o['samples']} |")
     return "\n".join(rows)
 
 

@@ -16,9 +16,8 @@ from pathlib import Path
 
 import torch
 
+from draftwise.bench.baselines import EXTERNAL_METHODS, Baselines
 from draftwise.errors import ConfigError
-
-HF_METHODS = ("hf", "hf-lookup", "hf-assisted")
 
 
 @dataclass
@@ -74,7 +73,9 @@ def summarize(samples: dict[str, list[Sample]], ref: str = "ar") -> dict:
                       if s.question_id in base and base[s.question_id].tokens_per_s > 0]
             acc = [a for s in group for turn in s.accept_lengths for a in turn]
             prop_d, acc_d = _sum_lists([s.proposed_by_depth for s in group]), _sum_lists([s.accepted_by_depth for s in group])
-            return {"samples": len(group), "new_tokens": toks, "wall_time": wall,
+            same = sum(1 for s in group if s.question_id in base and s.token_ids == base[s.question_id].token_ids)
+            return {"samples": len(group), "turns": sum(len(s.new_tokens) for s in group), "same_as_ar": same,
+                    "new_tokens": toks, "wall_time": wall,
                     "tokens_per_s": toks / wall if wall else 0.0,
                     "speedup_vs_ar": sum(ratios) / len(ratios) if ratios else None,
                     "tau": sum(acc) / len(acc) if acc else (toks / steps if steps else None),
@@ -106,21 +107,21 @@ class Runner:
         from draftwise.api import METHODS
 
         for m in methods:
-            if m not in METHODS and m not in HF_METHODS and (m, ()) not in engine._drafters:
-                raise ConfigError(f"unknown method {m!r}; choose from {', '.join(METHODS + HF_METHODS)}")
-        if "hf-assisted" in methods and not draft:
-            raise ConfigError("hf-assisted needs --draft")
+            if m not in METHODS and m not in EXTERNAL_METHODS and (m, ()) not in engine._drafters:
+                raise ConfigError(f"unknown method {m!r}; choose from {', '.join(METHODS + EXTERNAL_METHODS)}")
+        self.baselines = Baselines(engine, draft)
+        self.baselines.check(methods)
         if "ar" not in methods:
             methods = ["ar"] + methods
         self.engine, self.methods, self.questions, self.out = engine, methods, questions, Path(out)
         self.max_new, self.temperature, self.draft, self.progress = max_new_tokens, temperature, draft, progress
         self.config = {"model": engine.model_id, "draft": draft, "methods": methods, "max_new_tokens": max_new_tokens,
                        "temperature": temperature, "threads": torch.get_num_threads(),
-                       "device": str(engine.model.device), "kernels": engine.model.fast,
+                       "device": str(engine.model.device), "dtype": str(engine.model.dtype).split(".")[-1],
+                       "kernels": engine.model.fast,
                        "torch": torch.__version__, "python": platform.python_version(),
                        "machine": platform.machine(), "processor": _cpu_name(), **(config or {})}
         self.mismatches: list[dict] = []
-        self._hf = {}
 
     # ------------------------------------------------------------------ files
     def _check_config(self) -> None:
@@ -185,8 +186,8 @@ class Runner:
     def _warmup(self) -> None:
         ids = self.engine.encode("def fibonacci(n):")
         for m in self.methods:
-            if m in HF_METHODS:
-                self._hf_generate(m, ids, 8)
+            if m in EXTERNAL_METHODS:
+                self.baselines.generate(m, ids, 8)
             else:
                 self.engine.generate(ids, method=m, max_new_tokens=8)
 
@@ -204,11 +205,11 @@ class Runner:
         history: list[tuple[str, str]] = []
         for t, turn in enumerate(q["turns"]):
             ids = self._prompt_ids(q, history, turn)
-            if method in HF_METHODS:
+            if method in EXTERNAL_METHODS:
                 t0 = time.perf_counter()
-                toks = self._hf_generate(method, ids, self.max_new)
+                toks = self.baselines.generate(method, ids, self.max_new)
                 wall = time.perf_counter() - t0
-                steps, acc, dt, vt, size = 0, [], 0.0, 0.0, 0.0   # HF does not report its passes
+                steps, acc, dt, vt, size = 0, [], 0.0, 0.0, 0.0   # baselines do not report their passes
             else:
                 r = self.engine.generate(ids, method=method, max_new_tokens=self.max_new,
                                          temperature=self.temperature, seed=0 if self.temperature else None)
@@ -227,37 +228,13 @@ class Runner:
         return s
 
     def _check_lossless(self, method: str, s: Sample, ref: Sample | None) -> None:
-        if self.temperature or ref is None or method == "ar" or method in HF_METHODS:
+        if self.temperature or ref is None or method == "ar" or method in EXTERNAL_METHODS:
             return
         for t, (a, b) in enumerate(zip(s.token_ids, ref.token_ids)):
             if a != b:
                 k = next((i for i, (x, y) in enumerate(zip(a, b)) if x != y), min(len(a), len(b)))
                 self.mismatches.append({"method": method, "question_id": s.question_id, "turn": t,
                                         "first_diff": k})
-
-    # ------------------------------------------------------------------ Hugging Face baselines
-    def _hf_model(self, which: str):
-        if which not in self._hf:
-            from transformers import AutoModelForCausalLM
-
-            from draftwise.models.checkpoint import resolve
-
-            path = self.engine.path if which == "target" else resolve(self.draft)
-            self._hf[which] = AutoModelForCausalLM.from_pretrained(str(path), dtype=torch.float32).eval()
-        return self._hf[which]
-
-    @torch.inference_mode()
-    def _hf_generate(self, method: str, ids: list[int], max_new: int) -> list[int]:
-        model = self._hf_model("target")
-        kw = dict(max_new_tokens=max_new, do_sample=False, eos_token_id=list(self.engine.eos_ids),
-                  pad_token_id=self.engine.eos_ids[0], temperature=None, top_p=None, top_k=None)
-        if method == "hf-lookup":
-            kw["prompt_lookup_num_tokens"] = 10
-        elif method == "hf-assisted":
-            kw["assistant_model"] = self._hf_model("draft")
-        x = torch.tensor([ids])
-        out = model.generate(x, attention_mask=torch.ones_like(x), **kw)[0, len(ids):].tolist()
-        return out
 
 
 def _peak_rss_mb() -> float:

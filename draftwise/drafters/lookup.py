@@ -84,8 +84,8 @@ class PromptLookup(Drafter):
         if keep.size == 1:
             return DraftTree.root_only(ctx.root, device=dev)
         sub = tree.select(torch.as_tensor(keep))
-        sub.template_ids = torch.as_tensor(kind[keep])
-        return DraftTree(sub.tokens.to(dev), sub.parents.to(dev), sub.depths.to(dev), template_ids=sub.template_ids)
+        sub.template_ids = torch.as_tensor(kind[keep])                    # stays on the CPU
+        return sub.to(dev)
 
     @staticmethod
     def _kind(tree: DraftTree) -> np.ndarray:

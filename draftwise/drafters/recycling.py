@@ -119,8 +119,9 @@ class TokenRecycling(Drafter):
 
     def observe(self, tree: DraftTree, logits: torch.Tensor, accepted, ctx: Context) -> None:
         top = torch.topk(logits, self.k, dim=-1).indices                # [n, k]
-        self.M[tree.tokens] = top.to(self.M.device)
-        self.seen[tree.tokens] = True
+        rows = tree.tokens.to(self.M.device)
+        self.M[rows] = top.to(self.M.device)
+        self.seen[rows] = True
         ids = tree.template_ids
         self.proposed *= self.decay
         self.accepted *= self.decay
