@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # The exact commands behind the README's results table, on the project's machine (2-core AMD EPYC
-# VM, no GPU, fp32, 2 threads): about 40 minutes once the models are installed (installing both
+# VM, no GPU, fp32, 2 threads): 36 min 41 s measured once the models are installed (installing both
 # Qwen models adds about 10 minutes). It rewrites the README table from the summary.json files.
 #   FULL=1 bash benchmarks/run_all.sh   the documented full run (more prompts, about 3 hours),
 #                                       written to bench_out/full/ and benchmarks/RESULTS.md.
@@ -14,15 +14,15 @@ draftwise models install $S >/dev/null && draftwise models install $L >/dev/null
 if [ "${FULL:-0}" = 1 ]; then
     OUT=bench_out/full; HE=20; MT=8; SG=4; HE15=5; MT15=4; SG15=3
 else
-    OUT=bench_out/readme; HE=4; MT=2; SG=2; HE15=2; MT15=1; SG15=1
+    OUT=bench_out/readme; HE=3; MT=1; SG=2; HE15=2; MT15=1; SG15=1
 fi
 LLAMA=""; python -c "import llama_cpp" 2>/dev/null && LLAMA=",llamacpp,llamacpp-lookup"
 T="--threads 2 --max-new-tokens 128"
 draftwise models bench-forward $S --threads 2
 draftwise models bench-forward $L --threads 2
 draftwise bench --model $S --methods ar,recycling,lookup,hf,hf-lookup$LLAMA --dataset humaneval --limit $HE $T --out $OUT/qwen0.5b-humaneval
-draftwise bench --model $S --methods ar,recycling,lookup,hf --dataset mtbench --limit $MT $T --out $OUT/qwen0.5b-mtbench
-draftwise bench --model $S --methods ar,recycling,lookup,hf --dataset sharegpt --limit $SG $T --out $OUT/qwen0.5b-sharegpt
+draftwise bench --model $S --methods ar,recycling,lookup --dataset mtbench --limit $MT $T --out $OUT/qwen0.5b-mtbench
+draftwise bench --model $S --methods ar,recycling,lookup --dataset sharegpt --limit $SG $T --out $OUT/qwen0.5b-sharegpt
 draftwise bench --model $L --draft $S --methods ar,recycling,lookup,hf,hf-assisted --dataset humaneval --limit $HE15 $T --out $OUT/qwen1.5b-humaneval
 draftwise bench --model $L --methods ar,recycling,lookup --dataset mtbench --limit $MT15 $T --out $OUT/qwen1.5b-mtbench
 draftwise bench --model $L --methods ar,recycling,lookup --dataset sharegpt --limit $SG15 $T --out $OUT/qwen1.5b-sharegpt
