@@ -31,7 +31,7 @@ def summary_table(summaries: list[dict]) -> str:
     for s in summaries:
         c, ms = s["config"], s["methods"]
         ar = ms["ar"]["overall"]
-        cells = [_short(c["model"]), str(c.get("dataset")), str(ar.get("turns", ar["samples"])),
+        cells = [_short(c["model"]), str(c.get("dataset")), str(ar["turns"]) if "turns" in ar else f"{ar['samples']} samples",
                  f"{ar['tokens_per_s']:.2f}"]
         for m, _ in used:
             o = ms.get(m, {}).get("overall")
@@ -39,9 +39,14 @@ def summary_table(summaries: list[dict]) -> str:
         cells.append(" / ".join(f"{ms[m]['overall']['tau']:.2f}" if m in ms else "–" for m in ("recycling", "lookup")))
         ours = [m for m in ms if m != "ar" and m not in EXTERNAL_METHODS]
         n_ours = sum(ms[m]["overall"]["samples"] for m in ours)
-        same_ours = sum(ms[m]["overall"].get("same_as_ar", 0) for m in ours)
-        cells.append(f"{same_ours}/{n_ours}" if not s.get("mismatches") else f"**{len(s['mismatches'])} mismatches**")
-        cells.append(f"{ms['hf']['overall'].get('same_as_ar', '?')}/{ms['hf']['overall']['samples']}" if "hf" in ms else "–")
+        if s.get("mismatches"):
+            cells.append(f"**{len(s['mismatches'])} mismatches**")
+        elif all("same_as_ar" in ms[m]["overall"] for m in ours):
+            cells.append(f"{sum(ms[m]['overall']['same_as_ar'] for m in ours)}/{n_ours}")
+        else:   # summaries written before same_as_ar existed: the lossless check still ran
+            cells.append(f"all ({n_ours})")
+        hf = ms.get("hf", {}).get("overall")
+        cells.append("–" if hf is None or "same_as_ar" not in hf else f"{hf['same_as_ar']}/{hf['samples']}")
         rows.append("| " + " | ".join(cells) + " |")
     return "\n".join(rows)
 

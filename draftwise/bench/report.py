@@ -11,6 +11,10 @@ def _fmt(x, spec=".2f") -> str:
     return "–" if x is None else format(x, spec)
 
 
+def _x(ratio) -> str:
+    return "–" if ratio is None else f"{ratio:.2f}×"
+
+
 def table(summary: dict) -> str:
     rows = ["| method | tokens/s | speedup vs our AR | speedup vs HF generate | τ (tokens/pass) | mean tree | "
             "output = AR | samples |",
@@ -20,8 +24,8 @@ def table(summary: dict) -> str:
         if m in EXTERNAL_METHODS:
             o = {**o, "tau": None, "mean_tree_size": None}     # baselines do not report their target passes
         same = "–" if o.get("same_as_ar") is None else f"{o['same_as_ar']}/{o['samples']}"
-        rows.append(f"| {m} | {_fmt(o['tokens_per_s'])} | {_fmt(o['speedup_vs_ar'])}× | "
-                    f"{_fmt(o.get('speedup_vs_hf'))}× | {_fmt(o['tau'])} | {_fmt(o['mean_tree_size'], '.1f')} | "
+        rows.append(f"| {m} | {_fmt(o['tokens_per_s'])} | {_x(o['speedup_vs_ar'])} | "
+                    f"{_x(o.get('speedup_vs_hf'))} | {_fmt(o['tau'])} | {_fmt(o['mean_tree_size'], '.1f')} | "
                     f"{same} | {o['samples']} |")
     return "\n".join(rows)
 
