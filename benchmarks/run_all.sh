@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
 # The exact commands behind the README's results table, on the project's machine (2-core AMD EPYC
 # VM, no GPU, fp32, 2 threads): 36 min 41 s measured once the models are installed (installing both
-# Qwen models adds about 10 minutes). It rewrites the README table from the summary.json files.
-#   FULL=1 bash benchmarks/run_all.sh   the documented full run (more prompts, about 3 hours),
+# Qwen models first, if needed, adds the download and conversion). It rewrites the README table from the summary.json files.
+#   FULL=1 bash benchmarks/run_all.sh   the documented full run (more prompts, about 2.5 hours, estimated from per-sample times),
 #                                       written to bench_out/full/ and benchmarks/RESULTS.md.
 # Runs resume: rerunning continues where a run stopped; a larger --limit only adds prompts.
 # The llama.cpp peer runs when llama-cpp-python is installed (pip install llama-cpp-python).
