@@ -59,7 +59,8 @@ class DraftTree:
         """The same tree on another device (no copy when it is there already).
 
         template_ids stay where they are: they are the drafter's own bookkeeping."""
-        if self.tokens.device == torch.device(device):
+        dev, cur = torch.device(device), self.tokens.device
+        if dev.type == cur.type and dev.index in (None, cur.index):      # "cuda" is "cuda:0" here
             return self
         mv = lambda t: None if t is None else t.to(device)   # noqa: E731
         return DraftTree(self.tokens.to(device), self.parents.to(device), self.depths.to(device),

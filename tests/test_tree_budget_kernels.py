@@ -24,6 +24,12 @@ def test_ancestor_mask_paths_and_select():
         t.select(torch.tensor([0, 3]))
     with pytest.raises(ValueError):
         DraftTree(torch.tensor([1, 2]), torch.tensor([-1, 1]), torch.tensor([0, 1]))
+    s.template_ids = torch.tensor([4, 5, 6])
+    assert s.to("cpu") is s                          # already there: no copy
+    if torch.cuda.is_available():
+        g = s.to("cuda")
+        assert g.tokens.is_cuda and g.to("cuda") is g and g.template_ids is s.template_ids
+        assert g.to("cpu").tokens.tolist() == [9, 2, 5]
 
 
 def test_trie_merge_and_tree_fusion():
