@@ -8,6 +8,7 @@ from pathlib import Path
 
 import torch
 
+from draftwise import methods
 from draftwise.decoding import Stats, decode
 from draftwise.drafters.base import Drafter
 from draftwise.errors import ConfigError, PromptError
@@ -16,8 +17,6 @@ from draftwise.models.checkpoint import resolve
 from draftwise.models.transformer import Transformer
 from draftwise.policies.budget import CostCurve, load_or_measure
 from draftwise.sampling import Sampling
-
-METHODS = ("ar", "recycling", "lookup")
 
 
 @dataclass
@@ -29,10 +28,21 @@ class GenerationResult:
 
 
 class Engine:
-    def __init__(self, model: Transformer, tokenizer, model_id: str, path: Path):
+    """A loaded target model (plus an optional draft model) and the drafters built for it.
+
+    ``engine.model``: the target Transformer; ``engine.draft_model``: the draft Transformer or None.
+    Drafters are built from the method registry (``draftwise.methods``) and kept across calls,
+    so learned state (the recycling matrix, acceptance estimates) hot-starts.
+    """
+
+    def __init__(self, model: Transformer, tokenizer, model_id: str, path: Path,
+                 draft_model: Transformer | None = None, draft_id: str | None = None):
         self.model, self.tokenizer, self.model_id, self.path = model, tokenizer, model_id, path
+        self.draft_model, self.draft_id = draft_model, draft_id
         self.eos_ids = _eos_ids(path, model, tokenizer)
         self._drafters: dict[tuple, Drafter] = {}
+        self._custom: dict[str, Drafter] = {}
+        self._subsets: dict[int, object] = {}
         self._cost: CostCurve | None = None
         self._cache = None
         self.last_token_ids: list[int] = []   # token ids of the latest stream() call
@@ -40,7 +50,7 @@ class Engine:
     @classmethod
     def load(cls, model: str = registry.DEFAULT_MODEL, device: str = "cpu", dtype: torch.dtype | str | None = None,
              max_len: int | None = None, threads: int | None = None, fast: bool = True,
-             progress: bool = True) -> "Engine":
+             progress: bool = True, draft: str | None = None) -> "Engine":
         from transformers import AutoTokenizer
 
         if threads is not None:
@@ -53,7 +63,15 @@ class Engine:
         path = resolve(model, progress=progress)
         net = Transformer.from_pretrained(path, device=device, dtype=dtype, max_len=max_len, fast=fast)
         tok = AutoTokenizer.from_pretrained(str(path))
-        return cls(net, tok, model, path)
+        draft_net = None
+        if draft is not None:
+            dpath = resolve(draft, progress=progress)
+            _check_same_tokenizer(tok, AutoTokenizer.from_pretrained(str(dpath)), model, draft)
+            draft_net = Transformer.from_pretrained(dpath, device=device, dtype=dtype, max_len=net.max_len, fast=fast)
+            if draft_net.cfg.vocab_size != net.cfg.vocab_size:
+                raise ConfigError(f"draft model {draft!r} has a vocabulary of {draft_net.cfg.vocab_size} rows, "
+                                  f"the target {net.cfg.vocab_size}: they must match")
+        return cls(net, tok, model, path, draft_net, draft)
 
     # ------------------------------------------------------------------ text
     def encode(self, prompt: str, chat: bool = False, system: str | None = None) -> list[int]:
@@ -84,40 +102,44 @@ class Engine:
             self._cost = load_or_measure(self.model, self.model_id, refresh=refresh, progress=True)
         return self._cost
 
+    def vocab_subset(self, k: int):
+        """The k most frequent tokens of this tokenizer (for draft heads; counted once, cached)."""
+        from draftwise.vocab import load_subset
+
+        if k not in self._subsets:
+            self._subsets[k] = load_subset(self.tokenizer, self.model.cfg.vocab_size, k, self.eos_ids)
+        return self._subsets[k]
+
     def register(self, name: str, drafter: Drafter) -> None:
-        """Make a custom drafter available as method `name` (for experiments and tests)."""
-        self._drafters[(name, ())] = drafter
+        """Make a custom drafter instance available as method `name` (for experiments and tests)."""
+        self._custom[name] = drafter
 
-    def drafter(self, method: str, **opts) -> Drafter:
-        """The drafter for a method; kept across calls so state (e.g. the recycling matrix) hot-starts."""
-        if (method, tuple(sorted(opts.items()))) in self._drafters:
-            return self._drafters[(method, tuple(sorted(opts.items())))]
-        if method not in METHODS:
-            raise ConfigError(f"unknown method {method!r}; choose one of {', '.join(METHODS)}")
-        key = (method, tuple(sorted(opts.items())))
+    def has_method(self, method: str) -> bool:
+        return method in self._custom or method in methods.names()
+
+    def drafter(self, method: str, method_opts: dict | None = None) -> Drafter:
+        """The drafter for a method and its options; kept across calls so state hot-starts."""
+        if method in self._custom:
+            if method_opts:
+                raise ConfigError(f"method {method!r} is a registered instance and takes no options")
+            return self._custom[method]
+        spec = methods.get(method)
+        opts = spec.validate(method_opts)
+        key = (method, json.dumps(opts, sort_keys=True))
         if key not in self._drafters:
-            if method == "ar":
-                d: Drafter = Drafter()
-            elif method == "recycling":
-                from draftwise.drafters.recycling import TokenRecycling
-
-                cost = None if opts.get("max_nodes") is not None else self.cost_curve()
-                d = TokenRecycling(self.model.cfg.vocab_size, cost=cost, device=self.model.device, **opts)
-            else:
-                from draftwise.drafters.lookup import PromptLookup
-
-                cost = None if opts.get("max_nodes") is not None else self.cost_curve()
-                d = PromptLookup(cost=cost, **opts)
-            self._drafters[key] = d
+            if "draft_model" in spec.needs and self.draft_model is None:
+                raise ConfigError(f"method {method!r} needs a draft model: load one with --draft NAME "
+                                  f"(draftwise.load(..., draft=NAME))")
+            self._drafters[key] = spec.factory(self, **opts)
         return self._drafters[key]
 
     # ------------------------------------------------------------------ generation
     def _tokens(self, prompt: str | list[int], method: str, max_new_tokens: int, temperature: float,
                 top_k: int, top_p: float, seed: int | None, chat: bool, stop, stats: Stats,
-                drafter_opts: dict) -> Iterator[list[int]]:
+                method_opts: dict | None) -> Iterator[list[int]]:
         sampling = Sampling(temperature=temperature, top_k=top_k, top_p=top_p, seed=seed)
+        d = self.drafter(method, method_opts)
         ids = list(prompt) if isinstance(prompt, list) else self.encode(prompt, chat=chat)
-        d = self.drafter(method, **drafter_opts)
         if self._cache is None:
             self._cache = self.model.new_cache()
         return decode(self.model, ids, drafter=d, sampling=sampling, max_new_tokens=max_new_tokens,
@@ -125,25 +147,25 @@ class Engine:
 
     def generate(self, prompt: str | list[int], method: str = "ar", max_new_tokens: int = 128,
                  temperature: float = 0.0, top_k: int = 0, top_p: float = 1.0, seed: int | None = None,
-                 chat: bool = False, stop: list[str] | None = None, **drafter_opts) -> GenerationResult:
+                 chat: bool = False, stop: list[str] | None = None, method_opts: dict | None = None) -> GenerationResult:
         stats = Stats()
         out: list[int] = []
         for piece in self._tokens(prompt, method, max_new_tokens, temperature, top_k, top_p, seed, chat,
-                                  stop, stats, drafter_opts):
+                                  stop, stats, method_opts):
             out.extend(piece)
         return GenerationResult(self._final_text(out, stop), out, stats, method)
 
     def stream(self, prompt: str | list[int], method: str = "ar", max_new_tokens: int = 128,
                temperature: float = 0.0, top_k: int = 0, top_p: float = 1.0, seed: int | None = None,
                chat: bool = False, stop: list[str] | None = None, stats: Stats | None = None,
-               **drafter_opts) -> Iterator[str]:
+               method_opts: dict | None = None) -> Iterator[str]:
         """Yield text pieces as they are generated (the concatenation equals generate().text)."""
         stats = stats if stats is not None else Stats()
         out: list[int] = []
         shown = ""
         self.last_token_ids = out
         for piece in self._tokens(prompt, method, max_new_tokens, temperature, top_k, top_p, seed, chat,
-                                  stop, stats, drafter_opts):
+                                  stop, stats, method_opts):
             out.extend(piece)
             text = self.decode_text(out)
             if text.endswith("\ufffd"):       # incomplete UTF-8 sequence: wait for more tokens
@@ -193,3 +215,12 @@ def _eos_ids(path: Path, model: Transformer, tokenizer) -> tuple[int, ...]:
     if tokenizer.eos_token_id is not None:
         ids.add(int(tokenizer.eos_token_id))
     return tuple(sorted(ids))
+
+
+def _check_same_tokenizer(target_tok, draft_tok, target: str, draft: str) -> None:
+    from draftwise.vocab import fingerprint
+
+    a, b = fingerprint(target_tok), fingerprint(draft_tok)
+    if a != b:
+        raise ConfigError(f"draft model {draft!r} does not share the tokenizer of {target!r} "
+                          f"(vocabulary fingerprints {b} vs {a}): speculative decoding needs the same tokenizer")

@@ -1,4 +1,4 @@
-"""Command line: draftwise generate | models (list, install, bench-forward)."""
+"""Command line: draftwise generate | bench | methods | models (list, install, bench-forward)."""
 from __future__ import annotations
 
 import argparse
@@ -19,11 +19,28 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
                         "decoding; in 16-bit, tree and one-token passes round differently and can disagree)")
 
 
+def _method_help() -> str:
+    from draftwise import methods
+
+    return " | ".join(methods.names())
+
+
+def cmd_methods(a) -> int:
+    from draftwise import methods
+
+    print(methods.describe_all())
+    return 0
+
+
 def cmd_generate(a) -> int:
     import draftwise
+    from draftwise import methods
 
-    eng = draftwise.load(a.model, device=a.device, dtype=a.dtype, threads=a.threads)
-    opts = {} if a.max_nodes is None else {"max_nodes": a.max_nodes}
+    opts = methods.parse_opts(a.method_opts)
+    if a.max_nodes is not None:
+        opts["max_nodes"] = a.max_nodes
+    methods.get(a.method).validate(opts)          # a bad method or option fails before any model loads
+    eng = draftwise.load(a.model, device=a.device, dtype=a.dtype, threads=a.threads, draft=a.draft)
     kw = dict(max_new_tokens=a.max_new_tokens, temperature=a.temperature, top_k=a.top_k, top_p=a.top_p,
               seed=a.seed, chat=a.chat, stop=a.stop or None)
     from draftwise.decoding import Stats
@@ -31,7 +48,7 @@ def cmd_generate(a) -> int:
     stats = Stats()
     if a.compare_ar:    # one short untimed pass first, so neither timed run pays for warm-up
         eng.generate(a.prompt, method="ar", **{**kw, "max_new_tokens": 2})
-    for piece in eng.stream(a.prompt, method=a.method, stats=stats, **kw, **opts):
+    for piece in eng.stream(a.prompt, method=a.method, stats=stats, method_opts=opts, **kw):
         sys.stdout.write(piece)
         sys.stdout.flush()
     sys.stdout.write("\n")
@@ -81,11 +98,16 @@ def cmd_bench(a) -> int:
     from draftwise.bench import datasets
     from draftwise.bench.runner import Runner
 
-    eng = draftwise.load(a.model, device=a.device, dtype=a.dtype, threads=a.threads)
+    from draftwise import methods as registry
+
+    opts = registry.parse_opts(a.method_opts)
+    if any(not isinstance(v, dict) for v in opts.values()):
+        raise DraftwiseError('bench --method-opts maps method names to options: \'{"recycling": {"max_nodes": 8}}\'')
+    eng = draftwise.load(a.model, device=a.device, dtype=a.dtype, threads=a.threads, draft=a.draft)
     qs = datasets.balanced(datasets.load(a.dataset), a.limit)
     methods = [m.strip() for m in a.methods.split(",") if m.strip()]
     r = Runner(eng, methods, qs, Path(a.out), max_new_tokens=a.max_new_tokens, temperature=a.temperature,
-               draft=a.draft, config={"dataset": a.dataset, "limit": a.limit})
+               draft=a.draft, config={"dataset": a.dataset, "limit": a.limit}, method_opts=opts)
     summary = r.run()
     from draftwise.bench.report import table
 
@@ -110,7 +132,10 @@ def build_parser() -> argparse.ArgumentParser:
     g = sub.add_parser("generate", help="generate text from a prompt")
     _add_model_args(g)
     g.add_argument("prompt")
-    g.add_argument("--method", default="ar", help="ar | recycling | lookup (default ar)")
+    g.add_argument("--method", default="ar", help=f"{_method_help()} (default ar; `draftwise methods` lists options)")
+    g.add_argument("--method-opts", default=None, metavar="JSON",
+                   help='the method\'s options as a JSON object, e.g. \'{"max_nodes": 8}\'')
+    g.add_argument("--draft", default=None, help="draft model (same tokenizer) for methods that need one")
     g.add_argument("--max-new-tokens", type=int, default=128)
     g.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
     g.add_argument("--top-k", type=int, default=0)
@@ -125,14 +150,21 @@ def build_parser() -> argparse.ArgumentParser:
 
     b = sub.add_parser("bench", help="Spec-Bench-style comparison of methods and baselines")
     _add_model_args(b)
-    b.add_argument("--draft", default=None, help="draft model for hf-assisted")
-    b.add_argument("--methods", default="ar,recycling,lookup,hf", help="comma list: ar, recycling, lookup; baselines hf, hf-lookup, hf-assisted (needs --draft), llamacpp, llamacpp-lookup (need llama-cpp-python)")
+    b.add_argument("--draft", default=None, help="draft model (same tokenizer) for draft-model methods and hf-assisted")
+    b.add_argument("--methods", default="ar,recycling,lookup,hf",
+                   help=f"comma list: {', '.join(_method_help().split(' | '))}; baselines hf, hf-lookup, hf-assisted "
+                        "(needs --draft), llamacpp, llamacpp-lookup (need llama-cpp-python)")
+    b.add_argument("--method-opts", default=None, metavar="JSON",
+                   help='options per method, e.g. \'{"recycling": {"max_nodes": 8}, "draft": {"k": 3}}\'')
     b.add_argument("--dataset", default="humaneval", help="humaneval | mtbench | sharegpt | FILE.jsonl")
     b.add_argument("--limit", type=int, default=None, help="at most N questions, round-robin over categories")
     b.add_argument("--max-new-tokens", type=int, default=128)
     b.add_argument("--temperature", type=float, default=0.0)
     b.add_argument("--out", default="bench_out")
     b.set_defaults(func=cmd_bench)
+
+    me = sub.add_parser("methods", help="list the decoding methods and their options")
+    me.set_defaults(func=cmd_methods)
 
     m = sub.add_parser("models", help="list, install and measure models")
     msub = m.add_subparsers(dest="mcmd", required=True)

@@ -11,8 +11,8 @@ from dataclasses import dataclass, field
 
 import torch
 
-from draftwise.drafters.base import Context, Drafter
-from draftwise.errors import PromptError
+from draftwise.drafters.base import Context, Drafter, Proposal
+from draftwise.errors import DrafterError, PromptError
 from draftwise.models.transformer import Transformer, prefill
 from draftwise.sampling import Sampling, sample, warp
 from draftwise.verify import verify
@@ -115,8 +115,10 @@ def decode(model: Transformer, prompt_ids: list[int], drafter: Drafter | None = 
     if max_new_tokens < 1:
         raise PromptError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
     if len(prompt_ids) + 1 > model.max_len:
-        raise PromptError(f"prompt of {len(prompt_ids)} tokens does not fit the context of {model.max_len} tokens")
+        why = " (Mistral's sliding window; sliding-window attention is not implemented)" if model.window_capped else ""
+        raise PromptError(f"prompt of {len(prompt_ids)} tokens does not fit the context of {model.max_len} tokens{why}")
     drafter = drafter or Drafter()
+    layers = tuple(drafter.needs.hidden_layers)
     stats = stats if stats is not None else Stats()
     stats.prompt_tokens = len(prompt_ids)
     cache = cache if cache is not None else model.new_cache()
@@ -127,32 +129,34 @@ def decode(model: Transformer, prompt_ids: list[int], drafter: Drafter | None = 
     t_start = time.perf_counter()
     with torch.inference_mode():
         drafter.reset(ctx)
-        out = prefill(model, cache, torch.tensor(prompt_ids, dtype=torch.long))
+        out = prefill(model, cache, torch.tensor(prompt_ids, dtype=torch.long), hidden_layers=layers)
         first = _pick(out.logits[0], sampling, g)
         stats.prefill_s = time.perf_counter() - t_start
         emitted = stopper.push([first])
         ctx.tokens.append(first)
         stats.new_tokens += len(emitted)
         yield emitted
+        t0 = time.perf_counter()
+        drafter.begin(ctx, out)
+        stats.draft_s += time.perf_counter() - t0
         while not stopper.reason:
             if cache.length + 1 >= cache.max_len:
                 stopper.reason = "context"
                 break
             ctx.remaining = max_new_tokens - len(stopper.out)
             t0 = time.perf_counter()
-            tree = drafter.propose(ctx).to(model.device)   # drafters may live on another device
-            room = cache.max_len - cache.length
-            if tree.size > room:   # never overflow the context: keep the nodes that fit
-                tree = tree.select(torch.arange(room, device=tree.tokens.device))
+            prop = _propose(drafter, ctx, cache)
+            tree = prop.tree
             t1 = time.perf_counter()
             mask = tree.ancestor_mask() if tree.size > 1 else None
-            fwd = model.forward(tree.tokens, tree.positions(cache.length), cache, tree_mask=mask)
+            fwd = model.forward(tree.tokens, tree.positions(cache.length), cache, tree_mask=mask,
+                                hidden_layers=layers, start_layer=prop.start_layer, hidden_in=prop.hidden_in)
             acc = verify(tree, fwd.logits, sampling, g)
             cache.commit(acc.path)
             t2 = time.perf_counter()
-            drafter.observe(tree, fwd.logits, acc, ctx)
-            emitted = stopper.push(acc.tokens)
             ctx.tokens.extend(acc.tokens)
+            drafter.observe(tree, fwd, acc, ctx)
+            emitted = stopper.push(acc.tokens)
             stats.draft_s += (t1 - t0) + (time.perf_counter() - t2)
             stats.verify_s += t2 - t1
             stats._record(tree, acc, len(acc.tokens))
@@ -160,6 +164,37 @@ def decode(model: Transformer, prompt_ids: list[int], drafter: Drafter | None = 
             yield emitted
     stats.stop_reason = stopper.reason
     stats.wall_s = time.perf_counter() - t_start
+
+
+def _propose(drafter: Drafter, ctx: Context, cache) -> Proposal:
+    """drafter.propose plus the invariant checks that keep the loop lossless.
+
+    The committed part of the target's cache must be untouched (length, and a fingerprint of the
+    newest committed row in every layer); pending rows are dropped unless the proposal starts
+    verification at a later layer, in which case they must be exactly the tree's rows.
+    """
+    length = cache.length
+    finger = cache.k[:, 0, length - 1, 0].clone()                     # [L]
+    prop = drafter.propose(ctx)
+    if not isinstance(prop, Proposal):
+        prop = Proposal(prop)
+    tree = prop.tree.to(cache.k.device)            # drafters may live on another device
+    if cache.length != length or not torch.equal(cache.k[:, 0, length - 1, 0], finger):
+        raise DrafterError(f"drafter {drafter.name!r} changed the target's committed KV cache")
+    if int(tree.tokens[0]) != ctx.root:
+        raise DrafterError(f"drafter {drafter.name!r} proposed a tree whose root is not the newest token")
+    room = cache.max_len - cache.length
+    hidden_in = prop.hidden_in
+    if prop.start_layer:
+        if hidden_in is None or hidden_in.shape[0] != tree.size or cache.pending != tree.size:
+            raise DrafterError(f"drafter {drafter.name!r} starts verification at layer {prop.start_layer} but "
+                               f"left {cache.pending} pending rows and hidden states for "
+                               f"{None if hidden_in is None else hidden_in.shape[0]} of {tree.size} nodes")
+    cache.discard()
+    if tree.size > room:   # never overflow the context: keep the nodes that fit (a parents-first prefix)
+        tree = tree.select(torch.arange(room, device=tree.tokens.device))
+        hidden_in = None if hidden_in is None else hidden_in[:room]
+    return Proposal(tree, prop.start_layer, hidden_in)
 
 
 def _pick(logits: torch.Tensor, sampling: Sampling, g) -> int:

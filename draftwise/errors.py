@@ -19,3 +19,11 @@ class ConfigError(DraftwiseError, ValueError):
 
 class PromptError(DraftwiseError, ValueError):
     """An empty prompt, or one that does not fit the model's context."""
+
+
+class CacheError(DraftwiseError):
+    """A forward or commit that does not fit the KV cache (a draft or sequence too long for it)."""
+
+
+class DrafterError(DraftwiseError, RuntimeError):
+    """A drafter broke the loop's contract (changed the committed cache, a tree with a wrong root)."""

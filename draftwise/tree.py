@@ -17,8 +17,12 @@ class DraftTree:
     parents: torch.Tensor                 # [n] long, -1 for the root
     depths: torch.Tensor                  # [n] long, 0 for the root
     scores: torch.Tensor | None = None    # [n] draft path probability p̂ (optional)
-    q: torch.Tensor | None = None         # [n, V] draft distribution at node i over its children,
-                                          # None: children are deterministic (one-hot q)
+    q: torch.Tensor | None = None         # [n, V] draft distribution at node i over its sampled children
+    sampled: torch.Tensor | None = None   # [n] bool: node i was drawn from q[parent(i)] (without
+                                          # replacement among its sampled siblings, in node order);
+                                          # False: deterministic (one-hot q). None: all nodes are
+                                          # sampled when q is given, else all deterministic.
+    origin: torch.Tensor | None = None    # [n] int8 source of each node (drafter-defined, e.g. model/retrieval)
     template_ids: torch.Tensor | None = None  # [n] drafter bookkeeping (e.g. template node ids)
 
     def __post_init__(self):
@@ -29,6 +33,14 @@ class DraftTree:
             raise ValueError("node 0 must be the root (parent -1)")
         if n > 1 and not bool((self.parents[1:] < torch.arange(1, n, device=self.parents.device)).all()):
             raise ValueError("nodes must be ordered parents-first")
+        if self.sampled is not None and self.q is None and bool(self.sampled.any()):
+            raise ValueError("sampled nodes need the draft distribution q")
+
+    def is_sampled(self) -> torch.Tensor:
+        """[n] bool: which nodes were drawn from a known q (the rest are deterministic)."""
+        if self.sampled is not None:
+            return self.sampled
+        return torch.full((self.size,), self.q is not None, dtype=torch.bool, device=self.tokens.device)
 
     @property
     def size(self) -> int:
@@ -64,7 +76,7 @@ class DraftTree:
             return self
         mv = lambda t: None if t is None else t.to(device)   # noqa: E731
         return DraftTree(self.tokens.to(device), self.parents.to(device), self.depths.to(device),
-                         mv(self.scores), mv(self.q), self.template_ids)
+                         mv(self.scores), mv(self.q), mv(self.sampled), mv(self.origin), self.template_ids)
 
     def ancestor_mask(self) -> torch.Tensor:
         """[n, n] bool: mask[i, j] is True when j is i or an ancestor of i."""
@@ -111,9 +123,9 @@ class DraftTree:
         new_par = torch.where(par >= 0, remap[par.clamp(min=0)], par)
         if bool((new_par[1:] < 0).any()):
             raise ValueError("selection is not closed under parents")
-        return DraftTree(self.tokens[keep], new_par, self.depths[keep],
-                         None if self.scores is None else self.scores[keep],
-                         None if self.q is None else self.q[keep])
+        pick = lambda t: None if t is None else t[keep.to(t.device)]   # noqa: E731
+        return DraftTree(self.tokens[keep], new_par, self.depths[keep], pick(self.scores), pick(self.q),
+                         pick(self.sampled), pick(self.origin), pick(self.template_ids))
 
 
 def merge_tries(root: int, sequences: list[list[int]], max_nodes: int | None = None) -> tuple[list[int], list[int]]:
@@ -139,22 +151,67 @@ def merge_tries(root: int, sequences: list[list[int]], max_nodes: int | None = N
     return tokens, parents
 
 
-def merge_trees(a: DraftTree, b: DraftTree) -> DraftTree:
-    """Fuse tree b into tree a by longest-prefix matching from the shared root (RASD fusion)."""
+def merge_trees(a: DraftTree, b: DraftTree) -> tuple[DraftTree, torch.Tensor]:
+    """Fuse tree b into tree a by longest-prefix matching from the shared root (RASD fusion).
+
+    Walks b parents-first: a node whose (parent, token) already exists in the fused tree maps to
+    it, otherwise it is appended under its mapped parent. Returns the fused tree and ``mapping``
+    [b.size] (node of b -> node of the fused tree). Scores, q, sampled flags and origins survive:
+    a shared node keeps a's metadata; a new node brings b's (a missing score/origin becomes 0).
+    Lossless sampling needs one q per parent: if a's and b's sampled children would meet under
+    one node, a ValueError is raised.
+    """
     if int(a.tokens[0]) != int(b.tokens[0]):
         raise ValueError("trees must share the root token")
     toks, pars = a.tokens.tolist(), a.parents.tolist()
     children = {(p, t): i for i, (t, p) in enumerate(zip(toks, pars)) if p >= 0}
-    mapping = {0: 0}
-    for i, (t, p) in enumerate(zip(b.tokens.tolist(), b.parents.tolist())):
-        if i == 0:
-            continue
-        parent = mapping[p]
-        j = children.get((parent, t))
+    a_sampled, b_sampled = a.is_sampled().tolist(), b.is_sampled().tolist()
+    sampled = list(a_sampled)
+    q_from: dict[int, int] = {}                  # fused parent -> node of b whose q row it uses
+    has_a_sampled_kids = {pars[i] for i in range(1, len(toks)) if a_sampled[i]}
+    mapping = [0] * b.size
+    b_toks, b_pars = b.tokens.tolist(), b.parents.tolist()
+    for i in range(1, b.size):
+        parent = mapping[b_pars[i]]
+        j = children.get((parent, b_toks[i]))
         if j is None:
+            if b_sampled[i]:
+                if parent in has_a_sampled_kids:
+                    raise ValueError("both trees drew sampled children under one node: cannot verify losslessly")
+                q_from[parent] = b_pars[i]
             j = len(toks)
-            toks.append(t)
+            toks.append(b_toks[i])
             pars.append(parent)
-            children[(parent, t)] = j
+            sampled.append(b_sampled[i])
+            children[(parent, b_toks[i])] = j
         mapping[i] = j
-    return DraftTree.from_parents(toks, pars, device=a.tokens.device)
+    dev = a.tokens.device
+    tree = DraftTree.from_parents(toks, pars, device=dev)
+    n_new = len(toks) - a.size
+    b_new = [i for i in range(1, b.size) if mapping[i] >= a.size]
+    b_new = sorted(b_new, key=lambda i: mapping[i])
+
+    def cat(ta, tb, fill, dtype):
+        if ta is None and tb is None:
+            return None
+        ta = ta if ta is not None else torch.full((a.size,), fill, dtype=dtype, device=dev)
+        tb = tb[torch.tensor(b_new, dtype=torch.long)].to(dev) if tb is not None else torch.full((n_new,), fill, dtype=dtype, device=dev)
+        return torch.cat([ta.to(dtype), tb.to(dtype)])
+
+    sdt = next((t.dtype for t in (a.scores, b.scores) if t is not None), torch.float32)
+    tree.scores = cat(a.scores, b.scores, 0.0, sdt)
+    tree.origin = cat(a.origin, b.origin, 0, torch.int8)
+    if any(sampled):
+        vocab = (a.q if a.q is not None else b.q).shape[-1]
+        qdt = (a.q if a.q is not None else b.q).dtype
+        q = torch.zeros(len(toks), vocab, dtype=qdt, device=dev)
+        if a.q is not None:
+            q[: a.size] = a.q.to(dev)
+        for parent, bnode in q_from.items():
+            q[parent] = b.q[bnode].to(dev)
+        for bi in b_new:                       # rows of nodes new from b (their own sampled children)
+            if b.q is not None:
+                q[mapping[bi]] = b.q[bi].to(dev)
+        tree.q = q
+        tree.sampled = torch.tensor(sampled, dtype=torch.bool, device=dev)
+    return tree, torch.tensor(mapping, dtype=torch.long)

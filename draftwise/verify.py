@@ -5,11 +5,16 @@ parent is accepted; the deepest accepted node ends the path and the target's arg
 the bonus token. Fully vectorized: one host sync per step.
 
 Sampling: recursive rejection sampling down the tree (SpecInfer / Medusa style). At the current
-node with target distribution p, children are tried in order:
-  - deterministic children (q is None, i.e. one-hot q): accept child x with probability p(x);
-    on rejection set p(x) = 0 and renormalize; duplicate siblings are skipped;
-  - children drawn from a known q (sampled without replacement): accept x with probability
-    min(1, p(x)/q(x)); on rejection p <- norm(max(p - q, 0)) and q(x) <- 0, renormalized.
+node with target distribution p, children are tried in node order; each child says whether it
+is deterministic or was sampled (``DraftTree.is_sampled``), so one parent may mix both (a fused
+retrieval + model tree):
+  - a deterministic child x (one-hot q): accept with probability p(x); on rejection set
+    p(x) = 0 and renormalize;
+  - a child x drawn from the parent's known q (without replacement among its sampled siblings,
+    in node order): accept with probability min(1, p(x)/q(x)); on rejection
+    p <- norm(max(p - q, 0)), then q(x) <- 0, renormalized (the next sampled sibling's law).
+  - a child whose token an earlier sibling already tried is skipped without a coin (for a
+    sampled child, q(x) <- 0 still applies): ignoring a candidate keeps the invariant.
 When no child is accepted the next token is drawn from the residual p. Either way the emitted
 token has exactly the target's distribution.
 """
@@ -66,6 +71,7 @@ def verify_sampling(tree: DraftTree, logits: torch.Tensor | None, sampling: Samp
     if probs is None:
         probs = warp(logits, sampling).double().cpu()            # [n, V]
     q_all = None if tree.q is None else tree.q.double().cpu()    # already warped by the drafter
+    is_sampled = tree.is_sampled().tolist()
     kids: dict[int, list[int]] = {}
     for i, p in enumerate(tree.parents.tolist()):
         if p >= 0:
@@ -79,11 +85,14 @@ def verify_sampling(tree: DraftTree, logits: torch.Tensor | None, sampling: Samp
         nxt = None
         for c in kids.get(node, ()):
             x = tokens[c]
-            if x in seen:
+            if x in seen:                                        # duplicate sibling: no test
+                if is_sampled[c]:
+                    q[x] = 0.0
+                    q = _renorm(q)
                 continue
             seen.add(x)
             u = torch.rand((), generator=g, dtype=torch.float64, device=p.device)
-            if q is None:
+            if not is_sampled[c]:
                 if u < p[x]:
                     nxt = c
                     break

@@ -44,7 +44,7 @@ def test_methods_are_lossless_on_real_model(engine, prompt):
     ref = engine.generate(prompt, method="ar", max_new_tokens=40)
     for method in ("recycling", "lookup"):
         for opts in ({}, {"max_nodes": 12}):
-            r = engine.generate(prompt, method=method, max_new_tokens=40, **opts)
+            r = engine.generate(prompt, method=method, max_new_tokens=40, method_opts=opts)
             if r.token_ids != ref.token_ids:     # report the target's margin at the first divergence
                 k = next(i for i, (a, b) in enumerate(zip(r.token_ids, ref.token_ids)) if a != b)
                 pytest.fail(f"{method} {opts} diverged at token {k}")

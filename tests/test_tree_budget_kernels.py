@@ -37,7 +37,8 @@ def test_trie_merge_and_tree_fusion():
     assert toks == [7, 1, 2, 3, 4, 5] and pars == [-1, 0, 1, 2, 2, 0]
     a = DraftTree.from_parents(toks, pars)
     b = DraftTree.from_parents([7, 1, 2, 9, 5, 6], [-1, 0, 1, 2, 0, 4])
-    f = merge_trees(a, b)
+    f, mapping = merge_trees(a, b)
+    assert mapping.tolist() == [0, 1, 2, 6, 5, 7]
     assert f.size == 8                                   # shared prefix 1-2 and 5 reuse nodes
     assert f.tokens.tolist()[:6] == toks and f.tokens.tolist()[6:] == [9, 6]
     assert f.parents.tolist()[6:] == [2, 5]

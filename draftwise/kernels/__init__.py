@@ -1,6 +1,8 @@
 """Native CPU kernels, built on first use with the system C compiler and loaded with ctypes.
 
-The only kernel today is a prepacked fp32 small-n GEMM (``gemm.c``). Hugging Face runs
+The only kernel today is a prepacked fp32 GEMM (``gemm.c``): register tiles for small n, and
+for n >= 12 a K-blocked order that keeps a chunk of the weight in L1 while all rows pass over
+it (prefill runs at or above torch's GEMM speed), with bit-identical rows on both paths. Hugging Face runs
 ``F.linear`` (MKL/oneDNN), which on this class of CPU costs ~3x the memory roofline at n = 8;
 OpenBLAS repacks the whole weight on every call. Prepacking once and streaming the weight once
 per call keeps t(n) close to t(1) for the node counts speculative decoding verifies.
@@ -41,9 +43,13 @@ def _cpu_has_avx2_fma() -> bool:
     return " avx2" in flags and " fma" in flags
 
 
+def version() -> str:
+    """A short hash of the kernel source: cached measurements (cost curves) are keyed by it."""
+    return hashlib.sha256(_SRC.read_bytes()).hexdigest()[:16]
+
+
 def _build() -> ctypes.CDLL:
-    src = _SRC.read_bytes()
-    tag = hashlib.sha256(src).hexdigest()[:16]
+    tag = version()
     out = _cache_dir() / f"libdwgemm-{tag}.so"
     if not out.exists():
         cc = os.environ.get("CC") or shutil.which("gcc") or shutil.which("cc")

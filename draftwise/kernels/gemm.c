@@ -7,6 +7,14 @@
 // is, so results are bit-identical between one-token steps and tree verification.
 #include <immintrin.h>
 #include <omp.h>
+#include <stdlib.h>
+
+#ifndef DW_KC
+#define DW_KC 128
+#endif
+#ifndef DW_BIG_N
+#define DW_BIG_N 12
+#endif
 
 static inline void store16(float* y, __m256 a0, __m256 a1, const float* bias, int valid) {
   if (bias) { a0 = _mm256_add_ps(a0, _mm256_loadu_ps(bias)); a1 = _mm256_add_ps(a1, _mm256_loadu_ps(bias + 8)); }
@@ -53,7 +61,63 @@ static inline void k32_##R(const float* x, long ldx, const float* P0, const floa
   } \
 }
 
+// Accumulating tile for the blocked large-n path: the R x 16 partial sums live in acc between
+// K-chunks. fp32 stores and loads are exact, so each output element still sees the same FMA
+// sequence over i as in k16/k32: results stay bit-identical to the small-n path.
+#define KA(R) \
+static inline void ka_##R(const float* x, long ldx, const float* P, long kc, float* acc, int first) { \
+  __m256 a0[R], a1[R]; \
+  for (int r = 0; r < R; r++) { \
+    if (first) { a0[r] = _mm256_setzero_ps(); a1[r] = _mm256_setzero_ps(); } \
+    else { a0[r] = _mm256_loadu_ps(acc + r * 16); a1[r] = _mm256_loadu_ps(acc + r * 16 + 8); } \
+  } \
+  for (long i = 0; i < kc; i++) { \
+    __m256 w0 = _mm256_loadu_ps(P + i * 16), w1 = _mm256_loadu_ps(P + i * 16 + 8); \
+    for (int r = 0; r < R; r++) { \
+      __m256 xv = _mm256_broadcast_ss(x + r * ldx + i); \
+      a0[r] = _mm256_fmadd_ps(xv, w0, a0[r]); a1[r] = _mm256_fmadd_ps(xv, w1, a1[r]); \
+    } \
+  } \
+  for (int r = 0; r < R; r++) { _mm256_storeu_ps(acc + r * 16, a0[r]); _mm256_storeu_ps(acc + r * 16 + 8, a1[r]); } \
+}
+
 K16(1) K16(2) K16(3) K16(4) K16(5) K16(6)
+KA(1) KA(2) KA(3) KA(4) KA(5) KA(6)
+
+static void tile_acc(long R, const float* x, long ldx, const float* P, long kc, float* acc, int first) {
+  switch (R) {
+    case 1: ka_1(x, ldx, P, kc, acc, first); break;
+    case 2: ka_2(x, ldx, P, kc, acc, first); break;
+    case 3: ka_3(x, ldx, P, kc, acc, first); break;
+    case 4: ka_4(x, ldx, P, kc, acc, first); break;
+    case 5: ka_5(x, ldx, P, kc, acc, first); break;
+    default: ka_6(x, ldx, P, kc, acc, first); break;
+  }
+}
+
+// Large n: for each 16-column block, K-chunks of DW_KC weight rows stay in L1 while every row
+// group of x passes over them (the small-n order streams all of x once per block instead).
+static void linear_big(const float* x, long n, long I, const float* P, const float* bias, long O, float* y) {
+  long OB = (O + 15) / 16;
+  #pragma omp parallel
+  {
+    float* acc = (float*)aligned_alloc(64, ((n * 16 * sizeof(float) + 63) / 64) * 64);
+    #pragma omp for schedule(static)
+    for (long b = 0; b < OB; b++) {
+      const float* Pb = P + b * I * 16;
+      int valid = (int)((O - b * 16) < 16 ? (O - b * 16) : 16);
+      const float* bb = bias ? bias + b * 16 : 0;
+      for (long k0 = 0; k0 < I; k0 += DW_KC) {
+        long kc = I - k0 < DW_KC ? I - k0 : DW_KC;
+        for (long j = 0; j < n; j += 6)
+          tile_acc(n - j < 6 ? n - j : 6, x + j * I + k0, I, Pb + k0 * 16, kc, acc + j * 16, k0 == 0);
+      }
+      for (long j = 0; j < n; j++)
+        store16(y + j * O + b * 16, _mm256_loadu_ps(acc + j * 16), _mm256_loadu_ps(acc + j * 16 + 8), bb, valid);
+    }
+    free(acc);
+  }
+}
 K32(1) K32(2) K32(3)
 
 static void tile16(long R, const float* x, long I, const float* P, float* y, long O, const float* b, int valid) {
@@ -91,6 +155,7 @@ void dw_linear(const float* x, long n, long I, const float* P, const float* bias
     }
     return;
   }
+  if (n >= DW_BIG_N) { linear_big(x, n, I, P, bias_padded, O, y); return; }
   #pragma omp parallel for schedule(static)
   for (long b = 0; b < OB; b++) {
     const float* Pb = P + b * I * 16;

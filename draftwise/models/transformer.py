@@ -35,6 +35,18 @@ class Linear:
             return kernels.linear(x.contiguous(), self.packed, self.bias, self.out_features)
         return F.linear(x, self.weight, self.bias)
 
+    def rows(self, ids: torch.Tensor) -> "Linear":
+        """A Linear computing only the output rows ``ids`` (a vocabulary-subset LM head)."""
+        ids = ids.to((self.packed if self.packed is not None else self.weight).device)
+        if self.packed is None:
+            w = self.weight[ids]
+        else:   # gather rows straight from the packed layout [O/16, in, 16]
+            w = self.packed[ids // 16, :, ids % 16]
+        bias = None
+        if self.bias is not None:
+            bias = self.bias[ids]
+        return Linear(w.contiguous(), bias, self.packed is not None)
+
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
     return F.rms_norm(x, weight.shape, weight, eps)
@@ -99,6 +111,10 @@ class Transformer:
         self.device = torch.device(device)
         self.dtype = dtype
         self.max_len = int(max_len or min(cfg.max_position_embeddings, 8192))
+        # full attention equals sliding-window attention only while the sequence fits the window
+        self.window_capped = bool(cfg.sliding_window and cfg.sliding_window < self.max_len)
+        if self.window_capped:
+            self.max_len = int(cfg.sliding_window)
         self.fast = bool(fast and self.device.type == "cpu" and dtype == torch.float32 and kernels.available())
 
         def get(name: str, required: bool = True) -> torch.Tensor | None:
@@ -160,11 +176,12 @@ class Transformer:
                 tree_mask: torch.Tensor | None = None, logits_rows: torch.Tensor | slice | None = None,
                 hidden_layers: tuple[int, ...] = (), start_layer: int = 0, end_layer: int | None = None,
                 hidden_in: torch.Tensor | None = None, compute_logits: bool = True) -> ForwardOut:
-        """Score n new tokens against the committed cache prefix in one pass.
+        """Score n new tokens against the cache (committed + pending rows) in one pass.
 
-        tokens [n] long, positions [n] long; tree_mask [n, n] bool (True where node j is an
-        ancestor of node i or j == i); None means causal order (prefill / chain). Entries are
-        written to cache slots [cache.length, cache.length + n) and are not committed.
+        tokens [n] long, positions [n] long. tree_mask [n, n] or [n, pending + n] bool: True
+        where the new token i may see node j (its ancestors and itself); an [n, n] mask sees every
+        pending row; None means causal order over the new tokens (prefill / chain). Entries are
+        written to cache slots [cache.end, cache.end + n) and are neither committed nor held.
         """
         cfg = self.cfg
         n = int(tokens.shape[0]) if hidden_in is None else int(hidden_in.shape[0])
@@ -173,7 +190,7 @@ class Transformer:
         if int(positions.max()) >= self.max_len:
             raise ValueError(f"position {int(positions.max())} exceeds the model's context of {self.max_len}")
         x = self.embed[tokens] if hidden_in is None else hidden_in.to(self.dtype)   # [n, D]
-        mask = self._attn_mask(n, start, tree_mask)                                  # [n, start+n] or None
+        mask = self._attn_mask(n, cache.length, cache.pending, tree_mask)            # [g n, start+n] or None
         cos = self.cos[positions].unsqueeze(1)                                       # [n, 1, Dh]
         sin = self.sin[positions].unsqueeze(1)
         out_hidden: dict[int, torch.Tensor] = {}
@@ -192,19 +209,27 @@ class Transformer:
 
     __call__ = forward
 
-    def _attn_mask(self, n: int, start: int, tree_mask: torch.Tensor | None) -> torch.Tensor | None:
-        """Additive float mask [groups * n, start + n] shared by all layers (None for one token).
+    def _attn_mask(self, n: int, committed: int, pending: int, tree_mask: torch.Tensor | None) -> torch.Tensor | None:
+        """Additive float mask [groups * n, committed + pending + n] shared by all layers.
 
-        Query heads that share a KV head are stacked along the query axis (no KV expansion), so
-        the mask is repeated once per query head in a group.
+        None when every new token sees everything before it (one token, no mask). Query heads
+        that share a KV head are stacked along the query axis (no KV expansion), so the mask is
+        repeated once per query head in a group.
         """
-        if n == 1:
-            return None
+        dev = self.device
         if tree_mask is None:
-            tree_mask = torch.ones(n, n, dtype=torch.bool, device=self.device).tril_()
-        allowed = torch.cat([torch.ones(n, start, dtype=torch.bool, device=self.device),
-                             tree_mask.to(self.device)], dim=1)
-        mask = torch.zeros(allowed.shape, dtype=self.dtype, device=self.device).masked_fill_(~allowed, float("-inf"))
+            if n == 1:
+                return None
+            tree_mask = torch.ones(n, n, dtype=torch.bool, device=dev).tril_()
+        tree_mask = tree_mask.to(dev)
+        if tree_mask.shape == (n, n) and pending:
+            tree_mask = torch.cat([torch.ones(n, pending, dtype=torch.bool, device=dev), tree_mask], 1)
+        if tree_mask.shape != (n, pending + n):
+            raise ValueError(f"tree_mask has shape {tuple(tree_mask.shape)}, expected ({n}, {n}) or ({n}, {pending + n})")
+        if n == 1 and bool(tree_mask.all()):
+            return None
+        allowed = torch.cat([torch.ones(n, committed, dtype=torch.bool, device=dev), tree_mask], dim=1)
+        mask = torch.zeros(allowed.shape, dtype=self.dtype, device=dev).masked_fill_(~allowed, float("-inf"))
         return mask.repeat(self.cfg.num_heads // self.cfg.num_kv_heads, 1)
 
     def _layer(self, i: int, x: torch.Tensor, cos, sin, cache: KVCache, start: int, mask) -> torch.Tensor:
@@ -231,11 +256,12 @@ class Transformer:
 
 # ---------------------------------------------------------------------- free functions
 @torch.inference_mode()
-def prefill(model: Transformer, cache: KVCache, tokens: torch.Tensor) -> ForwardOut:
-    """Run the prompt [n] through the model, commit it, return logits of the last position."""
+def prefill(model: Transformer, cache: KVCache, tokens: torch.Tensor, hidden_layers: tuple[int, ...] = ()) -> ForwardOut:
+    """Run the prompt [n] through the model, commit it, return logits of the last position
+    (and the hidden states of every position)."""
     n = int(tokens.shape[0])
     pos = torch.arange(cache.length, cache.length + n, device=model.device)
-    out = model.forward(tokens.to(model.device), pos, cache, logits_rows=slice(n - 1, n))
+    out = model.forward(tokens.to(model.device), pos, cache, logits_rows=slice(n - 1, n), hidden_layers=hidden_layers)
     cache.commit(n)
     return out
 

@@ -72,7 +72,9 @@ def _curve_path(key: str) -> Path:
 
 def curve_key(model_id: str, model) -> str:
     safe = "".join(c if c.isalnum() or c in "-._" else "_" for c in model_id)[-80:]
-    kind = "fast" if getattr(model, "fast", False) else "torch"
+    from draftwise import kernels
+
+    kind = f"fast{kernels.version()[:8]}" if getattr(model, "fast", False) else "torch"
     return f"{safe}-{model.device.type}-{str(model.dtype).split('.')[-1]}-{kind}-t{torch.get_num_threads()}"
 
 

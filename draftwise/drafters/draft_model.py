@@ -1,0 +1,106 @@
+"""An independent draft model with the target's tokenizer drafts a chain (SpS; HF assisted
+generation's shape): k tokens, one draft forward each, greedy or sampled from the draft's own
+(warped) distribution q, so sampled output stays exactly the target's.
+
+Terms: k = most tokens drafted per step; min_prob = stop drafting once the draft's top probability
+falls below it (0 = always draft k); vocab subset = the draft reads out over
+the K most frequent tokens only (FR-Spec), verification stays over the full vocabulary.
+Tree shapes and OPT-Tree build on this file (issue: draft model + OPT-Tree).
+"""
+from __future__ import annotations
+
+import torch
+
+from draftwise import methods
+from draftwise.drafters.base import Context
+from draftwise.drafters.model_base import ModelDrafter
+from draftwise.errors import ConfigError
+from draftwise.models.transformer import ForwardOut, Transformer
+from draftwise.sampling import warp
+from draftwise.tree import DraftTree
+from draftwise.vocab import VocabSubset
+
+
+class DraftModel(ModelDrafter):
+    name = "draft"
+
+    def __init__(self, net: Transformer, k: int = 4, min_prob: float = 0.0, subset: VocabSubset | None = None,
+                 max_len: int | None = None):
+        if k < 1:
+            raise ConfigError(f"draft needs k >= 1, got {k}")
+        if not 0.0 <= min_prob < 1.0:
+            raise ConfigError(f"draft needs 0 <= min_prob < 1, got {min_prob}")
+        super().__init__(net.new_cache((max_len or net.max_len) + k + 1))
+        self.net, self.k, self.min_prob = net, k, min_prob
+        self.subset = None if subset is None else subset.to(net.device)
+        self.head = net.lm_head if subset is None else net.lm_head.rows(self.subset.ids)
+        self.g: torch.Generator | None = None
+
+    def reset(self, ctx: Context) -> None:
+        super().reset(ctx)
+        s = ctx.sampling
+        self.g = None if s.greedy else torch.Generator("cpu").manual_seed(
+            (s.seed if s.seed is not None else torch.seed()) + 0x5EED)
+
+    def forward_draft(self, tokens, positions, mask, ctx, catch_up: bool) -> ForwardOut:
+        out = self.net.forward(tokens, positions, self.cache, tree_mask=mask, compute_logits=False)
+        out.logits = self.head(out.hidden[-1:])                              # [1, K or V]
+        return out
+
+    def _next(self, logits: torch.Tensor, ctx: Context) -> tuple[int, float, torch.Tensor | None]:
+        """(token, the draft's top probability, q over the full vocabulary or None when greedy).
+
+        The stopping rule looks at the top probability, never at the drawn token: a draw kept or
+        dropped by its own value would no longer follow q, and sampling would stop being exact."""
+        if self.g is None:
+            probs = logits.float().softmax(-1)
+            j = int(probs.argmax())
+            tok = j if self.subset is None else int(self.subset.ids[j])
+            return tok, float(probs[j]), None
+        q = warp(logits, ctx.sampling).double().cpu()
+        top = float(q.max())
+        j = int(torch.multinomial(q, 1, generator=self.g))
+        if self.subset is not None:
+            q = self.subset.to("cpu").scatter(q)
+            j = int(self.subset.ids[j])
+        return j, top, q
+
+    def draft(self, ctx: Context, first) -> DraftTree:
+        k = min(self.k, max(0, ctx.remaining - 1))
+        tokens, qs = [ctx.root], []
+        logits = first.logits[-1]
+        for d in range(k):
+            tok, p, q = self._next(logits, ctx)
+            if p < self.min_prob:
+                break
+            tokens.append(tok)
+            qs.append(q)
+            if d + 1 < k:
+                tree = DraftTree.chain(ctx.root, tokens[1:], device=self.cache.k.device)
+                logits = self.step(tree, [d + 1], ctx).logits[-1]
+        tree = DraftTree.chain(ctx.root, tokens[1:], device=ctx.device)
+        if qs and qs[0] is not None:
+            rows = qs + [torch.zeros_like(qs[0])]                            # the last node has no child
+            tree.q = torch.stack(rows)                                        # [n, V]
+        return tree
+
+    def describe(self) -> dict:
+        return {"method": self.name, "k": self.k, "min_prob": self.min_prob,
+                "vocab_subset": None if self.subset is None else self.subset.size}
+
+
+def _factory(engine, k: int, min_prob: float, vocab_subset: int) -> DraftModel:
+    net = engine.draft_model
+    subset = engine.vocab_subset(vocab_subset) if 0 < vocab_subset < net.cfg.vocab_size else None
+    return DraftModel(net, k=k, min_prob=min_prob, subset=subset, max_len=engine.model.max_len)
+
+
+methods.register(methods.MethodSpec(
+    "draft", "a smaller model with the same tokenizer drafts a chain of k tokens (speculative sampling)",
+    _factory, needs=("draft_model",),
+    options={
+        "k": methods.Option(int, 4, "most tokens drafted per step"),
+        "min_prob": methods.Option(float, 0.0, "stop drafting when the draft's top probability falls below this"),
+        "vocab_subset": methods.Option(int, 32768, "draft logits over the K most frequent tokens (0: full vocabulary)"),
+    },
+    test_opts={"k": 3, "vocab_subset": 0}))

@@ -1,0 +1,117 @@
+"""Method registry: one place that maps a method name to its drafter factory, typed options and
+the resources it needs. The CLI (generate, bench, methods), the API and the bench runner read it;
+adding a method is one ``register(MethodSpec(...))`` call in the drafter's own file.
+
+Method options live in their own namespace (``method_opts``), apart from sampling arguments: a
+drafter's ``top_k`` never collides with sampling's ``top_k``.
+"""
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+from draftwise.errors import ConfigError
+
+NEEDS = {"draft_model": "a draft model (--draft NAME)", "datastore": "a datastore (--method-opts '{\"datastore\": PATH}')",
+         "head": "a trained head"}
+
+
+@dataclass(frozen=True)
+class Option:
+    type: type
+    default: Any
+    help: str
+    optional: bool = False          # None is a valid value (e.g. max_nodes: None = sized by the cost curve)
+
+    def check(self, method: str, name: str, value: Any) -> Any:
+        if value is None and self.optional:
+            return None
+        t = self.type
+        ok = isinstance(value, t) and not (t in (int, float) and isinstance(value, bool))
+        if t is float and isinstance(value, int) and not isinstance(value, bool):
+            value, ok = float(value), True
+        if not ok:
+            raise ConfigError(f"method {method!r} option {name!r} must be {t.__name__}"
+                              f"{' or null' if self.optional else ''}, got {value!r}")
+        return value
+
+
+@dataclass(frozen=True)
+class MethodSpec:
+    name: str
+    help: str
+    factory: Callable[..., Any]             # factory(engine, **opts) -> Drafter
+    options: dict[str, Option] = field(default_factory=dict)
+    needs: tuple[str, ...] = ()             # keys of NEEDS
+    test_opts: dict = field(default_factory=dict)   # a tiny configuration for the parameterized tests
+    sampling: bool = True                    # supports temperature > 0
+
+    def validate(self, opts: dict | None) -> dict:
+        """Fill defaults and check types; an unknown option is a ConfigError listing the valid ones."""
+        opts = dict(opts or {})
+        unknown = sorted(set(opts) - set(self.options))
+        if unknown:
+            valid = ", ".join(sorted(self.options)) or "none"
+            raise ConfigError(f"unknown option{'s' if len(unknown) > 1 else ''} {', '.join(map(repr, unknown))} "
+                              f"for method {self.name!r}; valid options: {valid}")
+        return {k: o.check(self.name, k, opts.get(k, o.default)) for k, o in self.options.items()}
+
+
+_REGISTRY: dict[str, MethodSpec] = {}
+
+
+def register(spec: MethodSpec) -> MethodSpec:
+    if spec.name in _REGISTRY and _REGISTRY[spec.name] is not spec:
+        raise ValueError(f"method {spec.name!r} is registered twice")
+    unknown = set(spec.needs) - set(NEEDS)
+    if unknown:
+        raise ValueError(f"method {spec.name!r} needs unknown resources {sorted(unknown)}")
+    _REGISTRY[spec.name] = spec
+    return spec
+
+
+def _load_builtins() -> None:
+    # each drafter module registers its methods on import
+    from draftwise.drafters import base, draft_model, lookup, recycling  # noqa: F401
+
+
+def get(name: str) -> MethodSpec:
+    _load_builtins()
+    if name not in _REGISTRY:
+        raise ConfigError(f"unknown method {name!r}; choose one of {', '.join(names())}")
+    return _REGISTRY[name]
+
+
+def names() -> list[str]:
+    _load_builtins()
+    return list(_REGISTRY)
+
+
+def specs() -> list[MethodSpec]:
+    _load_builtins()
+    return list(_REGISTRY.values())
+
+
+def parse_opts(text: str | None) -> dict:
+    """--method-opts JSON -> dict (a clear error for bad JSON or a non-object)."""
+    if not text:
+        return {}
+    try:
+        d = json.loads(text)
+    except json.JSONDecodeError as e:
+        raise ConfigError(f"--method-opts is not valid JSON ({e.msg} at character {e.pos}): {text!r}") from None
+    if not isinstance(d, dict):
+        raise ConfigError(f"--method-opts must be a JSON object like '{{\"max_nodes\": 8}}', got {text!r}")
+    return d
+
+
+def describe_all() -> str:
+    """The text of `draftwise methods`."""
+    lines = []
+    for s in specs():
+        need = f"  (needs {', '.join(NEEDS[n] for n in s.needs)})" if s.needs else ""
+        lines.append(f"{s.name:12s} {s.help}{need}")
+        for k, o in s.options.items():
+            lines.append(f"    {k:16s} {o.type.__name__:6s} default {json.dumps(o.default):8s} {o.help}")
+    return "\n".join(lines)
