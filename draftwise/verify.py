@@ -13,8 +13,10 @@ retrieval + model tree):
   - a child x drawn from the parent's known q (without replacement among its sampled siblings,
     in node order): accept with probability min(1, p(x)/q(x)); on rejection
     p <- norm(max(p - q, 0)), then q(x) <- 0, renormalized (the next sampled sibling's law).
-  - a child whose token an earlier sibling already tried is skipped without a coin (for a
-    sampled child, q(x) <- 0 still applies): ignoring a candidate keeps the invariant.
+  - a deterministic child whose token a deterministic sibling already tried is skipped (p(x) is
+    0 by then, and max(p - q, 0) keeps it 0). A sampled child is never skipped, even when an
+    earlier sibling had its token: the rejection and its residual update are what keep the
+    emitted token's law exact (skipping it would continue with p instead of norm(max(p - q, 0))).
 When no child is accepted the next token is drawn from the residual p. Either way the emitted
 token has exactly the target's distribution.
 """
@@ -81,24 +83,12 @@ def verify_sampling(tree: DraftTree, logits: torch.Tensor | None, sampling: Samp
     while True:
         p = probs[node].clone()
         q = None if q_all is None else q_all[node].clone()
-        seen: set[int] = set()
+        seen_det: set[int] = set()            # deterministic tokens tried here: p(x) is 0 from then on
         nxt = None
         for c in kids.get(node, ()):
             x = tokens[c]
-            if x in seen:                                        # duplicate sibling: no test
-                if is_sampled[c]:
-                    q[x] = 0.0
-                    q = _renorm(q)
-                continue
-            seen.add(x)
-            u = torch.rand((), generator=g, dtype=torch.float64, device=p.device)
-            if not is_sampled[c]:
-                if u < p[x]:
-                    nxt = c
-                    break
-                p[x] = 0.0
-                p = _renorm(p)
-            else:
+            if is_sampled[c]:
+                u = torch.rand((), generator=g, dtype=torch.float64, device=p.device)
                 ratio = p[x] / q[x] if q[x] > 0 else torch.tensor(1.0, dtype=p.dtype)
                 if u < ratio:
                     nxt = c
@@ -106,6 +96,14 @@ def verify_sampling(tree: DraftTree, logits: torch.Tensor | None, sampling: Samp
                 p = _renorm((p - q).clamp_(min=0))
                 q[x] = 0.0
                 q = _renorm(q)
+            elif x not in seen_det:
+                seen_det.add(x)
+                u = torch.rand((), generator=g, dtype=torch.float64, device=p.device)
+                if u < p[x]:
+                    nxt = c
+                    break
+                p[x] = 0.0
+                p = _renorm(p)
         if nxt is None:
             bonus = int(torch.multinomial(p if p.sum() > 0 else probs[node], 1, generator=g))
             return Accepted(path, [tokens[i] for i in path[1:]] + [bonus], bonus)

@@ -58,6 +58,51 @@ def test_sampled_children_with_known_q(sampling):
     assert chi2(counts, p) < CRIT_DF5
 
 
+@pytest.mark.parametrize("sampling", [Sampling(temperature=1.0), Sampling(temperature=0.9, top_k=5)])
+def test_mixed_tree_retrieval_and_sampled_children(sampling):
+    """A fused tree: deterministic (retrieval) children and children drawn from q under one parent,
+    one of them duplicating a retrieval token. The first emitted token must follow p."""
+    q = torch.tensor([0.1, 0.3, 0.05, 0.15, 0.3, 0.1], dtype=torch.float64)
+    p = warp(LOGITS[0], sampling).numpy()
+    g = torch.Generator().manual_seed(7)
+    probs = warp(LOGITS[:1].repeat(6, 1), sampling).double()
+    counts = np.zeros(V)
+    for _ in range(N_DRAWS):
+        drawn = torch.multinomial(q, 2, replacement=False, generator=g).tolist()
+        toks = [1, 4, *drawn, 3]                           # det 4, sampled x2, det 3
+        tree = DraftTree(torch.tensor(toks), torch.tensor([-1, 0, 0, 0, 0]), torch.tensor([0, 1, 1, 1, 1]),
+                         q=q.unsqueeze(0).repeat(5, 1),
+                         sampled=torch.tensor([False, False, True, True, False]))
+        counts[verify_sampling(tree, None, sampling, g, probs=probs).tokens[0]] += 1
+    assert chi2(counts, p) < CRIT_DF5
+
+
+def test_merged_tree_keeps_metadata_and_verifies():
+    from draftwise.tree import merge_trees
+
+    q = torch.softmax(torch.randn(4, V, dtype=torch.float64), -1)
+    model = DraftTree(torch.tensor([1, 2, 5, 0]), torch.tensor([-1, 0, 0, 1]), torch.tensor([0, 1, 1, 2]),
+                      scores=torch.tensor([1.0, 0.6, 0.3, 0.4]), q=q,
+                      origin=torch.zeros(4, dtype=torch.int8))
+    retrieval = DraftTree.from_parents([1, 2, 3, 4], [-1, 0, 1, 0])
+    retrieval.origin = torch.ones(4, dtype=torch.int8)
+    fused, mapping = merge_trees(model, retrieval)
+    assert mapping.tolist() == [0, 1, 4, 5]
+    assert fused.tokens.tolist() == [1, 2, 5, 0, 3, 4]
+    assert fused.is_sampled().tolist() == [True, True, True, True, False, False]
+    assert fused.origin.tolist() == [0, 0, 0, 0, 1, 1]
+    assert torch.equal(fused.scores, torch.tensor([1.0, 0.6, 0.3, 0.4, 0.0, 0.0]))
+    assert torch.equal(fused.q[:4], q)
+    sub = fused.select(torch.tensor([0, 1, 4]))
+    assert sub.tokens.tolist() == [1, 2, 3] and sub.is_sampled().tolist() == [True, True, False]
+    assert sub.origin.tolist() == [0, 0, 1] and torch.equal(sub.q, q[[0, 1], :].new_tensor(fused.q[[0, 1, 4]]))
+    rev, _ = merge_trees(retrieval, model)                # sampled children may join deterministic ones
+    assert rev.is_sampled().tolist() == [False, False, False, False, True, True] and torch.equal(rev.q[0], q[0])
+    other = DraftTree(torch.tensor([1, 7]), torch.tensor([-1, 0]), torch.tensor([0, 1]), q=q[:2])
+    with pytest.raises(ValueError, match="sampled children under one node"):
+        merge_trees(model, other)                         # two different q under the root: not verifiable
+
+
 def test_second_token_distribution_of_a_chain():
     # the token after an accepted first draft must follow p at that node
     s = Sampling(temperature=1.0)
