@@ -54,6 +54,7 @@ def test_run_schema_and_resume(engine, questions, tmp_path):
         assert len(ch[k]) == 2, k
     assert sum(ch["accept_lengths"][0]) == ch["new_tokens"][0]
     assert (out / "report.md").is_file() and (out / "summary.json").is_file()
+    assert (out / "speedup.png").stat().st_size > 1000 and (out / "tau_hist.png").is_file()   # plots out of the box
     # resume: nothing is run twice
     Runner(engine, ["ar", "lookup"], questions, out, max_new_tokens=8, progress=False).run()
     assert len((out / "answers-lookup.jsonl").read_text().splitlines()) == 2

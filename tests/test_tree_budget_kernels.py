@@ -105,3 +105,30 @@ def test_lookup_matching():
     assert conts == [[7, 1, 2], [9, 1, 2]]
     with pytest.raises(ConfigError):
         PromptLookup(min_ngram=3, max_ngram=2)
+
+
+def test_budget_with_context_and_overhead():
+    # verification of 4 nodes is almost free after 128 tokens, dear after 2048 (attention)
+    c = CostCurve((1, 4), (10.0, 11.0), context=128, ms_long=(12.0, 30.0), context_long=1024)
+    assert float(c.t(4, 128)) == 11.0 and float(c.t(4, 1024)) == 30.0
+    assert abs(float(c.t(4, 576)) - 20.5) < 1e-9 and float(c.t(4)) == 11.0
+    gains = [0.5, 0.3, 0.2]
+    assert best_prefix(gains, c, context=128) == 3
+    assert best_prefix(gains, c, context=2048) == 0           # too dear at long context: plain decoding
+    assert best_prefix(gains, c, context=128, overhead_ms=20.0) == 0   # drafting overhead eats the gain
+    assert CostCurve.from_json(c.to_json()) == c
+    with pytest.raises(ConfigError):
+        CostCurve((1, 4), (10.0, 11.0), ms_long=(12.0,), context_long=1024)
+
+
+@pytest.mark.skipif(not kernels.available(), reason=f"kernels unavailable: {kernels.why_unavailable()}")
+def test_large_n_kernel_path_is_bit_identical_per_row():
+    g = torch.Generator().manual_seed(0)
+    W = torch.randn(70, 300, generator=g)
+    b = torch.randn(70, generator=g)
+    P, bp = kernels.pack_weight(W), kernels.pad_bias(b)
+    x = torch.randn(40, 300, generator=g)                      # 40 rows: the K-blocked path
+    y = kernels.linear(x, P, bp, 70)
+    for n in (1, 2, 3, 5, 11):
+        assert torch.equal(kernels.linear(x[:n].contiguous(), P, bp, 70), y[:n])
+    torch.testing.assert_close(y, x @ W.T + b, rtol=1e-4, atol=1e-4)

@@ -54,10 +54,7 @@ def write_report(out: Path, summary: dict, engine=None) -> None:
               "all greedy outputs identical to AR" if not mism else f"**{len(mism)} mismatches**: {mism[:10]}", ""]
     lines.append(f"Peak RSS: {summary.get('peak_rss_mb', 0):.0f} MB")
     (out / "report.md").write_text("\n".join(lines) + "\n")
-    try:
-        _plots(out, summary, engine)
-    except ImportError:
-        pass   # matplotlib is optional
+    _plots(out, summary, engine)               # matplotlib is a dependency: plots always come
 
 
 def _plots(out: Path, summary: dict, engine) -> None:

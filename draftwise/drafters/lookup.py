@@ -12,7 +12,7 @@ import torch
 from draftwise import methods
 from draftwise.drafters.base import Context, Drafter
 from draftwise.errors import ConfigError
-from draftwise.policies.budget import CostCurve, best_prefix
+from draftwise.policies.budget import CostCurve, Overhead, best_prefix
 from draftwise.tree import DraftTree, merge_tries
 
 
@@ -47,6 +47,7 @@ class PromptLookup(Drafter):
         self.proposed = np.zeros((max_depth + 1, 2))
         self.accepted = np.zeros((max_depth + 1, 2))
         self.prior = np.array([[0.6 ** d, 0.3 * 0.6 ** d] for d in range(max_depth + 1)])
+        self.overhead = Overhead()
 
     def continuations(self, arr: np.ndarray) -> list[list[int]]:
         conts: list[list[int]] = []
@@ -64,7 +65,14 @@ class PromptLookup(Drafter):
         return conts
 
     def propose(self, ctx: Context) -> DraftTree:
-        dev = ctx.model.device if ctx.model is not None else "cpu"
+        self.overhead.start()
+        try:
+            return self._propose(ctx)
+        finally:
+            self.overhead.stop()
+
+    def _propose(self, ctx: Context) -> DraftTree:
+        dev = ctx.device
         conts = self.continuations(ctx.array())
         if not conts:
             return DraftTree.root_only(ctx.root, device=dev)
@@ -78,7 +86,7 @@ class PromptLookup(Drafter):
         for i in range(1, tree.size):                                     # tiny trees; parents first
             est[i] = min(est[pars[i]], rate[i])
         order = np.argsort(-est[1:], kind="stable") + 1
-        m = (best_prefix(est[order], self.cost, self.max_nodes) if self.cost is not None
+        m = (best_prefix(est[order], self.cost, self.max_nodes, self.overhead.ms, len(ctx.tokens)) if self.cost is not None
              else min(len(order), self.max_nodes if self.max_nodes is not None else len(order)))
         keep = np.sort(np.concatenate([[0], order[:m]]))
         keep = keep[d[keep] < max(1, ctx.remaining)]
@@ -101,6 +109,7 @@ class PromptLookup(Drafter):
         return kind
 
     def observe(self, tree: DraftTree, out, accepted, ctx: Context) -> None:
+        self.overhead.commit()           # observe is a few numpy adds: propose is the overhead
         self.proposed *= self.decay      # old evidence fades: a text that turns repetitive is noticed
         self.accepted *= self.decay
         if tree.template_ids is None:

@@ -20,7 +20,7 @@ import torch
 from draftwise import methods
 from draftwise.drafters.base import Context, Drafter
 from draftwise.errors import CheckpointError, ConfigError
-from draftwise.policies.budget import CostCurve, best_prefix
+from draftwise.policies.budget import CostCurve, Overhead, best_prefix
 from draftwise.tree import DraftTree
 
 # Prior probability that the target's top-r prediction (r = 0..7) is the next token (ours; it
@@ -77,6 +77,7 @@ class TokenRecycling(Drafter):
         self._par_dev = self.parents.to(self.device)
         self._rank_dev = self.ranks.to(self.device)
         self.last_size = 0
+        self.overhead = Overhead()
 
     # ---------------------------------------------------------------- budget
     def estimates(self) -> torch.Tensor:
@@ -87,14 +88,15 @@ class TokenRecycling(Drafter):
             est[lv] = torch.minimum(est[lv], est[self.parents[lv]])
         return est
 
-    def choose_nodes(self, est: torch.Tensor, remaining: int) -> torch.Tensor:
+    def choose_nodes(self, est: torch.Tensor, remaining: int, context: int | None = None) -> torch.Tensor:
         """Template node ids to draft (sorted, parents first, root included)."""
         order = torch.sort(-est[1:], stable=True).indices + 1          # best first, parents first on ties
         order = order[est[order] > 0]
         if self.cost is None:
             m = min(self.max_nodes if self.max_nodes is not None else order.numel(), order.numel())
         else:
-            m = best_prefix(est[order], self.cost, max_nodes=self.max_nodes)
+            m = best_prefix(est[order], self.cost, max_nodes=self.max_nodes, overhead_ms=self.overhead.ms,
+                            context=context)
         keep = torch.cat([torch.zeros(1, dtype=torch.long), order[:m]])
         # a node deeper than the tokens still allowed is wasted work
         keep = keep[self.depths[keep] < max(1, remaining)]
@@ -102,6 +104,13 @@ class TokenRecycling(Drafter):
 
     # ---------------------------------------------------------------- drafter API
     def propose(self, ctx: Context) -> DraftTree:
+        self.overhead.start()
+        try:
+            return self._propose(ctx)
+        finally:
+            self.overhead.stop()
+
+    def _propose(self, ctx: Context) -> DraftTree:
         toks = torch.empty(self.parents.numel(), dtype=torch.long, device=self.device)
         valid = torch.ones(self.parents.numel(), dtype=torch.bool, device=self.device)
         toks[0] = ctx.root
@@ -110,7 +119,7 @@ class TokenRecycling(Drafter):
             toks[lvl] = self.M[ptok, self._rank_dev[lvl]]
             valid[lvl] = valid[self._par_dev[lvl]] & self.seen[ptok]    # never draft from an empty row
         est = self.estimates() * valid.cpu()
-        keep = self.choose_nodes(est, ctx.remaining)
+        keep = self.choose_nodes(est, ctx.remaining, len(ctx.tokens))
         self.last_size = keep.numel()
         if keep.numel() == 1:
             return DraftTree.root_only(ctx.root, device=self.device)
@@ -119,6 +128,12 @@ class TokenRecycling(Drafter):
         return tree
 
     def observe(self, tree: DraftTree, out, accepted, ctx: Context) -> None:
+        self.overhead.start()
+        self._observe(tree, out, accepted)
+        self.overhead.stop()
+        self.overhead.commit()
+
+    def _observe(self, tree: DraftTree, out, accepted) -> None:
         top = torch.topk(out.logits, self.k, dim=-1).indices            # [n, k]
         rows = tree.tokens.to(self.M.device)
         self.M[rows] = top.to(self.M.device)

@@ -2,8 +2,13 @@
 
 A drafter estimates, for each candidate node, the probability that the target accepts it.
 Keeping the m best nodes gives an expected 1 + sum(a_1..a_m) tokens per target pass at a cost
-of t(m + 1) (the root is always scored). ``best_prefix`` picks the m that maximizes expected
-tokens per second; m = 0 (plain decoding) is allowed, so drafting only happens when it pays.
+of t(m + 1, L) + overhead (the root is always scored; L = context length; overhead = the
+drafter's own time per step, charged only when it drafts). ``best_prefix`` picks the m that
+maximizes expected tokens per second; m = 0 (plain decoding) is allowed, so drafting only
+happens when it pays.
+
+t(n, L) is measured at two context lengths and interpolated linearly in L: attention over a long
+context makes every extra node dearer (a 1,500-token RAG prompt is not a 128-token one).
 """
 from __future__ import annotations
 
@@ -24,22 +29,38 @@ BENCH_NS = (1, 2, 4, 8, 16, 32, 64)
 @dataclass
 class CostCurve:
     ns: tuple[int, ...]
-    ms: tuple[float, ...]       # milliseconds per forward of n new tokens
+    ms: tuple[float, ...]                   # milliseconds per forward of n new tokens after `context`
+    context: int = 128
+    ms_long: tuple[float, ...] | None = None   # the same after `context_long` tokens
+    context_long: int | None = None
 
     def __post_init__(self):
         if len(self.ns) != len(self.ms) or not self.ns or any(t <= 0 for t in self.ms):
             raise ConfigError("a cost curve needs matching, positive (n, ms) pairs")
+        if self.ms_long is not None and (len(self.ms_long) != len(self.ns) or not self.context_long
+                                         or self.context_long <= self.context or any(t <= 0 for t in self.ms_long)):
+            raise ConfigError("a long-context cost curve needs one positive time per n and context_long > context")
         self._ns = np.asarray(self.ns, dtype=float)
         self._ms = np.asarray(self.ms, dtype=float)
+        self._ms_long = None if self.ms_long is None else np.asarray(self.ms_long, dtype=float)
 
-    def t(self, n) -> np.ndarray:
-        """Interpolated time (ms) for n nodes; linear extrapolation past the last point."""
-        n = np.asarray(n, dtype=float)
-        out = np.interp(n, self._ns, self._ms)
+    def _interp(self, n: np.ndarray, ms: np.ndarray) -> np.ndarray:
+        out = np.interp(n, self._ns, ms)
         if len(self.ns) > 1:
-            slope = (self._ms[-1] - self._ms[-2]) / (self._ns[-1] - self._ns[-2])
-            out = np.where(n > self._ns[-1], self._ms[-1] + slope * (n - self._ns[-1]), out)
+            slope = (ms[-1] - ms[-2]) / (self._ns[-1] - self._ns[-2])
+            out = np.where(n > self._ns[-1], ms[-1] + slope * (n - self._ns[-1]), out)
         return out
+
+    def t(self, n, context: int | None = None) -> np.ndarray:
+        """Time (ms) for n nodes after `context` tokens; linear in n between and past the measured
+        points, linear in the context between (and past) the two measured lengths."""
+        n = np.asarray(n, dtype=float)
+        base = self._interp(n, self._ms)
+        if context is None or self._ms_long is None:
+            return base
+        long = self._interp(n, self._ms_long)
+        frac = (context - self.context) / (self.context_long - self.context)
+        return np.maximum(base + frac * (long - base), 0.5 * base)
 
     @classmethod
     def flat(cls) -> "CostCurve":
@@ -47,11 +68,38 @@ class CostCurve:
         return cls((1, 1024), (1.0, 1.0))
 
     def to_json(self) -> dict:
-        return {"ns": list(self.ns), "ms": list(self.ms)}
+        d = {"ns": list(self.ns), "ms": list(self.ms), "context": self.context}
+        if self.ms_long is not None:
+            d.update(ms_long=list(self.ms_long), context_long=self.context_long)
+        return d
+
+    @classmethod
+    def from_json(cls, d: dict) -> "CostCurve":
+        long = d.get("ms_long")
+        return cls(tuple(d["ns"]), tuple(d["ms"]), int(d.get("context", 128)),
+                   None if long is None else tuple(long), d.get("context_long"))
+
+
+class Overhead:
+    """Running estimate (ms) of a drafter's own time per step (propose + observe), an exponential
+    moving average: ``start``/``stop`` around each timed part, ``commit`` once per step."""
+
+    def __init__(self, alpha: float = 0.1):
+        self.alpha, self.ms, self._t0, self._step = alpha, 0.0, 0.0, 0.0
+
+    def start(self) -> None:
+        self._t0 = time.perf_counter()
+
+    def stop(self) -> None:
+        self._step += (time.perf_counter() - self._t0) * 1e3
+
+    def commit(self) -> None:
+        ms, self._step = self._step, 0.0
+        self.ms = ms if self.ms == 0.0 else (1 - self.alpha) * self.ms + self.alpha * ms
 
 
 def best_prefix(gains: torch.Tensor | np.ndarray, cost: CostCurve, max_nodes: int | None = None,
-                overhead_ms: float = 0.0) -> int:
+                overhead_ms: float = 0.0, context: int | None = None) -> int:
     """gains: acceptance probabilities of candidate nodes, best first. Returns how many to keep."""
     g = np.asarray(gains.cpu() if isinstance(gains, torch.Tensor) else gains, dtype=float)
     if max_nodes is not None:
@@ -60,7 +108,7 @@ def best_prefix(gains: torch.Tensor | np.ndarray, cost: CostCurve, max_nodes: in
         return 0
     m = np.arange(g.size + 1)
     expected = 1.0 + np.concatenate([[0.0], np.cumsum(g)])
-    per_ms = expected / (cost.t(m + 1) + np.where(m > 0, overhead_ms, 0.0))
+    per_ms = expected / (cost.t(m + 1, context) + np.where(m > 0, overhead_ms, 0.0))
     return int(np.argmax(per_ms))
 
 
@@ -79,39 +127,49 @@ def curve_key(model_id: str, model) -> str:
 
 
 @torch.inference_mode()
-def measure(model, ns=BENCH_NS, reps: int = 5, context: int = 128, progress: bool = False) -> CostCurve:
-    """Median time of one forward of n new tokens (chain mask) after a context of `context`."""
+def measure(model, ns=BENCH_NS, reps: int = 5, context: int = 128, context_long: int | None = 1024,
+            progress: bool = False) -> CostCurve:
+    """Median time of one forward of n new tokens (chain mask) after `context` tokens, and again
+    after `context_long` tokens (None: skip)."""
     from tqdm import tqdm
 
-    cache = model.new_cache(context + max(ns) + 1)
-    ctx = torch.randint(0, model.cfg.vocab_size, (context,), device=model.device)
-    model.forward(ctx, torch.arange(context, device=model.device), cache, logits_rows=slice(context - 1, context))
-    cache.commit(context)
-    out = []
-    for n in tqdm(ns, desc="bench-forward", disable=not progress):
-        toks = torch.randint(0, model.cfg.vocab_size, (n,), device=model.device)
-        pos = torch.arange(context, context + n, device=model.device)
-        mask = torch.ones(n, n, dtype=torch.bool, device=model.device).tril_()
-        times = []
-        for r in range(reps + 1):
-            if model.device.type == "cuda":
-                torch.cuda.synchronize()
-            t0 = time.perf_counter()
-            model.forward(toks, pos, cache, tree_mask=mask)
-            if model.device.type == "cuda":
-                torch.cuda.synchronize()
-            if r:   # first run is a warm-up
-                times.append((time.perf_counter() - t0) * 1e3)
-        out.append(float(np.median(times)))
-    return CostCurve(tuple(ns), tuple(out))
+    contexts = [c for c in (context, context_long) if c is not None and c + max(ns) + 1 <= model.max_len]
+    bar = tqdm(total=len(ns) * len(contexts), desc="bench-forward", disable=not progress)
+    curves = []
+    for ctx_len in contexts:
+        cache = model.new_cache(ctx_len + max(ns) + 1)
+        ctx = torch.randint(0, model.cfg.vocab_size, (ctx_len,), device=model.device)
+        model.forward(ctx, torch.arange(ctx_len, device=model.device), cache, logits_rows=slice(ctx_len - 1, ctx_len))
+        cache.commit(ctx_len)
+        out = []
+        for n in ns:
+            toks = torch.randint(0, model.cfg.vocab_size, (n,), device=model.device)
+            pos = torch.arange(ctx_len, ctx_len + n, device=model.device)
+            mask = torch.ones(n, n, dtype=torch.bool, device=model.device).tril_()
+            times = []
+            for r in range(reps + 1):
+                if model.device.type == "cuda":
+                    torch.cuda.synchronize()
+                t0 = time.perf_counter()
+                model.forward(toks, pos, cache, tree_mask=mask)
+                if model.device.type == "cuda":
+                    torch.cuda.synchronize()
+                if r:   # first run is a warm-up
+                    times.append((time.perf_counter() - t0) * 1e3)
+            out.append(float(np.median(times)))
+            bar.update(1)
+        curves.append(tuple(out))
+    bar.close()
+    if len(curves) == 2:
+        return CostCurve(tuple(ns), curves[0], context, curves[1], context_long)
+    return CostCurve(tuple(ns), curves[0], context)
 
 
 def load_or_measure(model, model_id: str, refresh: bool = False, progress: bool = False, **kw) -> CostCurve:
     path = _curve_path(curve_key(model_id, model))
     if path.is_file() and not refresh:
         try:
-            d = json.loads(path.read_text())
-            return CostCurve(tuple(d["ns"]), tuple(d["ms"]))
+            return CostCurve.from_json(json.loads(path.read_text()))
         except (ValueError, KeyError, ConfigError):
             pass   # corrupt cache entry: measure again and overwrite
     curve = measure(model, progress=progress, **kw)
