@@ -155,6 +155,7 @@ def decode(model: Transformer, prompt_ids: list[int], drafter: Drafter | None = 
             cache.commit(acc.path)
             t2 = time.perf_counter()
             ctx.tokens.extend(acc.tokens)
+            ctx.last_pass = (tree.size, (t2 - t1) * 1e3)
             drafter.observe(tree, fwd, acc, ctx)
             emitted = stopper.push(acc.tokens)
             stats.draft_s += (t1 - t0) + (time.perf_counter() - t2)

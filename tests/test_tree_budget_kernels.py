@@ -132,3 +132,24 @@ def test_large_n_kernel_path_is_bit_identical_per_row():
     for n in (1, 2, 3, 5, 11):
         assert torch.equal(kernels.linear(x[:n].contiguous(), P, bp, 70), y[:n])
     torch.testing.assert_close(y, x @ W.T + b, rtol=1e-4, atol=1e-4)
+
+
+def test_online_cost_learns_the_real_pass_times_and_probes_one_node_passes():
+    from draftwise.policies.budget import OnlineCost
+
+    prior = CostCurve((1, 4, 16), (10.0, 10.0, 20.0))        # says 4 nodes cost as much as 1
+    c = OnlineCost(prior, probe_every=5)
+    gains = [0.2, 0.1, 0.05]
+    assert best_prefix(gains, c) == 3                          # believes the prior
+    for _ in range(6):
+        c.observe(1, 8.0)                                      # the machine is faster than measured...
+        c.observe(4, 12.0)                                     # ...and trees cost more than measured
+    assert abs(float(c.t(1)) - 8.0) < 1e-9 and abs(float(c.t(4)) - 12.0) < 1e-9
+    assert abs(float(c.t(16)) - 24.0) < 1e-9                   # an unseen bucket borrows the nearest ratio
+    assert best_prefix(gains, c) == 0                          # 1.35 tokens for 1.5x the time: no
+    assert not c.probe_due()
+    for _ in range(5):
+        c.observe(4, 12.0)
+    assert c.probe_due()                                       # 5 passes without a one-node pass
+    c.observe(1, 8.0)
+    assert not c.probe_due()

@@ -53,6 +53,7 @@ class Context:
     model: object = None                 # the target Transformer
     cache: object = None                 # the target KVCache (committed prefix = tokens[:-1])
     remaining: int = 1 << 30             # tokens still allowed before max_new_tokens
+    last_pass: tuple[int, float] | None = None   # (nodes, ms) of the latest target pass, verification included
     _arr: np.ndarray | None = field(default=None, repr=False)
 
     @property

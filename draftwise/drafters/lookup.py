@@ -12,7 +12,7 @@ import torch
 from draftwise import methods
 from draftwise.drafters.base import Context, Drafter
 from draftwise.errors import ConfigError
-from draftwise.policies.budget import CostCurve, Overhead, best_prefix
+from draftwise.policies.budget import CostCurve, OnlineCost, Overhead, best_prefix
 from draftwise.tree import DraftTree, merge_tries
 
 
@@ -34,7 +34,7 @@ class PromptLookup(Drafter):
     name = "lookup"
 
     def __init__(self, max_ngram: int = 3, min_ngram: int = 1, max_depth: int = 16, max_matches: int = 4,
-                 max_nodes: int | None = None, cost: CostCurve | None = None, prior_weight: float = 4.0,
+                 max_nodes: int | None = None, cost: CostCurve | OnlineCost | None = None, prior_weight: float = 4.0,
                  decay: float = 0.98):
         if not 1 <= min_ngram <= max_ngram:
             raise ConfigError("lookup needs 1 <= min_ngram <= max_ngram")
@@ -65,11 +65,8 @@ class PromptLookup(Drafter):
         return conts
 
     def propose(self, ctx: Context) -> DraftTree:
-        self.overhead.start()
-        try:
+        with self.overhead:
             return self._propose(ctx)
-        finally:
-            self.overhead.stop()
 
     def _propose(self, ctx: Context) -> DraftTree:
         dev = ctx.device
@@ -86,6 +83,8 @@ class PromptLookup(Drafter):
         for i in range(1, tree.size):                                     # tiny trees; parents first
             est[i] = min(est[pars[i]], rate[i])
         order = np.argsort(-est[1:], kind="stable") + 1
+        if self.cost is not None and self.cost.probe_due():
+            return DraftTree.root_only(ctx.root, device=dev)              # a timed one-node pass
         m = (best_prefix(est[order], self.cost, self.max_nodes, self.overhead.ms, len(ctx.tokens)) if self.cost is not None
              else min(len(order), self.max_nodes if self.max_nodes is not None else len(order)))
         keep = np.sort(np.concatenate([[0], order[:m]]))
@@ -110,6 +109,8 @@ class PromptLookup(Drafter):
 
     def observe(self, tree: DraftTree, out, accepted, ctx: Context) -> None:
         self.overhead.commit()           # observe is a few numpy adds: propose is the overhead
+        if self.cost is not None and ctx.last_pass is not None:
+            self.cost.observe(*ctx.last_pass, context=len(ctx.tokens))
         self.proposed *= self.decay      # old evidence fades: a text that turns repetitive is noticed
         self.accepted *= self.decay
         if tree.template_ids is None:
@@ -128,7 +129,7 @@ class PromptLookup(Drafter):
 
 
 def _factory(engine, max_nodes=None, **opts) -> PromptLookup:
-    cost = None if max_nodes is not None else engine.cost_curve()
+    cost = None if max_nodes is not None else OnlineCost(engine.cost_curve())
     return PromptLookup(max_nodes=max_nodes, cost=cost, **opts)
 
 

@@ -20,7 +20,7 @@ import torch
 from draftwise import methods
 from draftwise.drafters.base import Context, Drafter
 from draftwise.errors import CheckpointError, ConfigError
-from draftwise.policies.budget import CostCurve, Overhead, best_prefix
+from draftwise.policies.budget import CostCurve, OnlineCost, Overhead, best_prefix
 from draftwise.tree import DraftTree
 
 # Prior probability that the target's top-r prediction (r = 0..7) is the next token (ours; it
@@ -54,7 +54,7 @@ class TokenRecycling(Drafter):
     name = "recycling"
 
     def __init__(self, vocab_size: int, k: int = 8, template_nodes: int = 80, max_nodes: int | None = None,
-                 cost: CostCurve | None = None, prior_weight: float = 4.0, decay: float = 0.98, device="cpu"):
+                 cost: CostCurve | OnlineCost | None = None, prior_weight: float = 4.0, decay: float = 0.98, device="cpu"):
         if k < 1 or template_nodes < 1:
             raise ConfigError("recycling needs k >= 1 and template_nodes >= 1")
         if max_nodes is not None and max_nodes < 0:
@@ -94,6 +94,8 @@ class TokenRecycling(Drafter):
         order = order[est[order] > 0]
         if self.cost is None:
             m = min(self.max_nodes if self.max_nodes is not None else order.numel(), order.numel())
+        elif self.cost.probe_due():
+            m = 0                                                          # a timed one-node pass
         else:
             m = best_prefix(est[order], self.cost, max_nodes=self.max_nodes, overhead_ms=self.overhead.ms,
                             context=context)
@@ -104,11 +106,8 @@ class TokenRecycling(Drafter):
 
     # ---------------------------------------------------------------- drafter API
     def propose(self, ctx: Context) -> DraftTree:
-        self.overhead.start()
-        try:
+        with self.overhead:
             return self._propose(ctx)
-        finally:
-            self.overhead.stop()
 
     def _propose(self, ctx: Context) -> DraftTree:
         toks = torch.empty(self.parents.numel(), dtype=torch.long, device=self.device)
@@ -128,10 +127,11 @@ class TokenRecycling(Drafter):
         return tree
 
     def observe(self, tree: DraftTree, out, accepted, ctx: Context) -> None:
-        self.overhead.start()
-        self._observe(tree, out, accepted)
-        self.overhead.stop()
+        with self.overhead:
+            self._observe(tree, out, accepted)
         self.overhead.commit()
+        if self.cost is not None and ctx.last_pass is not None:
+            self.cost.observe(*ctx.last_pass, context=len(ctx.tokens))
 
     def _observe(self, tree: DraftTree, out, accepted) -> None:
         top = torch.topk(out.logits, self.k, dim=-1).indices            # [n, k]
@@ -176,7 +176,7 @@ class TokenRecycling(Drafter):
 
 
 def _factory(engine, max_nodes=None, **opts) -> TokenRecycling:
-    cost = None if max_nodes is not None else engine.cost_curve()
+    cost = None if max_nodes is not None else OnlineCost(engine.cost_curve())
     return TokenRecycling(engine.model.cfg.vocab_size, max_nodes=max_nodes, cost=cost, device=engine.model.device, **opts)
 
 

@@ -62,6 +62,12 @@ class CostCurve:
         frac = (context - self.context) / (self.context_long - self.context)
         return np.maximum(base + frac * (long - base), 0.5 * base)
 
+    def observe(self, n: int, ms: float, context: int | None = None) -> None:
+        """A fixed curve learns nothing from timed passes (see OnlineCost)."""
+
+    def probe_due(self) -> bool:
+        return False
+
     @classmethod
     def flat(cls) -> "CostCurve":
         """Verification costs the same for any n (an ideal accelerator): for tests and overrides."""
@@ -80,9 +86,62 @@ class CostCurve:
                    None if long is None else tuple(long), d.get("context_long"))
 
 
+class OnlineCost:
+    """The measured curve, corrected by the passes the decoding loop actually times.
+
+    A curve measured once drifts from the truth: the machine's speed changes between runs
+    (+-10-30% here), the loop's own per-pass work (masks, verification, commit) is not in it, and
+    the context grows. Each timed pass (n nodes, ms, context) updates a moving average of
+    observed / predicted for n's bucket (1, 2, 3-4, 5-8, ...); t(n, L) = curve(n, L) x that
+    ratio. Every ``probe_every`` steps without a one-node pass, ``probe_due()`` asks the drafter
+    for one (plain decoding: still a token), so t(1), the baseline every draft is weighed
+    against, stays measured too.
+    """
+
+    def __init__(self, curve: CostCurve, alpha: float = 0.1, probe_every: int = 32):
+        self.curve, self.alpha, self.probe_every = curve, alpha, probe_every
+        self.ratio = np.ones(12)
+        self.count = np.zeros(12)
+        self.seen = np.zeros(12, dtype=bool)
+        self._filled = np.ones(12)
+        self.since_one = 0
+
+    @staticmethod
+    def bucket(n) -> np.ndarray:
+        return np.minimum(np.ceil(np.log2(np.maximum(np.asarray(n, dtype=float), 1.0))).astype(int), 11)
+
+    def observe(self, n: int, ms: float, context: int | None = None) -> None:
+        b = int(self.bucket(n))
+        r = ms / float(self.curve.t(n, context))
+        self.count[b] += 1
+        a = max(self.alpha, 1.0 / self.count[b])          # a running mean first, then a moving average
+        self.ratio[b] = (1 - a) * self.ratio[b] + a * r
+        self.seen[b] = True
+        self._fill()
+        self.since_one = 0 if n == 1 else self.since_one + 1
+
+    def probe_due(self) -> bool:
+        return self.since_one >= self.probe_every
+
+    def t(self, n, context: int | None = None) -> np.ndarray:
+        return self.curve.t(n, context) * self._filled[self.bucket(n)]
+
+    def _fill(self) -> None:
+        """An unseen bucket takes the larger ratio of its nearest seen neighbours below and above
+        (cautious: a tree size never measured is not assumed cheap); 1.0 before any observation."""
+        idx = np.arange(self.ratio.size)
+        seen = np.flatnonzero(self.seen)
+        below = np.searchsorted(seen, idx, side="right") - 1           # nearest seen <= i
+        above = np.searchsorted(seen, idx, side="left")                # nearest seen >= i
+        lo = np.where(below >= 0, self.ratio[seen[np.clip(below, 0, None)]], -np.inf)
+        hi = np.where(above < seen.size, self.ratio[seen[np.clip(above, None, seen.size - 1)]], -np.inf)
+        self._filled = np.maximum(lo, hi)
+
+
 class Overhead:
     """Running estimate (ms) of a drafter's own time per step (propose + observe), an exponential
-    moving average: ``start``/``stop`` around each timed part, ``commit`` once per step."""
+    moving average: ``with overhead:`` (or ``start``/``stop``) around each timed part, ``commit``
+    once per step."""
 
     def __init__(self, alpha: float = 0.1):
         self.alpha, self.ms, self._t0, self._step = alpha, 0.0, 0.0, 0.0
@@ -92,6 +151,13 @@ class Overhead:
 
     def stop(self) -> None:
         self._step += (time.perf_counter() - self._t0) * 1e3
+
+    def __enter__(self) -> "Overhead":
+        self.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.stop()
 
     def commit(self) -> None:
         ms, self._step = self._step, 0.0
