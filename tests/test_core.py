@@ -339,3 +339,43 @@ def test_mistral_prompt_longer_than_the_sliding_window(tmp_path):
     with pytest.raises(PromptError, match="sliding window"):
         generate(m, list(range(1, 40)), max_new_tokens=2)
     assert len(generate(m, list(range(1, 20)), max_new_tokens=4)[0]) == 4
+
+
+# ---------------------------------------------------------------- OPT-Tree
+def test_opt_tree_growth_scores_stop_rule_and_selection():
+    from draftwise.policies.opt_tree import grow, top_nodes
+
+    K = 5
+    dist = torch.tensor([[0.6, 0.25, 0.1, 0.04, 0.01]])
+    calls = []
+
+    def layer(tree, nodes):
+        calls.append(list(nodes))
+        assert all(int(tree.depths[n]) == len(calls) for n in nodes)     # one forward per layer
+        return dist.repeat(len(nodes), 1)
+
+    tree = grow(7, dist, layer, width=3, max_depth=10, delta=0.2)
+    d = tree.depths
+    # every node's score is the product of the probabilities along its path
+    for i in range(1, tree.size):
+        par = int(tree.parents[i])
+        p = float(dist[0, int(tree.tokens[i])])
+        assert abs(float(tree.scores[i]) - float(tree.scores[par]) * p) < 1e-6
+    # the layer that failed the δ test was never fed to the draft (no wasted forward)
+    assert len(calls) == int(d.max()) - 1
+    assert all(int(d[n]) < int(d.max()) for c in calls for n in c)
+    keep = top_nodes(tree, 4)
+    sub = tree.select(keep)                                    # closed under parents, or select raises
+    assert sub.size == 5 and float(sub.scores[1:].min()) >= float(torch.sort(tree.scores[1:], descending=True).values[3]) - 1e-7
+    assert K == dist.shape[1]
+
+
+def test_opt_tree_on_the_tiny_pair_accepts_several_tokens(pair):
+    from draftwise.drafters.draft_model import OptTreeDraft
+
+    target, draft = pair
+    d = OptTreeDraft(draft, width=4, max_depth=6, delta=0.01, max_nodes=8)
+    prompt = prompt_of(1)
+    ref, _ = generate(target, prompt, max_new_tokens=40)
+    out, st = generate(target, prompt, drafter=d, max_new_tokens=40)
+    assert out == ref and st.tau > 1.5 and max(st.tree_sizes) == 9

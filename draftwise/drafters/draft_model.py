@@ -44,7 +44,7 @@ class DraftModel(ModelDrafter):
 
     def forward_draft(self, tokens, positions, mask, ctx, catch_up: bool) -> ForwardOut:
         out = self.net.forward(tokens, positions, self.cache, tree_mask=mask, compute_logits=False)
-        out.logits = self.head(out.hidden[-1:])                              # [1, K or V]
+        out.logits = self.head(out.hidden[-1:] if catch_up else out.hidden)   # [1 or n, K or V]
         return out
 
     def _next(self, logits: torch.Tensor, ctx: Context) -> tuple[int, float, torch.Tensor | None]:
@@ -89,6 +89,53 @@ class DraftModel(ModelDrafter):
                 "vocab_subset": None if self.subset is None else self.subset.size}
 
 
+class OptTreeDraft(DraftModel):
+    """OPT-Tree shape (policies/opt_tree.py): layer-wise growth, one draft forward per layer,
+    final tree = the nodes of largest p̂, as many as the target's cost curve pays for (or
+    max_nodes). Deterministic children: greedy and sampled verification are both exact."""
+
+    name = "opt-tree"
+
+    def __init__(self, net: Transformer, width: int = 8, max_depth: int = 10, delta: float = 0.3,
+                 max_nodes: int | None = None, cost=None, subset: VocabSubset | None = None,
+                 max_len: int | None = None):
+        if width < 1 or max_depth < 1 or delta < 0:
+            raise ConfigError("opt-tree needs width >= 1, max_depth >= 1 and delta >= 0")
+        super().__init__(net, k=max_depth, subset=subset, max_len=(max_len or net.max_len) + width * max_depth)
+        self.width, self.max_depth, self.delta, self.max_nodes, self.cost = width, max_depth, delta, max_nodes, cost
+
+    def draft(self, ctx: Context, first) -> DraftTree:
+        from draftwise.policies.budget import best_prefix
+        from draftwise.policies.opt_tree import grow, top_nodes
+
+        depth = min(self.max_depth, max(0, ctx.remaining - 1))
+        if depth == 0:
+            return DraftTree.root_only(ctx.root, device=ctx.device)
+        ids = None if self.subset is None else self.subset.ids
+
+        def layer(tree: DraftTree, nodes: list[int]) -> torch.Tensor:
+            return self.step(tree, nodes, ctx).logits.float().softmax(-1)
+
+        tree = grow(ctx.root, first.logits[-1:].float().softmax(-1), layer, self.width, depth, self.delta, ids)
+        p_hat = torch.sort(tree.scores[1:].double(), descending=True).values
+        if self.max_nodes is not None:
+            m = min(self.max_nodes, p_hat.numel())
+        elif self.cost is not None:
+            m = best_prefix(p_hat[: self.width], self.cost, context=len(ctx.tokens))
+        else:
+            m = min(self.width, p_hat.numel())
+        return tree.select(top_nodes(tree, m)).to(ctx.device)
+
+    def observe(self, tree, out, accepted, ctx) -> None:
+        super().observe(tree, out, accepted, ctx)
+        if self.cost is not None and ctx.last_pass is not None:
+            self.cost.observe(*ctx.last_pass, context=len(ctx.tokens))
+
+    def describe(self) -> dict:
+        return {"method": self.name, "width": self.width, "max_depth": self.max_depth, "delta": self.delta,
+                "max_nodes": self.max_nodes, "vocab_subset": None if self.subset is None else self.subset.size}
+
+
 def _factory(engine, k: int, min_prob: float, vocab_subset: int) -> DraftModel:
     net = engine.draft_model
     subset = engine.vocab_subset(vocab_subset) if 0 < vocab_subset < net.cfg.vocab_size else None
@@ -104,3 +151,27 @@ methods.register(methods.MethodSpec(
         "vocab_subset": methods.Option(int, 32768, "draft logits over the K most frequent tokens (0: full vocabulary)"),
     },
     test_opts={"k": 3, "vocab_subset": 0}))
+
+
+def _opt_tree_factory(engine, width: int, max_depth: int, delta: float, max_nodes, vocab_subset: int) -> OptTreeDraft:
+    from draftwise.policies.budget import OnlineCost
+
+    net = engine.draft_model
+    subset = engine.vocab_subset(vocab_subset) if 0 < vocab_subset < net.cfg.vocab_size else None
+    cost = None if max_nodes is not None else OnlineCost(engine.cost_curve())
+    return OptTreeDraft(net, width=width, max_depth=max_depth, delta=delta, max_nodes=max_nodes, cost=cost,
+                        subset=subset, max_len=engine.model.max_len)
+
+
+methods.register(methods.MethodSpec(
+    "opt-tree", "a draft model grows an adaptive tree maximizing the expected acceptance length (OPT-Tree, "
+    "arXiv 2406.17276)", _opt_tree_factory, needs=("draft_model",),
+    options={
+        "width": methods.Option(int, 8, "nodes per layer and most nodes in the final tree (paper: 50-60 on a GPU)"),
+        "max_depth": methods.Option(int, 10, "deepest layer drafted"),
+        "delta": methods.Option(float, 0.3, "grow another layer only while it raises E = sum of top p̂ by more"),
+        "max_nodes": methods.Option(int, None, "fixed final tree size (null: sized from the target's cost curve)",
+                                    optional=True),
+        "vocab_subset": methods.Option(int, 32768, "draft logits over the K most frequent tokens (0: full vocabulary)"),
+    },
+    test_opts={"width": 4, "max_depth": 4, "delta": 0.05, "max_nodes": 6, "vocab_subset": 0}))
