@@ -354,7 +354,8 @@ def test_opt_tree_growth_scores_stop_rule_and_selection():
         assert all(int(tree.depths[n]) == len(calls) for n in nodes)     # one forward per layer
         return dist.repeat(len(nodes), 1)
 
-    tree = grow(7, dist, layer, width=3, max_depth=10, delta=0.2)
+    tree, top1, p = grow(7, dist, layer, width=3, max_depth=10, delta=0.2)
+    assert top1.numel() == p.numel() == tree.size and bool(top1[0])
     d = tree.depths
     # every node's score is the product of the probabilities along its path
     for i in range(1, tree.size):
@@ -374,8 +375,27 @@ def test_opt_tree_on_the_tiny_pair_accepts_several_tokens(pair):
     from draftwise.drafters.draft_model import OptTreeDraft
 
     target, draft = pair
-    d = OptTreeDraft(draft, width=4, max_depth=6, delta=0.01, max_nodes=8)
+    d = OptTreeDraft(draft, width=4, max_depth=6, delta=0.01, max_nodes=8, calibrate=False)
     prompt = prompt_of(1)
     ref, _ = generate(target, prompt, max_new_tokens=40)
     out, st = generate(target, prompt, drafter=d, max_new_tokens=40)
     assert out == ref and st.tau > 1.5 and max(st.tree_sizes) == 9
+
+
+def test_opt_tree_calibration_learns_acceptance_rates(pair):
+    from draftwise.drafters.draft_model import OptTreeDraft
+    from draftwise.policies.opt_tree import Calibration
+
+    c = Calibration(buckets=10, prior_weight=4.0)
+    top, p = torch.tensor([True, False]), torch.tensor([0.35, 0.35], dtype=torch.float64)
+    assert torch.allclose(c.rate(top, p), p)                            # prior: the probability itself
+    for _ in range(50):
+        c.update(torch.tensor([True, False]), torch.tensor([0.33, 0.38], dtype=torch.float64),
+                 torch.tensor([True, False]))
+    r = c.rate(top, p)
+    assert r[0] > 0.9 and r[1] < 0.05                                   # top choices accepted, others not
+    target, draft = pair
+    d = OptTreeDraft(draft, width=4, max_depth=6, delta=0.01, max_nodes=8)
+    out, _ = generate(target, prompt_of(1), drafter=d, max_new_tokens=30)
+    assert out == generate(target, prompt_of(1), max_new_tokens=30)[0]
+    assert d.calib.proposed.sum() > 0 and d.calib.accepted.sum() <= d.calib.proposed.sum()

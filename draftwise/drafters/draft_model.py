@@ -98,11 +98,16 @@ class OptTreeDraft(DraftModel):
 
     def __init__(self, net: Transformer, width: int = 8, max_depth: int = 10, delta: float = 0.3,
                  max_nodes: int | None = None, cost=None, subset: VocabSubset | None = None,
-                 max_len: int | None = None):
+                 max_len: int | None = None, calibrate: bool = True):
         if width < 1 or max_depth < 1 or delta < 0:
             raise ConfigError("opt-tree needs width >= 1, max_depth >= 1 and delta >= 0")
         super().__init__(net, k=max_depth, subset=subset, max_len=(max_len or net.max_len) + width * max_depth)
         self.width, self.max_depth, self.delta, self.max_nodes, self.cost = width, max_depth, delta, max_nodes, cost
+        from draftwise.policies.opt_tree import Calibration
+
+        self.calib = Calibration() if calibrate else None
+        self._info: tuple[torch.Tensor, torch.Tensor] | None = None     # (top1, p) of the proposed nodes
+        self._m_prev = width
 
     def draft(self, ctx: Context, first) -> DraftTree:
         from draftwise.policies.budget import best_prefix
@@ -116,18 +121,35 @@ class OptTreeDraft(DraftModel):
         def layer(tree: DraftTree, nodes: list[int]) -> torch.Tensor:
             return self.step(tree, nodes, ctx).logits.float().softmax(-1)
 
-        tree = grow(ctx.root, first.logits[-1:].float().softmax(-1), layer, self.width, depth, self.delta, ids)
+        # the layer width follows the tree size the budget kept last time (+2 to let it grow): on a CPU
+        # the final tree holds a handful of nodes, and layers of `width` nodes would be drafted for nothing
+        width = self.width if self.cost is None else max(2, min(self.width, self._m_prev + 2))
+        tree, top1, p = grow(ctx.root, first.logits[-1:].float().softmax(-1), layer, width, min(depth, width),
+                             self.delta, ids, self.calib)
         p_hat = torch.sort(tree.scores[1:].double(), descending=True).values
         if self.max_nodes is not None:
             m = min(self.max_nodes, p_hat.numel())
         elif self.cost is not None:
             m = best_prefix(p_hat[: self.width], self.cost, context=len(ctx.tokens))
+            self._m_prev = m
         else:
             m = min(self.width, p_hat.numel())
-        return tree.select(top_nodes(tree, m)).to(ctx.device)
+        keep = top_nodes(tree, m)
+        self._info = (top1[keep], p[keep])
+        return tree.select(keep).to(ctx.device)
 
     def observe(self, tree, out, accepted, ctx) -> None:
         super().observe(tree, out, accepted, ctx)
+        if self.calib is not None and self._info is not None and tree.size > 1:
+            on_path = torch.zeros(tree.size, dtype=torch.bool)
+            on_path[accepted.path] = True
+            par = tree.parents.cpu()
+            tested = torch.zeros(tree.size, dtype=torch.bool)
+            tested[1:] = on_path[par[1:]]                     # its parent was accepted: the node was tried
+            n = min(tree.size, self._info[0].numel())
+            t = tested[:n]
+            self.calib.update(self._info[0][:n][t], self._info[1][:n][t], on_path[:n][t])
+        self._info = None
         if self.cost is not None and ctx.last_pass is not None:
             self.cost.observe(*ctx.last_pass, context=len(ctx.tokens))
 
@@ -153,14 +175,15 @@ methods.register(methods.MethodSpec(
     test_opts={"k": 3, "vocab_subset": 0}))
 
 
-def _opt_tree_factory(engine, width: int, max_depth: int, delta: float, max_nodes, vocab_subset: int) -> OptTreeDraft:
+def _opt_tree_factory(engine, width: int, max_depth: int, delta: float, max_nodes, vocab_subset: int,
+                      calibrate: bool) -> OptTreeDraft:
     from draftwise.policies.budget import OnlineCost
 
     net = engine.draft_model
     subset = engine.vocab_subset(vocab_subset) if 0 < vocab_subset < net.cfg.vocab_size else None
     cost = None if max_nodes is not None else OnlineCost(engine.cost_curve())
     return OptTreeDraft(net, width=width, max_depth=max_depth, delta=delta, max_nodes=max_nodes, cost=cost,
-                        subset=subset, max_len=engine.model.max_len)
+                        subset=subset, max_len=engine.model.max_len, calibrate=calibrate)
 
 
 methods.register(methods.MethodSpec(
@@ -173,5 +196,6 @@ methods.register(methods.MethodSpec(
         "max_nodes": methods.Option(int, None, "fixed final tree size (null: sized from the target's cost curve)",
                                     optional=True),
         "vocab_subset": methods.Option(int, 32768, "draft logits over the K most frequent tokens (0: full vocabulary)"),
+        "calibrate": methods.Option(bool, True, "score nodes by learned acceptance rates instead of raw draft probabilities"),
     },
     test_opts={"width": 4, "max_depth": 4, "delta": 0.05, "max_nodes": 6, "vocab_subset": 0}))
