@@ -58,6 +58,8 @@ class MethodSpec:
         return {k: o.check(self.name, k, opts.get(k, o.default)) for k, o in self.options.items()}
 
 
+MAX_NODES = Option(int, None, "fixed draft size (null: sized from the cost curve)", optional=True)
+
 _REGISTRY: dict[str, MethodSpec] = {}
 
 

@@ -33,6 +33,7 @@ class DraftModel(ModelDrafter):
         super().__init__(net.new_cache((max_len or net.max_len) + k + 1))
         self.net, self.k, self.min_prob = net, k, min_prob
         self.subset = None if subset is None else subset.to(net.device)
+        self._ids_cpu = None if subset is None else subset.ids.cpu()       # for sampled drafts (q on the CPU)
         self.head = net.lm_head if subset is None else net.lm_head.rows(self.subset.ids)
         self.g: torch.Generator | None = None
 
@@ -61,8 +62,8 @@ class DraftModel(ModelDrafter):
         top = float(q.max())
         j = int(torch.multinomial(q, 1, generator=self.g))
         if self.subset is not None:
-            q = self.subset.to("cpu").scatter(q)
-            j = int(self.subset.ids[j])
+            q = q.new_zeros(self.subset.vocab_size).index_copy_(0, self._ids_cpu, q)
+            j = int(self._ids_cpu[j])
         return j, top, q
 
     def draft(self, ctx: Context, first) -> DraftTree:
@@ -158,10 +159,14 @@ class OptTreeDraft(DraftModel):
                 "max_nodes": self.max_nodes, "vocab_subset": None if self.subset is None else self.subset.size}
 
 
+def _subset(engine, k: int) -> VocabSubset | None:
+    """The draft head's vocabulary subset (None: the full vocabulary)."""
+    return engine.vocab_subset(k) if 0 < k < engine.draft_model.cfg.vocab_size else None
+
+
 def _factory(engine, k: int, min_prob: float, vocab_subset: int) -> DraftModel:
-    net = engine.draft_model
-    subset = engine.vocab_subset(vocab_subset) if 0 < vocab_subset < net.cfg.vocab_size else None
-    return DraftModel(net, k=k, min_prob=min_prob, subset=subset, max_len=engine.model.max_len)
+    return DraftModel(engine.draft_model, k=k, min_prob=min_prob, subset=_subset(engine, vocab_subset),
+                      max_len=engine.model.max_len)
 
 
 methods.register(methods.MethodSpec(
@@ -177,13 +182,11 @@ methods.register(methods.MethodSpec(
 
 def _opt_tree_factory(engine, width: int, max_depth: int, delta: float, max_nodes, vocab_subset: int,
                       calibrate: bool) -> OptTreeDraft:
-    from draftwise.policies.budget import OnlineCost
+    from draftwise.policies.budget import online_cost
 
-    net = engine.draft_model
-    subset = engine.vocab_subset(vocab_subset) if 0 < vocab_subset < net.cfg.vocab_size else None
-    cost = None if max_nodes is not None else OnlineCost(engine.cost_curve())
-    return OptTreeDraft(net, width=width, max_depth=max_depth, delta=delta, max_nodes=max_nodes, cost=cost,
-                        subset=subset, max_len=engine.model.max_len, calibrate=calibrate)
+    return OptTreeDraft(engine.draft_model, width=width, max_depth=max_depth, delta=delta, max_nodes=max_nodes,
+                        cost=online_cost(engine, max_nodes), subset=_subset(engine, vocab_subset),
+                        max_len=engine.model.max_len, calibrate=calibrate)
 
 
 methods.register(methods.MethodSpec(
@@ -193,8 +196,7 @@ methods.register(methods.MethodSpec(
         "width": methods.Option(int, 8, "nodes per layer and most nodes in the final tree (paper: 50-60 on a GPU)"),
         "max_depth": methods.Option(int, 10, "deepest layer drafted"),
         "delta": methods.Option(float, 0.3, "grow another layer only while it raises E = sum of top p̂ by more"),
-        "max_nodes": methods.Option(int, None, "fixed final tree size (null: sized from the target's cost curve)",
-                                    optional=True),
+        "max_nodes": methods.MAX_NODES,
         "vocab_subset": methods.Option(int, 32768, "draft logits over the K most frequent tokens (0: full vocabulary)"),
         "calibrate": methods.Option(bool, True, "score nodes by learned acceptance rates instead of raw draft probabilities"),
     },

@@ -12,7 +12,7 @@ import torch
 from draftwise import methods
 from draftwise.drafters.base import Context, Drafter
 from draftwise.errors import ConfigError
-from draftwise.policies.budget import CostCurve, OnlineCost, Overhead, best_prefix
+from draftwise.policies.budget import CostCurve, OnlineCost, Overhead, best_prefix, online_cost
 from draftwise.tree import DraftTree, merge_tries
 
 
@@ -129,14 +129,14 @@ class PromptLookup(Drafter):
 
 
 def _factory(engine, max_nodes=None, **opts) -> PromptLookup:
-    cost = None if max_nodes is not None else OnlineCost(engine.cost_curve())
+    cost = online_cost(engine, max_nodes)
     return PromptLookup(max_nodes=max_nodes, cost=cost, **opts)
 
 
 methods.register(methods.MethodSpec(
     "lookup", "prompt lookup (PLD): continuations of earlier occurrences of the newest n-gram", _factory,
     options={
-        "max_nodes": methods.Option(int, None, "fixed draft size (null: sized from the cost curve)", optional=True),
+        "max_nodes": methods.MAX_NODES,
         "max_ngram": methods.Option(int, 3, "longest n-gram matched"),
         "min_ngram": methods.Option(int, 1, "shortest n-gram matched"),
         "max_depth": methods.Option(int, 16, "longest continuation drafted"),

@@ -20,7 +20,7 @@ import torch
 from draftwise import methods
 from draftwise.drafters.base import Context, Drafter
 from draftwise.errors import CheckpointError, ConfigError
-from draftwise.policies.budget import CostCurve, OnlineCost, Overhead, best_prefix
+from draftwise.policies.budget import CostCurve, OnlineCost, Overhead, best_prefix, online_cost
 from draftwise.tree import DraftTree
 
 # Prior probability that the target's top-r prediction (r = 0..7) is the next token (ours; it
@@ -176,14 +176,14 @@ class TokenRecycling(Drafter):
 
 
 def _factory(engine, max_nodes=None, **opts) -> TokenRecycling:
-    cost = None if max_nodes is not None else OnlineCost(engine.cost_curve())
+    cost = online_cost(engine, max_nodes)
     return TokenRecycling(engine.model.cfg.vocab_size, max_nodes=max_nodes, cost=cost, device=engine.model.device, **opts)
 
 
 methods.register(methods.MethodSpec(
     "recycling", "Token Recycling: train-free tree from the target's own past top-k (arXiv 2408.08696)", _factory,
     options={
-        "max_nodes": methods.Option(int, None, "fixed draft size (null: sized from the cost curve)", optional=True),
+        "max_nodes": methods.MAX_NODES,
         "k": methods.Option(int, 8, "next-token candidates kept per token in the adjacency matrix"),
         "template_nodes": methods.Option(int, 80, "nodes of the tree template the budget chooses from"),
         "decay": methods.Option(float, 0.98, "per-step fade of the online acceptance estimates"),

@@ -138,6 +138,12 @@ class OnlineCost:
         self._filled = np.maximum(lo, hi)
 
 
+def online_cost(engine, max_nodes: int | None) -> "OnlineCost | None":
+    """The cost model of a budgeted drafter: none when max_nodes fixes the size, else the engine's
+    measured curve corrected online."""
+    return None if max_nodes is not None else OnlineCost(engine.cost_curve())
+
+
 class Overhead:
     """Running estimate (ms) of a drafter's own time per step (propose + observe), an exponential
     moving average: ``with overhead:`` (or ``start``/``stop``) around each timed part, ``commit``
