@@ -44,6 +44,7 @@ class Engine:
         self._custom: dict[str, Drafter] = {}
         self._subsets: dict[int, object] = {}
         self._cost: CostCurve | None = None
+        self._draft_cost: CostCurve | None = None
         self._cache = None
         self.last_token_ids: list[int] = []   # token ids of the latest stream() call
 
@@ -101,6 +102,14 @@ class Engine:
             # measured once per model/device/threads and cached (a progress bar shows the first time)
             self._cost = load_or_measure(self.model, self.model_id, refresh=refresh, progress=True)
         return self._cost
+
+    def draft_cost_curve(self, refresh: bool = False) -> CostCurve:
+        """The draft model's t(n), measured and cached like the target's (needs a draft model)."""
+        if self.draft_model is None:
+            raise ConfigError("no draft model loaded (--draft NAME)")
+        if self._draft_cost is None or refresh:
+            self._draft_cost = load_or_measure(self.draft_model, self.draft_id, refresh=refresh, progress=True)
+        return self._draft_cost
 
     def vocab_subset(self, k: int):
         """The k most frequent tokens of this tokenizer (for draft heads; counted once, cached)."""
@@ -218,9 +227,23 @@ def _eos_ids(path: Path, model: Transformer, tokenizer) -> tuple[int, ...]:
 
 
 def _check_same_tokenizer(target_tok, draft_tok, target: str, draft: str) -> None:
+    """Speculative decoding needs one tokenizer: the same vocabulary (ids and strings) and the same
+    special tokens (EOS ends both models' answers the same way)."""
     from draftwise.vocab import fingerprint
 
-    a, b = fingerprint(target_tok), fingerprint(draft_tok)
-    if a != b:
-        raise ConfigError(f"draft model {draft!r} does not share the tokenizer of {target!r} "
-                          f"(vocabulary fingerprints {b} vs {a}): speculative decoding needs the same tokenizer")
+    def specials(t) -> dict:
+        return {k: (v, t.convert_tokens_to_ids(v)) for k, v in t.special_tokens_map.items() if isinstance(v, str)}
+
+    why = None
+    if len(target_tok) != len(draft_tok):
+        why = f"{len(draft_tok)} vs {len(target_tok)} tokens"
+    elif fingerprint(target_tok) != fingerprint(draft_tok):
+        why = f"vocabulary fingerprints {fingerprint(draft_tok)} vs {fingerprint(target_tok)}"
+    elif specials(target_tok) != specials(draft_tok):
+        a, b = specials(target_tok), specials(draft_tok)
+        diff = sorted(k for k in set(a) | set(b) if a.get(k) != b.get(k))
+        why = "special tokens differ: " + ", ".join(f"{k} {b.get(k, (None,))[0]!r} vs {a.get(k, (None,))[0]!r}"
+                                                    for k in diff)
+    if why:
+        raise ConfigError(f"draft model {draft!r} does not share the tokenizer of target {target!r} ({why}); "
+                          f"speculative decoding needs the same tokenizer")

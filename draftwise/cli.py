@@ -155,7 +155,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help=f"comma list: {', '.join(_method_help().split(' | '))}; baselines hf, hf-lookup, hf-assisted "
                         "(needs --draft), llamacpp, llamacpp-lookup (need llama-cpp-python)")
     b.add_argument("--method-opts", default=None, metavar="JSON",
-                   help='options per method, e.g. \'{"recycling": {"max_nodes": 8}, "draft": {"k": 3}}\'')
+                   help='options per method, e.g. \'{"recycling": {"max_nodes": 8}, "draft-model": {"tree": "chain"}}\'')
     b.add_argument("--dataset", default="humaneval", help="humaneval | mtbench | sharegpt | FILE.jsonl")
     b.add_argument("--limit", type=int, default=None, help="at most N questions, round-robin over categories")
     b.add_argument("--max-new-tokens", type=int, default=128)

@@ -44,7 +44,7 @@ class MethodSpec:
     factory: Callable[..., Any]             # factory(engine, **opts) -> Drafter
     options: dict[str, Option] = field(default_factory=dict)
     needs: tuple[str, ...] = ()             # keys of NEEDS
-    test_opts: dict = field(default_factory=dict)   # a tiny configuration for the parameterized tests
+    test_opts: dict | list[dict] = field(default_factory=dict)   # tiny configurations for the parameterized tests
     sampling: bool = True                    # supports temperature > 0
 
     def validate(self, opts: dict | None) -> dict:
@@ -93,6 +93,17 @@ def names() -> list[str]:
 def specs() -> list[MethodSpec]:
     _load_builtins()
     return list(_REGISTRY.values())
+
+
+def test_cases() -> list[tuple[str, str, dict]]:
+    """(test id, method, options) for every registered method and each of its test configurations."""
+    out = []
+    for s in specs():
+        cases = s.test_opts if isinstance(s.test_opts, list) else [s.test_opts]
+        for i, o in enumerate(cases):
+            label = s.name if len(cases) == 1 else f"{s.name}[{i}:{','.join(f'{k}={v}' for k, v in o.items())}]"
+            out.append((label, s.name, o))
+    return out
 
 
 def parse_opts(text: str | None) -> dict:

@@ -128,6 +128,29 @@ class DraftTree:
                          pick(self.sampled), pick(self.origin), pick(self.template_ids))
 
 
+def make_template(num_nodes: int, k: int, max_depth: int, rank_prior) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """A static tree shape, best first by prior path probability: node = (parent, rank r of the
+    parent's prediction), prior = product of rank_prior[r] along the path. Returns parents,
+    ranks, prior [num_nodes] in parents-first (BFS) order, node 0 = the root."""
+    import heapq
+
+    parents, ranks, prior, depth = [-1], [-1], [1.0], [0]
+    heap = [(-rank_prior[r], 0, r) for r in range(k)]
+    heapq.heapify(heap)
+    while len(parents) < num_nodes and heap:
+        negp, par, r = heapq.heappop(heap)
+        idx = len(parents)
+        parents.append(par); ranks.append(r); prior.append(-negp); depth.append(depth[par] + 1)
+        if depth[idx] < max_depth:
+            for r2 in range(k):
+                heapq.heappush(heap, (negp * rank_prior[r2], idx, r2))
+    # parents-first order by depth (BFS), stable within a depth
+    order = sorted(range(len(parents)), key=lambda i: (depth[i], i))
+    pos = {old: new for new, old in enumerate(order)}
+    par_t = torch.tensor([-1 if parents[o] < 0 else pos[parents[o]] for o in order])
+    return par_t, torch.tensor([ranks[o] for o in order]), torch.tensor([prior[o] for o in order])
+
+
 def merge_tries(root: int, sequences: list[list[int]], max_nodes: int | None = None) -> tuple[list[int], list[int]]:
     """Merge token sequences (continuations of root) into a trie. Returns (tokens, parents).
 

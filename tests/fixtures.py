@@ -47,6 +47,9 @@ class TinyEngine:
     def cost_curve(self) -> CostCurve:
         return CostCurve.flat()
 
+    def draft_cost_curve(self) -> CostCurve:
+        return CostCurve((1, 1024), (0.3, 0.3))      # a draft step costs 30% of a target pass
+
     def vocab_subset(self, k: int) -> VocabSubset:
         return VocabSubset(torch.arange(min(k, self.model.cfg.vocab_size)), self.model.cfg.vocab_size)
 

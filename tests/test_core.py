@@ -24,9 +24,14 @@ def pair(tmp_path_factory):
     return tiny_pair(tmp_path_factory.mktemp("pair"))
 
 
-def build(name, target, draft):
+def build(name, target, draft, opts=None):
     spec = methods.get(name)
-    return spec.factory(TinyEngine(target, draft), **spec.validate(spec.test_opts))
+    if opts is None:
+        opts = spec.test_opts if isinstance(spec.test_opts, dict) else spec.test_opts[0]
+    return spec.factory(TinyEngine(target, draft), **spec.validate(opts))
+
+
+CASES = methods.test_cases()
 
 
 def prompt_of(seed, vocab=96, n=30):
@@ -36,10 +41,10 @@ def prompt_of(seed, vocab=96, n=30):
 
 
 # ---------------------------------------------------------------- every registered method
-@pytest.mark.parametrize("name", methods.names())
-def test_every_registered_method_matches_plain_greedy(pair, name):
+@pytest.mark.parametrize("name,opts", [c[1:] for c in CASES], ids=[c[0] for c in CASES])
+def test_every_registered_method_matches_plain_greedy(pair, name, opts):
     target, draft = pair
-    d = build(name, target, draft)
+    d = build(name, target, draft, opts)
     for seed in range(3):
         prompt = prompt_of(seed)
         ref, _ = generate(target, prompt, max_new_tokens=40)
@@ -51,7 +56,7 @@ def test_every_registered_method_matches_plain_greedy(pair, name):
 
 def test_draft_model_accepts_and_rejects(pair):
     target, draft = pair
-    d = build("draft", target, draft)
+    d = build("draft-model", target, draft, {"tree": "chain", "max_nodes": 3, "vocab_subset": 0})
     _, st = generate(target, prompt_of(1), drafter=d, max_new_tokens=40)
     assert st.tau > 1.3 and st.tau < 4.0  # the noisy copy agrees often, not always
 
@@ -70,8 +75,9 @@ def exact_third_token(model, prompt, s: Sampling) -> np.ndarray:
     return dist.numpy()
 
 
-@pytest.mark.parametrize("name", [m for m in methods.names() if methods.get(m).sampling])
-def test_every_registered_method_samples_the_target_distribution(tmp_path_factory, name):
+@pytest.mark.parametrize("name,opts", [c[1:] for c in CASES if methods.get(c[1]).sampling],
+                         ids=[c[0] for c in CASES if methods.get(c[1]).sampling])
+def test_every_registered_method_samples_the_target_distribution(tmp_path_factory, name, opts):
     from tests.conftest import make_tiny_hf  # noqa: F401  (fixtures build on it)
     from tests.fixtures import VOCAB  # noqa: F401
 
@@ -79,7 +85,7 @@ def test_every_registered_method_samples_the_target_distribution(tmp_path_factor
     s = Sampling(temperature=1.0)
     prompt = [1, 2, 3, 1, 2, 3, 1, 2]
     p = exact_third_token(target, prompt, s)
-    d = build(name, target, draft)
+    d = build(name, target, draft, opts)
     counts = np.zeros(p.size)
     n = 1500
     for i in range(n):
@@ -218,7 +224,7 @@ class CheckedDraftModel(DraftModel):
 def test_catch_up_cache_follows_the_committed_sequence(tmp_path, noise):
     target, draft = tiny_pair(tmp_path, draft_seed=None if noise == "close" else 9)
     for k in (1, 3, 5):
-        d = CheckedDraftModel(draft, k=k)
+        d = CheckedDraftModel(draft, tree="chain", max_nodes=k)
         for seed in range(2):
             prompt = prompt_of(seed)
             ref, _ = generate(target, prompt, max_new_tokens=25)
@@ -238,7 +244,7 @@ def test_option_validation():
         spec.validate({"max_nodes": "8"})
     with pytest.raises(ConfigError, match="must be int"):
         spec.validate({"k": True})
-    assert methods.get("draft").validate({"min_prob": 0})["min_prob"] == 0.0     # int accepted for float
+    assert methods.get("draft-model").validate({"delta": 0})["delta"] == 0.0     # int accepted for float
     with pytest.raises(ConfigError, match="unknown method"):
         methods.get("nope")
     with pytest.raises(ConfigError, match="not valid JSON"):
@@ -252,7 +258,7 @@ def test_draft_method_without_a_draft_model_is_a_clear_error():
 
     eng = draftwise.load("smollm2-135m-instruct", progress=False)
     with pytest.raises(ConfigError, match="needs a draft model"):
-        eng.generate("hi", method="draft", max_new_tokens=2)
+        eng.generate("hi", method="draft-model", max_new_tokens=2)
     with pytest.raises(ConfigError, match="unknown option 'top_k' for method 'lookup'"):
         eng.generate("hi", method="lookup", max_new_tokens=2, method_opts={"top_k": 3})
 
@@ -296,7 +302,7 @@ def test_subset_head_drafts_inside_the_subset_and_verifies_over_the_full_vocabul
             assert first.logits.shape[-1] == 40                 # draft logits over the subset only
             return tree
 
-    d = Spy(draft, k=3, subset=subset)
+    d = Spy(draft, tree="chain", max_nodes=3, subset=subset)
     for seed in range(3):
         prompt = prompt_of(seed)
         ref, _ = generate(target, prompt, max_new_tokens=30)
@@ -341,49 +347,78 @@ def test_mistral_prompt_longer_than_the_sliding_window(tmp_path):
     assert len(generate(m, list(range(1, 20)), max_new_tokens=4)[0]) == 4
 
 
-# ---------------------------------------------------------------- OPT-Tree
-def test_opt_tree_growth_scores_stop_rule_and_selection():
-    from draftwise.policies.opt_tree import grow, top_nodes
+# ---------------------------------------------------------------- OPT-Tree and the planner
+# next-token distributions of the hand-checked case, by the token of the node they follow
+ROOT = torch.tensor([[0.6, 0.3, 0.08, 0.02]], dtype=torch.float64)
+NEXT = torch.tensor([[0.9, 0.05, 0.03, 0.02], [0.5, 0.4, 0.06, 0.04],
+                     [0.7, 0.1, 0.1, 0.1], [0.25, 0.25, 0.25, 0.25]], dtype=torch.float64)
 
-    K = 5
-    dist = torch.tensor([[0.6, 0.25, 0.1, 0.04, 0.01]])
+
+def test_opt_tree_hand_checked_growth_stop_and_selection():
+    """width 2, δ 0.15. Layer 1: a=0.6 (token 0), b=0.3 (token 1); E = 0.9, expand both.
+    Layer 2: a·0.9 = 0.54 (c), b·0.5 = 0.15 (d) beat b·0.4 = 0.12; E = 0.6 + 0.54 = 1.14, gain 0.24:
+    expand c, d. Layer 3: c·0.9 = 0.486 (e), d·0.9 = 0.135 (f); E stays 1.14: stop, and e, f are
+    never fed to the draft (two forwards, not three). Top 4: a, c, e, b."""
+    from draftwise.policies.opt_tree import DeltaStop, grow, top_nodes
+
     calls = []
 
     def layer(tree, nodes):
         calls.append(list(nodes))
-        assert all(int(tree.depths[n]) == len(calls) for n in nodes)     # one forward per layer
-        return dist.repeat(len(nodes), 1)
+        return NEXT[tree.tokens[nodes]]
 
-    tree, top1, p = grow(7, dist, layer, width=3, max_depth=10, delta=0.2)
-    assert top1.numel() == p.numel() == tree.size and bool(top1[0])
-    d = tree.depths
-    # every node's score is the product of the probabilities along its path
-    for i in range(1, tree.size):
-        par = int(tree.parents[i])
-        p = float(dist[0, int(tree.tokens[i])])
-        assert abs(float(tree.scores[i]) - float(tree.scores[par]) * p) < 1e-6
-    # the layer that failed the δ test was never fed to the draft (no wasted forward)
-    assert len(calls) == int(d.max()) - 1
-    assert all(int(d[n]) < int(d.max()) for c in calls for n in c)
+    tree, top1, p = grow(7, ROOT, layer, width=2, max_depth=10, stop=DeltaStop(0.15, 2))
+    assert calls == [[1, 2], [3, 4]]
+    assert tree.tokens.tolist() == [7, 0, 1, 0, 0, 0, 0]
+    assert tree.parents.tolist() == [-1, 0, 0, 1, 2, 3, 4]
+    torch.testing.assert_close(tree.scores, torch.tensor([1, 0.6, 0.3, 0.54, 0.15, 0.486, 0.135]))
+    assert top1.tolist() == [True, True, False, True, True, True, True]
     keep = top_nodes(tree, 4)
-    sub = tree.select(keep)                                    # closed under parents, or select raises
-    assert sub.size == 5 and float(sub.scores[1:].min()) >= float(torch.sort(tree.scores[1:], descending=True).values[3]) - 1e-7
-    assert K == dist.shape[1]
+    assert keep.tolist() == [0, 1, 2, 3, 5]
+    sub = tree.select(keep)
+    assert sub.tokens.tolist() == [7, 0, 1, 0, 0] and sub.parents.tolist() == [-1, 0, 0, 1, 3]
 
 
-def test_opt_tree_on_the_tiny_pair_accepts_several_tokens(pair):
-    from draftwise.drafters.draft_model import OptTreeDraft
+def test_planner_stops_where_the_target_cost_jumps():
+    """Target: 100 ms up to 4 nodes, 400 ms from 5; draft step 20 ms; each top child keeps 0.8 of
+    its parent's p̂. A chain pays until the tree would need a fifth node."""
+    from draftwise.policies.budget import CostCurve
+    from draftwise.policies.opt_tree import Planner
 
+    pl = Planner(CostCurve((1, 4, 5, 64), (100.0, 100.0, 400.0, 400.0)), CostCurve((1, 64), (20.0, 20.0)), a=0.8)
+    pl.begin(100)
+    pl.spent = lambda: 20.0                       # the catch-up forward
+    s = torch.tensor([1.0, 0.8], dtype=torch.float64)
+    assert pl.expand(s, s[-1:], 9) == 1           # (1 + 0.8 + 0.64) / 140 > 1.8 / 120
+    pl.spent = lambda: 60.0
+    s = torch.tensor([1.0, 0.8, 0.64, 0.512], dtype=torch.float64)
+    assert pl.expand(s, s[-1:], 7) == 0           # a 4th node makes 5 rows: 400 ms
+    assert pl.size(np.array([0.8, 0.64, 0.512])) == 3
+    assert pl.size(np.array([0.8, 0.64, 0.512, 0.41, 0.33])) == 3
+    pl.spent = lambda: 0.0
+    assert pl.size(np.array([0.01])) == 1         # a flat curve: any gain is worth a node
+    cheap = Planner(CostCurve((1, 64), (100.0, 100.0)), CostCurve((1, 64), (500.0, 500.0)), a=0.8)
+    cheap.begin(10)
+    cheap.spent = lambda: 0.0
+    s = torch.tensor([1.0, 0.8], dtype=torch.float64)
+    assert cheap.expand(s, s[-1:], 9) == 0        # a draft step dearer than a target pass never pays
+
+
+@pytest.mark.parametrize("shape", ["chain", "static", "opt-tree"])
+def test_draft_model_shapes_on_the_tiny_pair(pair, shape):
     target, draft = pair
-    d = OptTreeDraft(draft, width=4, max_depth=6, delta=0.01, max_nodes=8, calibrate=False)
+    d = build("draft-model", target, draft, {"tree": shape, "max_nodes": 6, "delta": 0.0, "vocab_subset": 0})
     prompt = prompt_of(1)
     ref, _ = generate(target, prompt, max_new_tokens=40)
     out, st = generate(target, prompt, drafter=d, max_new_tokens=40)
-    assert out == ref and st.tau > 1.5 and max(st.tree_sizes) == 9
+    assert out == ref and st.tau > 1.3 and max(st.tree_sizes) == 7
+    if shape == "static":                          # the same shape every step
+        assert set(st.tree_sizes[:-3]) == {7}
+    if shape == "chain":
+        assert max(st.accept_lengths) <= 7
 
 
-def test_opt_tree_calibration_learns_acceptance_rates(pair):
-    from draftwise.drafters.draft_model import OptTreeDraft
+def test_calibration_learns_acceptance_rates(pair):
     from draftwise.policies.opt_tree import Calibration
 
     c = Calibration(buckets=10, prior_weight=4.0)
@@ -395,7 +430,15 @@ def test_opt_tree_calibration_learns_acceptance_rates(pair):
     r = c.rate(top, p)
     assert r[0] > 0.9 and r[1] < 0.05                                   # top choices accepted, others not
     target, draft = pair
-    d = OptTreeDraft(draft, width=4, max_depth=6, delta=0.01, max_nodes=8)
+    d = build("draft-model", target, draft, {"width": 4, "max_depth": 6, "vocab_subset": 0})
     out, _ = generate(target, prompt_of(1), drafter=d, max_new_tokens=30)
     assert out == generate(target, prompt_of(1), max_new_tokens=30)[0]
     assert d.calib.proposed.sum() > 0 and d.calib.accepted.sum() <= d.calib.proposed.sum()
+
+
+def test_draft_model_bad_options():
+    spec = methods.get("draft-model")
+    with pytest.raises(ConfigError, match="'tree' must be one of chain, static, opt-tree"):
+        spec.factory(None, **spec.validate({"tree": "bush"}))
+    with pytest.raises(ConfigError, match="must be int"):
+        spec.validate({"max_nodes": 2.5})

@@ -1,13 +1,24 @@
-"""An independent draft model with the target's tokenizer drafts a chain (SpS; HF assisted
-generation's shape): k tokens, one draft forward each, greedy or sampled from the draft's own
-(warped) distribution q, so sampled output stays exactly the target's.
+"""An independent draft model with the target's tokenizer drafts for the target (method
+``draft-model``), in one of three shapes:
 
-Terms: k = most tokens drafted per step; min_prob = stop drafting once the draft's top probability
-falls below it (0 = always draft k); vocab subset = the draft reads out over
-the K most frequent tokens only (FR-Spec), verification stays over the full vocabulary.
-Tree shapes and OPT-Tree build on this file (issue: draft model + OPT-Tree).
+- ``chain``: k tokens, one draft forward each (SpS; HF assisted generation's shape), greedy or
+  sampled from the draft's own warped distribution q (verified with the q-aware rule, so sampled
+  output stays exactly the target's).
+- ``static``: a fixed tree shape (node = (parent, rank of the parent's draft prediction)), chosen
+  once, best first by a prior acceptance per rank; one draft forward per level; deterministic
+  top-k children (verified with the deterministic rule).
+- ``opt-tree`` (default): OPT-Tree's adaptive tree (policies/opt_tree.py), one draft forward per
+  layer over the expanded nodes, final tree = the nodes of largest p̂; deterministic children.
+
+Terms: max_nodes = draft nodes verified per step (null: chosen every step from the cost curves
+of both models by ``Planner``: how deep to draft and how many nodes to verify, so that each step
+maximizes expected tokens per second of the whole step, draft forwards included);
+vocab subset = the draft reads out over the K most frequent tokens only (FR-Spec), verification
+stays over the full vocabulary. The draft cache follows the committed sequence (model_base.py).
 """
 from __future__ import annotations
+
+import time
 
 import torch
 
@@ -16,27 +27,50 @@ from draftwise.drafters.base import Context
 from draftwise.drafters.model_base import ModelDrafter
 from draftwise.errors import ConfigError
 from draftwise.models.transformer import ForwardOut, Transformer
+from draftwise.policies.opt_tree import Calibration, DeltaStop, Planner, grow, top_nodes
 from draftwise.sampling import warp
-from draftwise.tree import DraftTree
+from draftwise.tree import DraftTree, make_template
 from draftwise.vocab import VocabSubset
+
+SHAPES = ("chain", "static", "opt-tree")
+# Prior acceptance of the draft's rank-r prediction (ours; it only shapes the static tree).
+DRAFT_RANK_PRIOR = (0.75, 0.1, 0.04, 0.02, 0.01, 0.01, 0.005, 0.005)
+STATIC_NODES = 6          # the static tree's size when max_nodes is null (sized for a CPU target)
 
 
 class DraftModel(ModelDrafter):
-    name = "draft"
+    name = "draft-model"
 
-    def __init__(self, net: Transformer, k: int = 4, min_prob: float = 0.0, subset: VocabSubset | None = None,
-                 max_len: int | None = None):
-        if k < 1:
-            raise ConfigError(f"draft needs k >= 1, got {k}")
-        if not 0.0 <= min_prob < 1.0:
-            raise ConfigError(f"draft needs 0 <= min_prob < 1, got {min_prob}")
-        super().__init__(net.new_cache((max_len or net.max_len) + k + 1))
-        self.net, self.k, self.min_prob = net, k, min_prob
+    def __init__(self, net: Transformer, tree: str = "opt-tree", max_nodes: int | None = None, max_depth: int = 10,
+                 width: int = 8, delta: float | None = None, subset: VocabSubset | None = None,
+                 planner: Planner | None = None, calibrate: bool = True, max_len: int | None = None):
+        if tree not in SHAPES:
+            raise ConfigError(f"draft-model tree must be one of {', '.join(SHAPES)}, got {tree!r}")
+        if max_depth < 1 or width < 1 or (max_nodes is not None and max_nodes < 1):
+            raise ConfigError("draft-model needs max_depth >= 1, width >= 1 and max_nodes >= 1 (or null)")
+        if delta is not None and delta < 0:
+            raise ConfigError(f"draft-model needs delta >= 0 (or null), got {delta}")
+        if planner is None and (max_nodes is None and tree != "static" or tree == "opt-tree" and delta is None):
+            raise ConfigError("draft-model needs cost curves (a planner) unless max_nodes and delta are fixed")
+        extra = max(width, max_nodes or 0) * max_depth + 1
+        super().__init__(net.new_cache((max_len or net.max_len) + extra))
+        self.net, self.shape, self.max_nodes, self.max_depth = net, tree, max_nodes, max_depth
+        self.width, self.delta, self.planner = width, delta, planner
         self.subset = None if subset is None else subset.to(net.device)
         self._ids_cpu = None if subset is None else subset.ids.cpu()       # for sampled drafts (q on the CPU)
         self.head = net.lm_head if subset is None else net.lm_head.rows(self.subset.ids)
+        self.calib = Calibration() if calibrate else None
         self.g: torch.Generator | None = None
+        self._info: tuple[torch.Tensor, torch.Tensor] | None = None     # (top1, p) of the proposed nodes
+        if tree == "static":
+            n = max_nodes or STATIC_NODES
+            self.t_par, self.t_rank, _ = make_template(n + 1, len(DRAFT_RANK_PRIOR), max_depth, DRAFT_RANK_PRIOR)
+            depths = torch.zeros_like(self.t_par)
+            for i in range(1, self.t_par.numel()):
+                depths[i] = depths[self.t_par[i]] + 1
+            self.t_depth = depths
 
+    # ------------------------------------------------------------------ network
     def reset(self, ctx: Context) -> None:
         super().reset(ctx)
         s = ctx.sampling
@@ -44,17 +78,42 @@ class DraftModel(ModelDrafter):
             (s.seed if s.seed is not None else torch.seed()) + 0x5EED)
 
     def forward_draft(self, tokens, positions, mask, ctx, catch_up: bool) -> ForwardOut:
+        t0 = time.perf_counter()
         out = self.net.forward(tokens, positions, self.cache, tree_mask=mask, compute_logits=False)
         out.logits = self.head(out.hidden[-1:] if catch_up else out.hidden)   # [1 or n, K or V]
+        if self.planner is not None and not catch_up:
+            if out.logits.device.type == "cuda":
+                torch.cuda.synchronize(out.logits.device)
+            self.planner.draft_cost.observe(tokens.numel(), (time.perf_counter() - t0) * 1e3,
+                                            context=len(ctx.tokens))
         return out
+
+    def propose(self, ctx: Context):
+        if self.planner is not None:
+            self.planner.begin(len(ctx.tokens))          # the catch-up counts as spent
+        return super().propose(ctx)
+
+    def _probs(self, logits: torch.Tensor) -> torch.Tensor:
+        return logits.float().softmax(-1)
+
+    def _rate(self, top1: torch.Tensor, p: torch.Tensor) -> torch.Tensor:
+        return p if self.calib is None else self.calib.rate(top1, p)
+
+    # ------------------------------------------------------------------ shapes
+    def draft(self, ctx: Context, first) -> DraftTree:
+        depth = min(self.max_depth, max(0, ctx.remaining - 1))
+        if depth == 0:
+            return DraftTree.root_only(ctx.root, device=ctx.device)
+        shape = {"chain": self._chain, "static": self._static, "opt-tree": self._opt_tree}[self.shape]
+        return shape(ctx, first, depth)
 
     def _next(self, logits: torch.Tensor, ctx: Context) -> tuple[int, float, torch.Tensor | None]:
         """(token, the draft's top probability, q over the full vocabulary or None when greedy).
 
-        The stopping rule looks at the top probability, never at the drawn token: a draw kept or
+        Stopping looks at top probabilities, never at a drawn token's own value: a draw kept or
         dropped by its own value would no longer follow q, and sampling would stop being exact."""
         if self.g is None:
-            probs = logits.float().softmax(-1)
+            probs = self._probs(logits)
             j = int(probs.argmax())
             tok = j if self.subset is None else int(self.subset.ids[j])
             return tok, float(probs[j]), None
@@ -66,138 +125,127 @@ class DraftModel(ModelDrafter):
             j = int(self._ids_cpu[j])
         return j, top, q
 
-    def draft(self, ctx: Context, first) -> DraftTree:
-        k = min(self.k, max(0, ctx.remaining - 1))
-        tokens, qs = [ctx.root], []
+    def _chain(self, ctx: Context, first, depth: int) -> DraftTree:
+        k = depth if self.max_nodes is None else min(depth, self.max_nodes)
+        tokens, qs, tops, scores = [], [], [], [1.0]
         logits = first.logits[-1]
         for d in range(k):
-            tok, p, q = self._next(logits, ctx)
-            if p < self.min_prob:
+            tok, top, q = self._next(logits, ctx)
+            tokens.append(tok); qs.append(q); tops.append(top)
+            scores.append(scores[-1] * float(self._rate(torch.tensor([True]), torch.tensor([top], dtype=torch.float64))))
+            if d + 1 == k:
                 break
-            tokens.append(tok)
-            qs.append(q)
-            if d + 1 < k:
-                tree = DraftTree.chain(ctx.root, tokens[1:], device=self.cache.k.device)
-                logits = self.step(tree, [d + 1], ctx).logits[-1]
-        tree = DraftTree.chain(ctx.root, tokens[1:], device=ctx.device)
-        if qs and qs[0] is not None:
-            rows = qs + [torch.zeros_like(qs[0])]                            # the last node has no child
+            if self.max_nodes is None:
+                s = torch.tensor(scores, dtype=torch.float64)
+                if self.planner.expand(s, s[-1:], k - d - 1) == 0:
+                    break
+            tree = DraftTree.chain(ctx.root, tokens, device=self.cache.k.device)
+            logits = self.step(tree, [d + 1], ctx).logits[-1]
+        if self.max_nodes is None and self.g is None:
+            # greedy only: cutting a sampled chain by later scores would make a draw's survival
+            # depend on its own value
+            m = self.planner.size(torch.tensor(scores[1:]).numpy())
+            tokens, tops = tokens[:m], tops[:m]
+        tree = DraftTree.chain(ctx.root, tokens, device=ctx.device)
+        self._info = (torch.ones(len(tokens), dtype=torch.bool), torch.tensor(tops, dtype=torch.float64))
+        if tokens and qs[0] is not None:
+            rows = qs[: len(tokens)] + [torch.zeros_like(qs[0])]               # the last node has no child
             tree.q = torch.stack(rows)                                        # [n, V]
         return tree
 
-    def describe(self) -> dict:
-        return {"method": self.name, "k": self.k, "min_prob": self.min_prob,
-                "vocab_subset": None if self.subset is None else self.subset.size}
+    def _static(self, ctx: Context, first, depth: int) -> DraftTree:
+        keep = torch.nonzero(self.t_depth <= depth).flatten()
+        par, rank, dep = self.t_par[keep], self.t_rank[keep], self.t_depth[keep]
+        n = keep.numel()
+        tokens, top1 = [ctx.root] + [0] * (n - 1), torch.ones(n, dtype=torch.bool)
+        p = torch.ones(n, dtype=torch.float64)
+        probs = {0: self._probs(first.logits[-1]).double().cpu()}            # node -> its children's distribution
+        for d in range(1, int(dep.max()) + 1):
+            level = torch.nonzero(dep == d).flatten().tolist()
+            for i in level:
+                pr = probs[int(par[i])]
+                order = torch.topk(pr, int(rank[i]) + 1).indices
+                j = int(order[-1])
+                tokens[i] = j if self._ids_cpu is None else int(self._ids_cpu[j])
+                top1[i], p[i] = int(rank[i]) == 0, pr[j]
+            parents_next = [i for i in level if bool((par == i).any())]
+            if parents_next:
+                tree = DraftTree.from_parents(tokens[: max(level) + 1], par[: max(level) + 1].tolist())
+                out = self._probs(self.step(tree, parents_next, ctx).logits).double().cpu()
+                probs.update({i: out[r] for r, i in enumerate(parents_next)})
+        self._info = (top1[1:], p[1:])
+        return DraftTree.from_parents(tokens, par.tolist(), device=ctx.device)
 
-
-class OptTreeDraft(DraftModel):
-    """OPT-Tree shape (policies/opt_tree.py): layer-wise growth, one draft forward per layer,
-    final tree = the nodes of largest p̂, as many as the target's cost curve pays for (or
-    max_nodes). Deterministic children: greedy and sampled verification are both exact."""
-
-    name = "opt-tree"
-
-    def __init__(self, net: Transformer, width: int = 8, max_depth: int = 10, delta: float = 0.3,
-                 max_nodes: int | None = None, cost=None, subset: VocabSubset | None = None,
-                 max_len: int | None = None, calibrate: bool = True):
-        if width < 1 or max_depth < 1 or delta < 0:
-            raise ConfigError("opt-tree needs width >= 1, max_depth >= 1 and delta >= 0")
-        super().__init__(net, k=max_depth, subset=subset, max_len=(max_len or net.max_len) + width * max_depth)
-        self.width, self.max_depth, self.delta, self.max_nodes, self.cost = width, max_depth, delta, max_nodes, cost
-        from draftwise.policies.opt_tree import Calibration
-
-        self.calib = Calibration() if calibrate else None
-        self._info: tuple[torch.Tensor, torch.Tensor] | None = None     # (top1, p) of the proposed nodes
-        self._m_prev = width
-
-    def draft(self, ctx: Context, first) -> DraftTree:
-        from draftwise.policies.budget import best_prefix
-        from draftwise.policies.opt_tree import grow, top_nodes
-
-        depth = min(self.max_depth, max(0, ctx.remaining - 1))
-        if depth == 0:
-            return DraftTree.root_only(ctx.root, device=ctx.device)
+    def _opt_tree(self, ctx: Context, first, depth: int) -> DraftTree:
         ids = None if self.subset is None else self.subset.ids
+        stop = DeltaStop(self.delta, self.width) if self.delta is not None else self.planner
 
         def layer(tree: DraftTree, nodes: list[int]) -> torch.Tensor:
-            return self.step(tree, nodes, ctx).logits.float().softmax(-1)
+            return self._probs(self.step(tree, nodes, ctx).logits)
 
-        # the layer width follows the tree size the budget kept last time (+2 to let it grow): on a CPU
-        # the final tree holds a handful of nodes, and layers of `width` nodes would be drafted for nothing
-        width = self.width if self.cost is None else max(2, min(self.width, self._m_prev + 2))
-        tree, top1, p = grow(ctx.root, first.logits[-1:].float().softmax(-1), layer, width, min(depth, width),
-                             self.delta, ids, self.calib)
+        if self.delta is not None:
+            stop.begin(len(ctx.tokens))
+        tree, top1, p = grow(ctx.root, self._probs(first.logits[-1:]), layer, self.width, depth, stop, ids, self.calib)
         p_hat = torch.sort(tree.scores[1:].double(), descending=True).values
         if self.max_nodes is not None:
             m = min(self.max_nodes, p_hat.numel())
-        elif self.cost is not None:
-            m = best_prefix(p_hat[: self.width], self.cost, context=len(ctx.tokens))
-            self._m_prev = m
         else:
-            m = min(self.width, p_hat.numel())
+            m = self.planner.size(p_hat.numpy())
         keep = top_nodes(tree, m)
-        self._info = (top1[keep], p[keep])
+        self._info = (top1[keep[1:]], p[keep[1:]])
         return tree.select(keep).to(ctx.device)
 
+    # ------------------------------------------------------------------ feedback
     def observe(self, tree, out, accepted, ctx) -> None:
         super().observe(tree, out, accepted, ctx)
         if self.calib is not None and self._info is not None and tree.size > 1:
             on_path = torch.zeros(tree.size, dtype=torch.bool)
             on_path[accepted.path] = True
             par = tree.parents.cpu()
-            tested = torch.zeros(tree.size, dtype=torch.bool)
-            tested[1:] = on_path[par[1:]]                     # its parent was accepted: the node was tried
-            n = min(tree.size, self._info[0].numel())
+            tested = on_path[par[1:]]                     # its parent was accepted: the node was tried
+            n = min(tree.size - 1, self._info[0].numel())
             t = tested[:n]
-            self.calib.update(self._info[0][:n][t], self._info[1][:n][t], on_path[:n][t])
+            self.calib.update(self._info[0][:n][t], self._info[1][:n][t], on_path[1:n + 1][t])
         self._info = None
-        if self.cost is not None and ctx.last_pass is not None:
-            self.cost.observe(*ctx.last_pass, context=len(ctx.tokens))
+        if self.planner is not None and ctx.last_pass is not None:
+            self.planner.target_cost.observe(*ctx.last_pass, context=len(ctx.tokens))
 
     def describe(self) -> dict:
-        return {"method": self.name, "width": self.width, "max_depth": self.max_depth, "delta": self.delta,
-                "max_nodes": self.max_nodes, "vocab_subset": None if self.subset is None else self.subset.size}
+        return {"method": self.name, "tree": self.shape, "max_nodes": self.max_nodes, "max_depth": self.max_depth,
+                "width": self.width, "delta": self.delta,
+                "vocab_subset": None if self.subset is None else self.subset.size}
 
 
-def _subset(engine, k: int) -> VocabSubset | None:
-    """The draft head's vocabulary subset (None: the full vocabulary)."""
-    return engine.vocab_subset(k) if 0 < k < engine.draft_model.cfg.vocab_size else None
+def _factory(engine, tree: str, max_nodes, max_depth: int, width: int, delta, vocab_subset: int,
+             calibrate: bool) -> DraftModel:
+    from draftwise.policies.budget import OnlineCost
 
-
-def _factory(engine, k: int, min_prob: float, vocab_subset: int) -> DraftModel:
-    return DraftModel(engine.draft_model, k=k, min_prob=min_prob, subset=_subset(engine, vocab_subset),
-                      max_len=engine.model.max_len)
-
-
-methods.register(methods.MethodSpec(
-    "draft", "a smaller model with the same tokenizer drafts a chain of k tokens (speculative sampling)",
-    _factory, needs=("draft_model",),
-    options={
-        "k": methods.Option(int, 4, "most tokens drafted per step"),
-        "min_prob": methods.Option(float, 0.0, "stop drafting when the draft's top probability falls below this"),
-        "vocab_subset": methods.Option(int, 32768, "draft logits over the K most frequent tokens (0: full vocabulary)"),
-    },
-    test_opts={"k": 3, "vocab_subset": 0}))
-
-
-def _opt_tree_factory(engine, width: int, max_depth: int, delta: float, max_nodes, vocab_subset: int,
-                      calibrate: bool) -> OptTreeDraft:
-    from draftwise.policies.budget import online_cost
-
-    return OptTreeDraft(engine.draft_model, width=width, max_depth=max_depth, delta=delta, max_nodes=max_nodes,
-                        cost=online_cost(engine, max_nodes), subset=_subset(engine, vocab_subset),
-                        max_len=engine.model.max_len, calibrate=calibrate)
+    if tree not in SHAPES:
+        raise ConfigError(f"draft-model option 'tree' must be one of {', '.join(SHAPES)}, got {tree!r}")
+    need_plan = (max_nodes is None and tree != "static") or (tree == "opt-tree" and delta is None)
+    planner = Planner(OnlineCost(engine.cost_curve()), OnlineCost(engine.draft_cost_curve())) if need_plan else None
+    sub = engine.vocab_subset(vocab_subset) if 0 < vocab_subset < engine.draft_model.cfg.vocab_size else None
+    return DraftModel(engine.draft_model, tree=tree, max_nodes=max_nodes, max_depth=max_depth, width=width,
+                      delta=delta, subset=sub, planner=planner, calibrate=calibrate, max_len=engine.model.max_len)
 
 
 methods.register(methods.MethodSpec(
-    "opt-tree", "a draft model grows an adaptive tree maximizing the expected acceptance length (OPT-Tree, "
-    "arXiv 2406.17276)", _opt_tree_factory, needs=("draft_model",),
+    "draft-model", "a smaller model with the same tokenizer drafts a chain, a static tree or an OPT-Tree "
+    "(arXiv 2406.17276)", _factory, needs=("draft_model",),
     options={
-        "width": methods.Option(int, 8, "nodes per layer and most nodes in the final tree (paper: 50-60 on a GPU)"),
-        "max_depth": methods.Option(int, 10, "deepest layer drafted"),
-        "delta": methods.Option(float, 0.3, "grow another layer only while it raises E = sum of top p̂ by more"),
-        "max_nodes": methods.MAX_NODES,
+        "tree": methods.Option(str, "opt-tree", "draft shape: chain | static | opt-tree"),
+        "max_nodes": methods.Option(int, None, "draft nodes verified per step (null: chosen each step from both "
+                                    f"models' cost curves; static: {STATIC_NODES})", optional=True),
+        "max_depth": methods.Option(int, 10, "deepest draft layer (chain: most tokens)"),
+        "width": methods.Option(int, 8, "opt-tree: candidates kept per layer (paper: 50-60 on a GPU)"),
+        "delta": methods.Option(float, None, "opt-tree: the paper's stop rule, grow while a layer raises E by more "
+                                "(null: decided from both cost curves)", optional=True),
         "vocab_subset": methods.Option(int, 32768, "draft logits over the K most frequent tokens (0: full vocabulary)"),
-        "calibrate": methods.Option(bool, True, "score nodes by learned acceptance rates instead of raw draft probabilities"),
+        "calibrate": methods.Option(bool, True, "score nodes by learned acceptance rates instead of raw draft "
+                                    "probabilities"),
     },
-    test_opts={"width": 4, "max_depth": 4, "delta": 0.05, "max_nodes": 6, "vocab_subset": 0}))
+    test_opts=[{"tree": "chain", "max_nodes": 3, "vocab_subset": 0},
+               {"tree": "chain", "vocab_subset": 0},
+               {"tree": "static", "max_nodes": 5, "vocab_subset": 0},
+               {"tree": "opt-tree", "width": 4, "max_depth": 4, "vocab_subset": 0},
+               {"tree": "opt-tree", "width": 4, "max_depth": 4, "delta": 0.05, "max_nodes": 6, "vocab_subset": 0}]))

@@ -21,33 +21,11 @@ from draftwise import methods
 from draftwise.drafters.base import Context, Drafter
 from draftwise.errors import CheckpointError, ConfigError
 from draftwise.policies.budget import CostCurve, OnlineCost, Overhead, best_prefix, online_cost
-from draftwise.tree import DraftTree
+from draftwise.tree import DraftTree, make_template
 
 # Prior probability that the target's top-r prediction (r = 0..7) is the next token (ours; it
 # only seeds the online estimates).
 RANK_PRIOR = (0.55, 0.12, 0.05, 0.03, 0.02, 0.015, 0.01, 0.008)
-
-
-def make_template(num_nodes: int = 80, k: int = 8, max_depth: int = 6,
-                  rank_prior=RANK_PRIOR) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Best-first template by prior path probability. Returns parents, ranks, prior (node 0 = root)."""
-    import heapq
-
-    parents, ranks, prior, depth = [-1], [-1], [1.0], [0]
-    heap = [(-rank_prior[r], 0, r) for r in range(k)]
-    heapq.heapify(heap)
-    while len(parents) < num_nodes and heap:
-        negp, par, r = heapq.heappop(heap)
-        idx = len(parents)
-        parents.append(par); ranks.append(r); prior.append(-negp); depth.append(depth[par] + 1)
-        if depth[idx] < max_depth:
-            for r2 in range(k):
-                heapq.heappush(heap, (negp * rank_prior[r2], idx, r2))
-    # parents-first order by depth (BFS), stable within a depth
-    order = sorted(range(len(parents)), key=lambda i: (depth[i], i))
-    pos = {old: new for new, old in enumerate(order)}
-    par_t = torch.tensor([-1 if parents[o] < 0 else pos[parents[o]] for o in order])
-    return par_t, torch.tensor([ranks[o] for o in order]), torch.tensor([prior[o] for o in order])
 
 
 class TokenRecycling(Drafter):
@@ -62,7 +40,7 @@ class TokenRecycling(Drafter):
         self.vocab_size, self.k, self.device = vocab_size, k, torch.device(device)
         self.M = torch.zeros(vocab_size, k, dtype=torch.long, device=self.device)   # [V, k]
         self.seen = torch.zeros(vocab_size, dtype=torch.bool, device=self.device)     # [V] row filled
-        self.parents, self.ranks, self.prior = make_template(template_nodes + 1, k)
+        self.parents, self.ranks, self.prior = make_template(template_nodes + 1, k, 6, RANK_PRIOR)
         self.depths = torch.zeros_like(self.parents)
         for i in range(1, self.parents.numel()):
             self.depths[i] = self.depths[self.parents[i]] + 1
