@@ -43,7 +43,8 @@ class Stats:
         return self.new_tokens / self.wall_s if self.wall_s > 0 else 0.0
 
     def acceptance_by_depth(self) -> list[float]:
-        return [a / p if p else 0.0 for a, p in zip(self.accepted_by_depth, self.proposed_by_depth)]
+        """Accepted / drafted nodes at depth 1, 2, ..."""
+        return [a / p if p else 0.0 for a, p in zip(self.accepted_by_depth[1:], self.proposed_by_depth[1:])]
 
     def _record(self, tree, accepted, emitted: int) -> None:
         self.steps += 1
@@ -63,7 +64,7 @@ class Stats:
                 "tau": self.tau, "tokens_per_s": self.tokens_per_s, "wall_s": self.wall_s,
                 "prefill_s": self.prefill_s, "draft_s": self.draft_s, "verify_s": self.verify_s,
                 "mean_tree_size": sum(self.tree_sizes) / max(1, len(self.tree_sizes)),
-                "acceptance_by_depth": self.acceptance_by_depth()[1:], "stop_reason": self.stop_reason}
+                "acceptance_by_depth": self.acceptance_by_depth(), "stop_reason": self.stop_reason}
 
 
 def _grow(xs: list[int], n: int) -> None:

@@ -5,6 +5,7 @@ import json
 from pathlib import Path
 
 from draftwise.bench.baselines import EXTERNAL_METHODS
+from draftwise.bench.runner import answers_file
 
 
 def _fmt(x, spec=".2f") -> str:
@@ -16,17 +17,20 @@ def _x(ratio) -> str:
 
 
 def table(summary: dict) -> str:
-    rows = ["| method | tokens/s | speedup vs our AR | speedup vs HF generate | τ (tokens/pass) | mean tree | "
-            "output = AR | samples |",
-            "|---|---|---|---|---|---|---|---|"]
+    assisted = any(d["overall"].get("speedup_vs_hf_assisted") is not None for d in summary["methods"].values())
+    rows = ["| method | tokens/s | speedup vs our AR | speedup vs HF generate | "
+            + ("speedup vs HF assisted | " if assisted else "")
+            + "τ (tokens/pass) | mean tree | draft s / verify s | output = AR | samples |",
+            "|---|---|---|---|---|---|---|---|---|" + ("---|" if assisted else "")]
     for m, d in summary["methods"].items():
         o = d["overall"]
         if m in EXTERNAL_METHODS:
             o = {**o, "tau": None, "mean_tree_size": None}     # baselines do not report their target passes
         same = "–" if o.get("same_as_ar") is None else f"{o['same_as_ar']}/{o['samples']}"
-        rows.append(f"| {m} | {_fmt(o['tokens_per_s'])} | {_x(o['speedup_vs_ar'])} | "
-                    f"{_x(o.get('speedup_vs_hf'))} | {_fmt(o['tau'])} | {_fmt(o['mean_tree_size'], '.1f')} | "
-                    f"{same} | {o['samples']} |")
+        times = "–" if m in EXTERNAL_METHODS else f"{o.get('draft_time', 0):.0f} / {o.get('verify_time', 0):.0f}"
+        rows.append(f"| {m} | {_fmt(o['tokens_per_s'])} | {_x(o['speedup_vs_ar'])} | {_x(o.get('speedup_vs_hf'))} | "
+                    + (f"{_x(o.get('speedup_vs_hf_assisted'))} | " if assisted else "")
+                    + f"{_fmt(o['tau'])} | {_fmt(o['mean_tree_size'], '.1f')} | {times} | {same} | {o['samples']} |")
     return "\n".join(rows)
 
 
@@ -52,7 +56,10 @@ def write_report(out: Path, summary: dict, engine=None) -> None:
     mism = summary.get("mismatches") or []
     lines += ["## Lossless check", "",
               "all greedy outputs identical to AR" if not mism else f"**{len(mism)} mismatches**: {mism[:10]}", ""]
-    lines.append(f"Peak RSS: {summary.get('peak_rss_mb', 0):.0f} MB")
+    w = summary.get("weights_mb") or {}
+    wtxt = ", ".join(f"{k} {v:.0f} MB" for k, v in w.items())
+    lines.append(f"Peak RSS: {summary.get('peak_rss_mb', 0):.0f} MB (whole process: our models, and the Hugging Face "
+                 f"copies the hf baselines load); weights in our engine: {wtxt or 'n/a'}.")
     (out / "report.md").write_text("\n".join(lines) + "\n")
     _plots(out, summary, engine)               # matplotlib is a dependency: plots always come
 
@@ -77,7 +84,7 @@ def _plots(out: Path, summary: dict, engine) -> None:
 
     fig, ax = plt.subplots(figsize=(5, 3.5))
     for m in methods:
-        p = out / f"answers-{m}.jsonl"
+        p = out / answers_file(m)
         if not p.is_file():
             continue
         acc = [a for line in p.read_text().splitlines() for t in json.loads(line)["choices"][0]["accept_lengths"] for a in t]

@@ -60,6 +60,16 @@ class Sample:
                    d.get("accepted_by_depth", []))
 
 
+def base_method(label: str) -> str:
+    """A bench label is a method name, or METHOD/VARIANT to run one method under several option
+    sets in one bench (e.g. draft-model/chain with --method-opts '{"draft-model/chain": {...}}')."""
+    return label.split("/", 1)[0]
+
+
+def answers_file(label: str) -> str:
+    return f"answers-{label.replace('/', '--')}.jsonl"
+
+
 def summarize(samples: dict[str, list[Sample]], ref: str = "ar") -> dict:
     """Per method: tokens/s, speedup vs AR (mean of per-sample ratios, as Spec-Bench), tau, per category."""
     base = {s.question_id: s for s in samples.get(ref, [])}
@@ -84,6 +94,12 @@ def summarize(samples: dict[str, list[Sample]], ref: str = "ar") -> dict:
                     "acceptance_by_depth": [a / p if p else 0.0 for a, p in zip(acc_d[1:], prop_d[1:])]}
         cats = sorted({s.category for s in ss})
         out[method] = {"overall": agg(ss), "categories": {c: agg([s for s in ss if s.category == c]) for c in cats}}
+    assisted = {s.question_id: s for s in samples.get("hf-assisted", [])}
+    if assisted:
+        for method, ss in samples.items():
+            r = [s.tokens_per_s / assisted[s.question_id].tokens_per_s for s in ss
+                 if s.question_id in assisted and assisted[s.question_id].tokens_per_s > 0]
+            out[method]["overall"]["speedup_vs_hf_assisted"] = sum(r) / len(r) if r else None
     if "hf" in out and out["hf"]["overall"]["tokens_per_s"]:
         hf_tps = out["hf"]["overall"]["tokens_per_s"]
         for m in out.values():
@@ -107,13 +123,13 @@ class Runner:
         from draftwise import methods as registry
 
         for m in methods:
-            if not engine.has_method(m) and m not in EXTERNAL_METHODS:
+            if not engine.has_method(base_method(m)) and m not in EXTERNAL_METHODS:
                 raise ConfigError(f"unknown method {m!r}; choose from {', '.join(registry.names() + list(EXTERNAL_METHODS))}")
         self.method_opts = dict(method_opts or {})
         for m, o in self.method_opts.items():
             if m not in methods:
                 raise ConfigError(f"--method-opts names {m!r}, which is not among the methods run ({', '.join(methods)})")
-            engine.drafter(m, o)                      # validates the options (and needs) before any sample runs
+            engine.drafter(base_method(m), o)         # validates the options (and needs) before any sample runs
         self.baselines = Baselines(engine, draft)
         self.baselines.check(methods)
         if "ar" not in methods:
@@ -147,7 +163,7 @@ class Runner:
         cfg_path.write_text(json.dumps(self.config, indent=1))
 
     def _answers(self, method: str) -> Path:
-        return self.out / f"answers-{method}.jsonl"
+        return self.out / answers_file(method)
 
     def load_done(self) -> dict[str, dict[str, Sample]]:
         done: dict[str, dict[str, Sample]] = {}
@@ -182,12 +198,19 @@ class Runner:
         samples = {m: [done[m][str(q["question_id"])] for q in self.questions if str(q["question_id"]) in done[m]]
                    for m in self.methods}
         summary = {"config": self.config, "methods": summarize(samples),
-                   "mismatches": self.mismatches, "peak_rss_mb": _peak_rss_mb()}
+                   "mismatches": self.mismatches, "peak_rss_mb": _peak_rss_mb(), "weights_mb": self._weights_mb()}
         (self.out / "summary.json").write_text(json.dumps(summary, indent=1))
         from draftwise.bench.report import write_report
 
         write_report(self.out, summary, self.engine)
         return summary
+
+    def _weights_mb(self) -> dict:
+        """Weights of the models in memory (target, and the draft when one is loaded), in MB."""
+        out = {"target": self.engine.model.weight_bytes() / 2**20}
+        if getattr(self.engine, "draft_model", None) is not None:
+            out["draft"] = self.engine.draft_model.weight_bytes() / 2**20
+        return out
 
     def _warmup(self) -> None:
         ids = self.engine.encode("def fibonacci(n):")
@@ -195,7 +218,7 @@ class Runner:
             if m in EXTERNAL_METHODS:
                 self.baselines.generate(m, ids, 8)
             else:
-                self.engine.generate(ids, method=m, max_new_tokens=8, method_opts=self.method_opts.get(m))
+                self.engine.generate(ids, method=base_method(m), max_new_tokens=8, method_opts=self.method_opts.get(m))
 
     def _prompt_ids(self, q: dict, history: list[tuple[str, str]], turn: str) -> list[int]:
         if not q.get("chat", True):
@@ -217,7 +240,7 @@ class Runner:
                 wall = time.perf_counter() - t0
                 steps, acc, dt, vt, size = 0, [], 0.0, 0.0, 0.0   # baselines do not report their passes
             else:
-                r = self.engine.generate(ids, method=method, max_new_tokens=self.max_new,
+                r = self.engine.generate(ids, method=base_method(method), max_new_tokens=self.max_new,
                                          temperature=self.temperature, seed=0 if self.temperature else None,
                                          method_opts=self.method_opts.get(method))
                 toks, wall, steps = r.token_ids, r.stats.wall_s, r.stats.steps + 1

@@ -34,7 +34,7 @@ from draftwise.vocab import VocabSubset
 
 SHAPES = ("chain", "static", "opt-tree")
 # Prior acceptance of the draft's rank-r prediction (ours; it only shapes the static tree).
-DRAFT_RANK_PRIOR = (0.75, 0.1, 0.04, 0.02, 0.01, 0.01, 0.005, 0.005)
+DRAFT_RANK_PRIOR = (0.7, 0.15, 0.05, 0.03, 0.02, 0.01, 0.01, 0.01)
 STATIC_NODES = 6          # the static tree's size when max_nodes is null (sized for a CPU target)
 
 
@@ -132,7 +132,10 @@ class DraftModel(ModelDrafter):
         for d in range(k):
             tok, top, q = self._next(logits, ctx)
             tokens.append(tok); qs.append(q); tops.append(top)
-            scores.append(scores[-1] * float(self._rate(torch.tensor([True]), torch.tensor([top], dtype=torch.float64))))
+            r = float(self._rate(torch.tensor([True]), torch.tensor([top], dtype=torch.float64)))
+            scores.append(scores[-1] * r)
+            if self.planner is not None:
+                self.planner.learn(r)
             if d + 1 == k:
                 break
             if self.max_nodes is None:

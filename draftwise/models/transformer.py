@@ -159,6 +159,28 @@ class Transformer:
         self.lm_head = Linear(head.to(device=self.device, dtype=dtype), None, self.fast)
         self.cos, self.sin = rope_tables(cfg, self.max_len, self.device, dtype)
 
+    def weight_bytes(self) -> int:
+        """Bytes held by the weights (a tied head counted once when it shares the embedding)."""
+        seen, total = set(), 0
+
+        def add(t):
+            nonlocal total
+            if isinstance(t, torch.Tensor) and t.data_ptr() not in seen:
+                seen.add(t.data_ptr())
+                total += t.numel() * t.element_size()
+
+        def add_linear(lin: Linear):
+            for t in (lin.packed, lin.weight, lin.bias):
+                add(t)
+
+        add(self.embed); add(self.norm); add_linear(self.lm_head)
+        for layer in self.layers:
+            for f in (layer.attn_norm, layer.q_norm, layer.k_norm, layer.mlp_norm):
+                add(f)
+            for lin in (layer.qkv, layer.o, layer.gate_up, layer.down):
+                add_linear(lin)
+        return total
+
     # ------------------------------------------------------------------ construction
     @classmethod
     def from_pretrained(cls, path: str | Path, device="cpu", dtype=torch.float32, **kw) -> "Transformer":
