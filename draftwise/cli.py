@@ -104,10 +104,15 @@ def cmd_bench(a) -> int:
     if any(not isinstance(v, dict) for v in opts.values()):
         raise DraftwiseError('bench --method-opts maps method names to options: \'{"recycling": {"max_nodes": 8}}\'')
     eng = draftwise.load(a.model, device=a.device, dtype=a.dtype, threads=a.threads, draft=a.draft)
+    if a.max_turns is not None and a.max_turns < 1:
+        raise DraftwiseError(f"--max-turns must be >= 1, got {a.max_turns}")
     qs = datasets.balanced(datasets.load(a.dataset), a.limit)
+    if a.max_turns:
+        qs = [{**q, "turns": q["turns"][: a.max_turns]} for q in qs]
     methods = [m.strip() for m in a.methods.split(",") if m.strip()]
     r = Runner(eng, methods, qs, Path(a.out), max_new_tokens=a.max_new_tokens, temperature=a.temperature,
-               draft=a.draft, config={"dataset": a.dataset, "limit": a.limit}, method_opts=opts)
+               draft=a.draft, config={"dataset": a.dataset, "limit": a.limit,
+                                                                 "max_turns": a.max_turns}, method_opts=opts)
     summary = r.run()
     from draftwise.bench.report import table
 
@@ -158,6 +163,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help='options per method, e.g. \'{"recycling": {"max_nodes": 8}, "draft-model": {"tree": "chain"}}\'')
     b.add_argument("--dataset", default="humaneval", help="humaneval | mtbench | sharegpt | FILE.jsonl")
     b.add_argument("--limit", type=int, default=None, help="at most N questions, round-robin over categories")
+    b.add_argument("--max-turns", type=int, default=None, help="keep only the first N turns of each question")
     b.add_argument("--max-new-tokens", type=int, default=128)
     b.add_argument("--temperature", type=float, default=0.0)
     b.add_argument("--out", default="bench_out")

@@ -442,3 +442,52 @@ def test_draft_model_bad_options():
         spec.factory(None, **spec.validate({"tree": "bush"}))
     with pytest.raises(ConfigError, match="must be int"):
         spec.validate({"max_nodes": 2.5})
+
+
+def test_a_draft_with_another_tokenizer_is_refused(tmp_path):
+    """Vocabulary and special tokens are compared, not only sizes; the error names both models."""
+    import draftwise
+    from draftwise.models.checkpoint import resolve
+
+    src = resolve("smollm2-135m-instruct", progress=False)
+    for name, edit in (("renamed", lambda t: t.add_tokens(["<zz_new_token>"])),
+                       ("eos", lambda t: setattr(t, "eos_token", "<|im_start|>"))):
+        d = tmp_path / name
+        d.mkdir()
+        for f in src.iterdir():
+            if f.suffix in (".safetensors", ".json", ".jinja") and not f.name.startswith("tokenizer"):
+                (d / f.name).symlink_to(f)
+        from transformers import AutoTokenizer
+
+        tok = AutoTokenizer.from_pretrained(str(src))
+        edit(tok)
+        tok.save_pretrained(str(d))
+        with pytest.raises(ConfigError) as e:
+            draftwise.load("smollm2-135m-instruct", draft=str(d), progress=False)
+        msg = str(e.value)
+        assert "smollm2-135m-instruct" in msg and str(d) in msg and "tokenizer" in msg and "\n" not in msg
+        assert ("special tokens" in msg) == (name == "eos")
+
+
+@pytest.mark.parametrize("shape", ["chain", "static", "opt-tree"])
+def test_draft_model_shapes_on_real_weights(shape):
+    """SmolLM2-135M drafting for itself (the real pair does not fit CI's time): fixed sizes and
+    the paper's stop rule, so drafting happens even though such a draft never pays."""
+    eng = _smol_pair()
+    opts = {"tree": shape, "max_nodes": 4, "delta": 0.0, "max_depth": 4}
+    for prompt in ("def fibonacci(n):", "The capital of France is"):
+        ref = eng.generate(prompt, max_new_tokens=24)
+        r = eng.generate(prompt, method="draft-model", method_opts=opts, max_new_tokens=24)
+        assert r.token_ids == ref.token_ids
+        assert r.stats.tau > 1.5                              # a model agrees with itself (up to fp ties)
+
+
+_SMOL = {}
+
+
+def _smol_pair():
+    import draftwise
+
+    if not _SMOL:
+        _SMOL["eng"] = draftwise.load("smollm2-135m-instruct", draft="smollm2-135m-instruct", progress=False)
+    return _SMOL["eng"]

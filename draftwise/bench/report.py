@@ -99,7 +99,10 @@ def _plots(out: Path, summary: dict, engine) -> None:
     if engine is not None:
         curve = engine.cost_curve()
         fig, ax = plt.subplots(figsize=(5, 3.5))
-        ax.plot(curve.ns, curve.ms, "o-", label="measured t(n)")
+        ax.plot(curve.ns, curve.ms, "o-", label="target t(n)")
+        if getattr(engine, "draft_model", None) is not None:
+            dc = engine.draft_cost_curve()
+            ax.plot(dc.ns, dc.ms, "s-", label="draft t(n) (full LM head)")
         for m, d in methods.items():
             size = d["overall"]["mean_tree_size"]
             if size and size > 1:
