@@ -1,16 +1,16 @@
 #!/usr/bin/env bash
 # Issue 9 numbers: Qwen2.5-Coder-1.5B target, 0.5B draft, greedy, 128 new tokens,
-# HumanEval 0-19 and 20 MT-Bench first turns (MT-Bench without the opt6 / full-vocab variants, to
-# fit a session). Resumable: rerun to finish an interrupted run. About 55 + 40 min on 2 cores.
+# HumanEval 0-19 and 20 MT-Bench first turns. The full-vocabulary variant runs on HumanEval 0-9
+# only (to fit a session). Resumable: rerun to finish an interrupted run (~100 min on 2 cores).
 set -euo pipefail
 M=qwen2.5-coder-1.5b-instruct
 D=qwen2.5-coder-0.5b-instruct
 OUT=${OUT:-benchmarks/results/draft-model-1.5b}
 OPTS='{"draft-model/chain": {"tree": "chain"}, "draft-model/static": {"tree": "static"},
        "draft-model/opt6": {"max_nodes": 6}, "draft-model/full-vocab": {"vocab_subset": 0}}'
-draftwise bench --model $M --draft $D \
-  --methods ar,draft-model,draft-model/chain,draft-model/static,draft-model/opt6,draft-model/full-vocab,hf-assisted \
-  --method-opts "$OPTS" --dataset humaneval --limit 20 --max-turns 1 --max-new-tokens 128 --out "$OUT/humaneval"
-OPTS='{"draft-model/chain": {"tree": "chain"}, "draft-model/static": {"tree": "static"}}'
-draftwise bench --model $M --draft $D --methods ar,draft-model,draft-model/chain,draft-model/static,hf-assisted \
-  --method-opts "$OPTS" --dataset mtbench --limit 20 --max-turns 1 --max-new-tokens 128 --out "$OUT/mtbench"
+run() { draftwise bench --model $M --draft $D --method-opts "$OPTS" --max-turns 1 --max-new-tokens 128 "$@"; }
+run --methods ar,draft-model,draft-model/chain,draft-model/static,draft-model/opt6,hf-assisted \
+    --dataset humaneval --limit 20 --out "$OUT/humaneval"
+run --methods ar,draft-model,draft-model/chain,draft-model/static,hf-assisted \
+    --dataset mtbench --limit 20 --out "$OUT/mtbench"
+run --methods ar,draft-model,draft-model/full-vocab --dataset humaneval --limit 10 --out "$OUT/humaneval"

@@ -428,7 +428,9 @@ def test_calibration_learns_acceptance_rates(pair):
         c.update(torch.tensor([True, False]), torch.tensor([0.33, 0.38], dtype=torch.float64),
                  torch.tensor([True, False]))
     r = c.rate(top, p)
-    assert r[0] > 0.9 and r[1] < 0.05                                   # top choices accepted, others not
+    assert r[0] > 0.9 and r[1] < 0.1                                    # top choices accepted, others not
+    tail = c.rate(torch.tensor([False, False]), torch.tensor([0.001, 0.05], dtype=torch.float64))
+    assert tail[0] < tail[1] / 10                     # a near-zero probability stays near zero in its decile
     target, draft = pair
     d = build("draft-model", target, draft, {"width": 4, "max_depth": 6, "vocab_subset": 0})
     out, _ = generate(target, prompt_of(1), drafter=d, max_new_tokens=30)

@@ -35,9 +35,9 @@ Stopping rules
 Calibration (ours): under greedy verification a draft token is accepted when it equals the
 target's argmax, which happens far more often than the draft's probability says for its top
 choice (0.5B drafting for the 1.5B: τ 4.8 from 5-token chains while p̂ of the 5th token is often
-below 0.3) and less often for the others. ``Calibration`` learns, online, the acceptance rate of
-a node given its parent was accepted, by (top choice or not, draft probability decile), starting
-from the probability itself; p̂ then multiplies these rates instead of raw probabilities.
+below 0.3) and less often for the others. ``Calibration`` learns, online, how acceptance relates
+to the draft probability, by (top choice or not, probability decile), starting from the
+probability itself; p̂ then multiplies these rates instead of raw probabilities.
 """
 from __future__ import annotations
 
@@ -52,24 +52,32 @@ from draftwise.tree import DraftTree
 
 class Calibration:
     """Acceptance rate of a drafted node given its parent was accepted, learned online per
-    (top choice of its parent or not, draft-probability decile); prior = the probability."""
+    (top choice of its parent or not, draft-probability decile) as a factor on the probability:
+    rate = min(1, p · (accepted + w) / (Σ p of the proposed + w)); with no evidence, rate = p.
+    A factor (not a rate per cell) keeps the order of the draft's probabilities inside a cell, so a
+    token of probability ~0 never inherits its decile's acceptance rate."""
 
     def __init__(self, buckets: int = 10, prior_weight: float = 4.0):
         self.b, self.w = buckets, prior_weight
         self.proposed = torch.zeros(2, buckets, dtype=torch.float64)
         self.accepted = torch.zeros(2, buckets, dtype=torch.float64)
+        self.psum = torch.zeros(2, buckets, dtype=torch.float64)
 
     def _cell(self, top1: torch.Tensor, p: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         return (~top1).long(), (p * self.b).long().clamp_(0, self.b - 1)
 
+    def factor(self) -> torch.Tensor:
+        return (self.accepted + self.w) / (self.psum + self.w)         # [2, buckets]
+
     def rate(self, top1: torch.Tensor, p: torch.Tensor) -> torch.Tensor:
         r, b = self._cell(top1, p)
-        return (self.accepted[r, b] + self.w * p) / (self.proposed[r, b] + self.w)
+        return (p * self.factor()[r, b]).clamp_(max=1.0)
 
     def update(self, top1: torch.Tensor, p: torch.Tensor, accepted: torch.Tensor) -> None:
         r, b = self._cell(top1, p)
         self.proposed.index_put_((r, b), torch.ones_like(p), accumulate=True)
         self.accepted.index_put_((r, b), accepted.double(), accumulate=True)
+        self.psum.index_put_((r, b), p.double(), accumulate=True)
 
 
 class DeltaStop:
