@@ -127,8 +127,9 @@ class Runner:
                 raise ConfigError(f"unknown method {m!r}; choose from {', '.join(registry.names() + list(EXTERNAL_METHODS))}")
         self.method_opts = dict(method_opts or {})
         for m, o in self.method_opts.items():
-            if m not in methods:
-                raise ConfigError(f"--method-opts names {m!r}, which is not among the methods run ({', '.join(methods)})")
+            if not engine.has_method(base_method(m)):
+                raise ConfigError(f"--method-opts names {m!r}, which is not a method; choose from "
+                                  f"{', '.join(registry.names())}")
             engine.drafter(base_method(m), o)         # validates the options (and needs) before any sample runs
         self.baselines = Baselines(engine, draft)
         self.baselines.check(methods)
