@@ -1,4 +1,4 @@
-"""Command line: draftwise generate | bench | methods | models (list, install, bench-forward)."""
+"""Command line: draftwise generate | bench | serve | chat | methods | models (list, install, bench-forward)."""
 from __future__ import annotations
 
 import argparse
@@ -61,6 +61,93 @@ def cmd_generate(a) -> int:
                  f"text {same}")
     print(line, file=sys.stderr)
     return 0
+
+
+def _load_for_serving(a):
+    import draftwise
+    from draftwise import methods
+
+    opts = methods.parse_opts(a.method_opts) or None
+    methods.get(a.method).validate(opts)          # a bad method or option fails before any model loads
+    eng = draftwise.load(a.model, device=a.device, dtype=a.dtype, threads=a.threads, draft=a.draft)
+    eng.drafter(a.method, opts)                   # build it now (cost curves, subsets): the first request stays fast
+    return eng, opts
+
+
+def cmd_serve(a) -> int:
+    from draftwise.server import serve
+
+    if a.max_queue < 1 or a.timeout <= 0:
+        raise DraftwiseError("--max-queue must be >= 1 and --timeout > 0")
+    eng, opts = _load_for_serving(a)
+    serve(eng, host=a.host, port=a.port, method=a.method, method_opts=opts, max_queue=a.max_queue,
+          timeout_s=a.timeout)
+    return 0
+
+
+CHAT_HELP = "commands: /reset (forget the conversation), /method NAME, /stats, /quit (or Ctrl-D)"
+
+
+def cmd_chat(a) -> int:
+    """Interactive chat: history, streaming output; Ctrl-C stops the current answer."""
+    from draftwise import methods
+    from draftwise.decoding import Stats
+
+    eng, opts = _load_for_serving(a)
+    method, history, last = a.method, [], None
+    print(f"[draftwise] {eng.model_id}, method {method}. {CHAT_HELP}", file=sys.stderr)
+    while True:
+        try:
+            line = input("> " if sys.stdin.isatty() else "")
+        except EOFError:
+            return 0
+        except KeyboardInterrupt:
+            print(file=sys.stderr)
+            continue
+        text = line.strip()
+        if not text:
+            continue
+        if text.startswith("/"):
+            cmd, _, arg = text.partition(" ")
+            if cmd in ("/quit", "/exit"):
+                return 0
+            if cmd == "/reset":
+                history = []
+                print("[draftwise] conversation cleared", file=sys.stderr)
+            elif cmd == "/method":
+                try:
+                    methods.get(arg.strip()).validate(None)
+                    eng.drafter(arg.strip())
+                    method, opts = arg.strip(), None
+                    print(f"[draftwise] method {method}", file=sys.stderr)
+                except DraftwiseError as e:
+                    print(f"draftwise: error: {e}", file=sys.stderr)
+            elif cmd == "/stats":
+                print("[draftwise] no answer yet" if last is None else
+                      f"[draftwise] {last[0]}: {last[1].new_tokens} tokens, {last[1].tokens_per_s:.2f} tok/s, "
+                      f"tau {last[1].tau:.2f}", file=sys.stderr)
+            else:
+                print(f"[draftwise] unknown command {cmd}; {CHAT_HELP}", file=sys.stderr)
+            continue
+        history.append({"role": "user", "content": text})
+        stats, parts = Stats(), []
+        try:
+            ids = eng.encode_messages(history)
+            for piece in eng.stream(ids, method=method, method_opts=opts, max_new_tokens=a.max_new_tokens,
+                                    temperature=a.temperature, seed=a.seed, stats=stats):
+                parts.append(piece)
+                sys.stdout.write(piece)
+                sys.stdout.flush()
+        except KeyboardInterrupt:
+            print("\n[draftwise] stopped", file=sys.stderr)
+        except DraftwiseError as e:
+            history.pop()
+            print(f"draftwise: error: {e}", file=sys.stderr)
+            continue
+        sys.stdout.write("\n")
+        sys.stdout.flush()
+        history.append({"role": "assistant", "content": "".join(parts)})
+        last = (method, stats)
 
 
 def cmd_models_list(a) -> int:
@@ -168,6 +255,27 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--temperature", type=float, default=0.0)
     b.add_argument("--out", default="bench_out")
     b.set_defaults(func=cmd_bench)
+
+    def serving_args(p):
+        _add_model_args(p)
+        p.add_argument("--method", default="ar", help=f"default method: {_method_help()}")
+        p.add_argument("--method-opts", default=None, metavar="JSON", help="options of the default method")
+        p.add_argument("--draft", default=None, help="draft model (same tokenizer) for draft-model methods")
+
+    sv = sub.add_parser("serve", help="OpenAI-compatible HTTP server (chat/completions, streaming)")
+    serving_args(sv)
+    sv.add_argument("--host", default="127.0.0.1")
+    sv.add_argument("--port", type=int, default=8000)
+    sv.add_argument("--max-queue", type=int, default=64, help="requests allowed to wait; more get 503")
+    sv.add_argument("--timeout", type=float, default=600.0, help="per-request deadline in seconds")
+    sv.set_defaults(func=cmd_serve)
+
+    ch = sub.add_parser("chat", help="interactive terminal chat (streaming, /reset, /method, /stats)")
+    serving_args(ch)
+    ch.add_argument("--max-new-tokens", type=int, default=512)
+    ch.add_argument("--temperature", type=float, default=0.0)
+    ch.add_argument("--seed", type=int, default=None)
+    ch.set_defaults(func=cmd_chat)
 
     me = sub.add_parser("methods", help="list the decoding methods and their options")
     me.set_defaults(func=cmd_methods)
