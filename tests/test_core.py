@@ -379,6 +379,26 @@ def test_opt_tree_hand_checked_growth_stop_and_selection():
     assert sub.tokens.tolist() == [7, 0, 1, 0, 0] and sub.parents.tolist() == [-1, 0, 0, 1, 3]
 
 
+def test_opt_tree_fixed_budget_grows_until_the_top_n_settles():
+    """n = 4, width 3. Layer 1: a 0.6, b 0.3, c 0.08 all rank in the top 4: expand all three.
+    Layer 2: a·0.9 = 0.54 (d), b·0.5 = 0.15 (e), b·0.4 = 0.12; top 4 = a d b e: expand d, e.
+    Layer 3: d·0.9 = 0.486 (g) enters, e·0.9 = 0.135 does not: expand g; layer 4: g·0.9 = 0.437
+    enters: expand it; layer 5: 0.394 < 0.437: stop. The top 4 is the chain a d g (g's child)."""
+    from draftwise.policies.opt_tree import TopNStop, grow, top_nodes
+
+    calls = []
+
+    def layer(tree, nodes):
+        calls.append(list(nodes))
+        return NEXT[tree.tokens[nodes]]
+
+    tree, _, _ = grow(7, ROOT, layer, width=3, max_depth=10, stop=TopNStop(4))
+    assert calls == [[1, 2, 3], [4, 5], [7], [10]]
+    keep = top_nodes(tree, 4)
+    assert keep.tolist() == [0, 1, 4, 7, 10]
+    assert tree.select(keep).parents.tolist() == [-1, 0, 1, 2, 3]
+
+
 def test_planner_stops_where_the_target_cost_jumps():
     """Target: 100 ms up to 4 nodes, 400 ms from 5; draft step 20 ms; each top child keeps 0.8 of
     its parent's p̂. A chain pays until the tree would need a fifth node."""

@@ -27,7 +27,7 @@ from draftwise.drafters.base import Context
 from draftwise.drafters.model_base import ModelDrafter
 from draftwise.errors import ConfigError
 from draftwise.models.transformer import ForwardOut, Transformer
-from draftwise.policies.opt_tree import Calibration, DeltaStop, Planner, grow, top_nodes
+from draftwise.policies.opt_tree import Calibration, DeltaStop, Planner, TopNStop, grow, top_nodes
 from draftwise.sampling import warp
 from draftwise.tree import DraftTree, make_template
 from draftwise.vocab import VocabSubset
@@ -50,8 +50,8 @@ class DraftModel(ModelDrafter):
             raise ConfigError("draft-model needs max_depth >= 1, width >= 1 and max_nodes >= 1 (or null)")
         if delta is not None and delta < 0:
             raise ConfigError(f"draft-model needs delta >= 0 (or null), got {delta}")
-        if planner is None and (max_nodes is None and tree != "static" or tree == "opt-tree" and delta is None):
-            raise ConfigError("draft-model needs cost curves (a planner) unless max_nodes and delta are fixed")
+        if planner is None and max_nodes is None and tree != "static":
+            raise ConfigError("draft-model needs cost curves (a planner) unless max_nodes is fixed")
         extra = max(width, max_nodes or 0) * max_depth + 1
         super().__init__(net.new_cache((max_len or net.max_len) + extra))
         self.net, self.shape, self.max_nodes, self.max_depth = net, tree, max_nodes, max_depth
@@ -181,14 +181,20 @@ class DraftModel(ModelDrafter):
 
     def _opt_tree(self, ctx: Context, first, depth: int) -> DraftTree:
         ids = None if self.subset is None else self.subset.ids
-        stop = DeltaStop(self.delta, self.width) if self.delta is not None else self.planner
+        if self.delta is not None:
+            stop = DeltaStop(self.delta, self.width)
+        elif self.max_nodes is not None:
+            stop = TopNStop(self.max_nodes)
+        else:
+            stop = self.planner
 
         def layer(tree: DraftTree, nodes: list[int]) -> torch.Tensor:
             return self._probs(self.step(tree, nodes, ctx).logits)
 
-        if self.delta is not None:
+        if stop is not self.planner:
             stop.begin(len(ctx.tokens))
-        tree, top1, p = grow(ctx.root, self._probs(first.logits[-1:]), layer, self.width, depth, stop, ids, self.calib)
+        width = max(self.width, self.max_nodes or 0)          # a fixed budget n keeps n candidates per layer
+        tree, top1, p = grow(ctx.root, self._probs(first.logits[-1:]), layer, width, depth, stop, ids, self.calib)
         p_hat = torch.sort(tree.scores[1:].double(), descending=True).values
         if self.max_nodes is not None:
             m = min(self.max_nodes, p_hat.numel())
@@ -225,7 +231,7 @@ def _factory(engine, tree: str, max_nodes, max_depth: int, width: int, delta, vo
 
     if tree not in SHAPES:
         raise ConfigError(f"draft-model option 'tree' must be one of {', '.join(SHAPES)}, got {tree!r}")
-    need_plan = (max_nodes is None and tree != "static") or (tree == "opt-tree" and delta is None)
+    need_plan = max_nodes is None and tree != "static"
     planner = Planner(OnlineCost(engine.cost_curve()), OnlineCost(engine.draft_cost_curve())) if need_plan else None
     sub = engine.vocab_subset(vocab_subset) if 0 < vocab_subset < engine.draft_model.cfg.vocab_size else None
     return DraftModel(engine.draft_model, tree=tree, max_nodes=max_nodes, max_depth=max_depth, width=width,

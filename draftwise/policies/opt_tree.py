@@ -21,6 +21,7 @@ along a path (a parent sorts before its child; ties keep index order).
 
 Stopping rules
 - ``DeltaStop`` (the paper): stop when a layer raises E by δ or less; else expand the whole layer.
+- ``TopNStop`` (fixed max_nodes): grow while the newest layer still places nodes in the top n.
 - ``Planner`` (ours, the default): the paper's δ ∈ (μ, 1), μ = draft step / target step, is a
   cost ratio; the planner uses the two measured curves themselves. A step of the draft model
   costs spent + t_draft(w) per further layer of w nodes, and its tree of m nodes costs
@@ -93,6 +94,25 @@ class DeltaStop:
         e = float(scores[1:].topk(min(self.width, scores.numel() - 1)).values.sum())
         gain, self.best = e - self.best, e
         return 0 if gain <= self.delta else frontier.numel()
+
+
+class TopNStop:
+    """A fixed node budget n: expand the newest layer's nodes that rank among the n best of the
+    whole tree so far (ties: older nodes first, as in ``top_nodes``); stop when none does. A node
+    outside the top n can have no child inside it (p̂ never grows along a path), so growth ends
+    exactly when the final top-n tree is settled, with no forward spent on nodes it drops."""
+
+    def __init__(self, n: int):
+        self.n = n
+
+    def begin(self, context: int) -> None:
+        pass
+
+    def expand(self, scores: torch.Tensor, frontier: torch.Tensor, depth_left: int) -> int:
+        rest = scores[1:]
+        order = torch.sort(-rest, stable=True).indices[: self.n]
+        first_new = rest.numel() - frontier.numel()
+        return int((order >= first_new).sum())
 
 
 class Planner:
