@@ -164,6 +164,31 @@ def cmd_models_install(a) -> int:
     return 0
 
 
+def cmd_datastore_build(a) -> int:
+    from transformers import AutoTokenizer
+
+    from draftwise import datastore
+    from draftwise.models.checkpoint import resolve
+
+    tok = AutoTokenizer.from_pretrained(str(resolve(a.model)))
+    t0 = time.perf_counter()
+    h = datastore.build(tok, a.input, a.out, model=a.model, max_tokens=a.max_tokens, progress=not a.quiet)
+    print(f"{a.out}: {h['tokens']:,} tokens, {h['documents']:,} documents, built in {time.perf_counter() - t0:.1f} s")
+    return 0
+
+
+def cmd_datastore_info(a) -> int:
+    from draftwise.datastore import Datastore
+
+    ds = Datastore.load(a.path, verify=not a.no_verify)
+    h = ds.header
+    for k in ("version", "model", "tokenizer", "vocab_size", "tokens", "documents", "sa_dtype", "checksum"):
+        print(f"{k:12s} {h.get(k)}")
+    src = h.get("sources", [])
+    print(f"{'sources':12s} {len(src)}" + (f" (first: {src[0]})" if src else ""))
+    return 0
+
+
 def cmd_bench_forward(a) -> int:
     import draftwise
     from draftwise.policies.budget import load_or_measure
@@ -276,6 +301,21 @@ def build_parser() -> argparse.ArgumentParser:
     ch.add_argument("--temperature", type=float, default=0.0)
     ch.add_argument("--seed", type=int, default=None)
     ch.set_defaults(func=cmd_chat)
+
+    ds = sub.add_parser("datastore", help="build and inspect retrieval datastores (methods retrieval, rasd)")
+    dsub = ds.add_subparsers(dest="dcmd", required=True)
+    db = dsub.add_parser("build", help="tokenize text and build a suffix-array datastore")
+    db.add_argument("--model", default=registry.DEFAULT_MODEL, help="whose tokenizer to use")
+    db.add_argument("--input", action="append", required=True,
+                    help="a file, a directory, stdlib: (Python standard library) or sharegpt: (repeatable)")
+    db.add_argument("--out", required=True, help="datastore file to write")
+    db.add_argument("--max-tokens", type=int, default=None, help="stop after this many tokens")
+    db.add_argument("--quiet", action="store_true")
+    db.set_defaults(func=cmd_datastore_build)
+    di = dsub.add_parser("info", help="print a datastore's header")
+    di.add_argument("path")
+    di.add_argument("--no-verify", action="store_true", help="skip the checksum")
+    di.set_defaults(func=cmd_datastore_info)
 
     me = sub.add_parser("methods", help="list the decoding methods and their options")
     me.set_defaults(func=cmd_methods)

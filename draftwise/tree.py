@@ -156,9 +156,19 @@ def merge_tries(root: int, sequences: list[list[int]], max_nodes: int | None = N
 
     Shared prefixes share nodes; earlier sequences win when max_nodes cuts the trie.
     """
-    tokens, parents = [root], [-1]
+    tokens, parents, _ = weighted_trie(root, sequences, max_nodes=max_nodes)
+    return tokens, parents
+
+
+def weighted_trie(root: int, sequences: list[list[int]], weights: list[float] | None = None,
+                  max_nodes: int | None = None) -> tuple[list[int], list[int], list[float]]:
+    """Like merge_tries, plus counts: the total weight (default 1 each) of the sequences that pass
+    through each node (the root's count is the total)."""
+    tokens, parents, counts = [root], [-1], [0.0]
     children: dict[tuple[int, int], int] = {}
-    for seq in sequences:
+    for k, seq in enumerate(sequences):
+        w = 1.0 if weights is None else float(weights[k])
+        counts[0] += w
         node = 0
         for tok in seq:
             key = (node, int(tok))
@@ -169,9 +179,11 @@ def merge_tries(root: int, sequences: list[list[int]], max_nodes: int | None = N
                 nxt = len(tokens)
                 tokens.append(int(tok))
                 parents.append(node)
+                counts.append(0.0)
                 children[key] = nxt
+            counts[nxt] += w
             node = nxt
-    return tokens, parents
+    return tokens, parents, counts
 
 
 def merge_trees(a: DraftTree, b: DraftTree) -> tuple[DraftTree, torch.Tensor]:
@@ -238,3 +250,12 @@ def merge_trees(a: DraftTree, b: DraftTree) -> tuple[DraftTree, torch.Tensor]:
         tree.q = q
         tree.sampled = torch.tensor(sampled, dtype=torch.bool, device=dev)
     return tree, torch.tensor(mapping, dtype=torch.long)
+
+
+def tried_nodes(tree: DraftTree, path: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
+    """For nodes 1..n-1: (tried [n-1] bool: its parent was accepted, so verification tested it;
+    hit [n-1] bool: it was accepted)."""
+    on_path = torch.zeros(tree.size, dtype=torch.bool)
+    on_path[torch.as_tensor(path, dtype=torch.long)] = True
+    par = tree.parents.cpu()
+    return on_path[par[1:]], on_path[1:]

@@ -29,7 +29,7 @@ from draftwise.errors import ConfigError
 from draftwise.models.transformer import ForwardOut, Transformer
 from draftwise.policies.opt_tree import Calibration, DeltaStop, Planner, TopNStop, grow, top_nodes
 from draftwise.sampling import warp
-from draftwise.tree import DraftTree, make_template
+from draftwise.tree import DraftTree, make_template, tried_nodes
 from draftwise.vocab import VocabSubset
 
 SHAPES = ("chain", "static", "opt-tree")
@@ -62,6 +62,7 @@ class DraftModel(ModelDrafter):
         self.calib = Calibration() if calibrate else None
         self.g: torch.Generator | None = None
         self._info: tuple[torch.Tensor, torch.Tensor] | None = None     # (top1, p) of the proposed nodes
+        self.dists: dict[int, torch.Tensor] = {}     # node of the proposed tree -> draft distribution [K] after it
         if tree == "static":
             n = max_nodes or STATIC_NODES
             self.t_par, self.t_rank, _ = make_template(n + 1, len(DRAFT_RANK_PRIOR), max_depth, DRAFT_RANK_PRIOR)
@@ -102,6 +103,7 @@ class DraftModel(ModelDrafter):
     # ------------------------------------------------------------------ shapes
     def draft(self, ctx: Context, first) -> DraftTree:
         depth = min(self.max_depth, max(0, ctx.remaining - 1))
+        self.dists = {0: self._probs(first.logits[-1]).double().cpu()}
         if depth == 0:
             return DraftTree.root_only(ctx.root, device=ctx.device)
         shape = {"chain": self._chain, "static": self._static, "opt-tree": self._opt_tree}[self.shape]
@@ -150,6 +152,7 @@ class DraftModel(ModelDrafter):
             m = self.planner.size(torch.tensor(scores[1:]).numpy())
             tokens, tops = tokens[:m], tops[:m]
         tree = DraftTree.chain(ctx.root, tokens, device=ctx.device)
+        tree.scores = torch.tensor(scores[: len(tokens) + 1], dtype=torch.float32, device=ctx.device)
         self._info = (torch.ones(len(tokens), dtype=torch.bool), torch.tensor(tops, dtype=torch.float64))
         if tokens and qs[0] is not None:
             rows = qs[: len(tokens)] + [torch.zeros_like(qs[0])]               # the last node has no child
@@ -177,7 +180,11 @@ class DraftModel(ModelDrafter):
                 out = self._probs(self.step(tree, parents_next, ctx).logits).double().cpu()
                 probs.update({i: out[r] for r, i in enumerate(parents_next)})
         self._info = (top1[1:], p[1:])
-        return DraftTree.from_parents(tokens, par.tolist(), device=ctx.device)
+        rate = torch.ones(n, dtype=torch.float64)
+        rate[1:] = self._rate(top1[1:], p[1:])
+        for i in range(1, n):                                                # p̂, parents first
+            rate[i] *= rate[int(par[i])]
+        return DraftTree.from_parents(tokens, par.tolist(), scores=rate.float(), device=ctx.device)
 
     def _opt_tree(self, ctx: Context, first, depth: int) -> DraftTree:
         ids = None if self.subset is None else self.subset.ids
@@ -188,8 +195,12 @@ class DraftModel(ModelDrafter):
         else:
             stop = self.planner
 
+        grown: dict[int, torch.Tensor] = {}
+
         def layer(tree: DraftTree, nodes: list[int]) -> torch.Tensor:
-            return self._probs(self.step(tree, nodes, ctx).logits)
+            probs = self._probs(self.step(tree, nodes, ctx).logits)
+            grown.update(zip(nodes, probs.double().cpu()))
+            return probs
 
         if stop is not self.planner:
             stop.begin(len(ctx.tokens))
@@ -202,19 +213,17 @@ class DraftModel(ModelDrafter):
             m = self.planner.size(p_hat.numpy())
         keep = top_nodes(tree, m)
         self._info = (top1[keep[1:]], p[keep[1:]])
+        self.dists.update({j: grown[int(i)] for j, i in enumerate(keep.tolist()) if int(i) in grown})
         return tree.select(keep).to(ctx.device)
 
     # ------------------------------------------------------------------ feedback
     def observe(self, tree, out, accepted, ctx) -> None:
         super().observe(tree, out, accepted, ctx)
         if self.calib is not None and self._info is not None and tree.size > 1:
-            on_path = torch.zeros(tree.size, dtype=torch.bool)
-            on_path[accepted.path] = True
-            par = tree.parents.cpu()
-            tested = on_path[par[1:]]                     # its parent was accepted: the node was tried
+            tried, hit = tried_nodes(tree, accepted.path)
             n = min(tree.size - 1, self._info[0].numel())
-            t = tested[:n]
-            self.calib.update(self._info[0][:n][t], self._info[1][:n][t], on_path[1:n + 1][t])
+            t = tried[:n]
+            self.calib.update(self._info[0][:n][t], self._info[1][:n][t], hit[:n][t])
         self._info = None
         if self.planner is not None and ctx.last_pass is not None:
             self.planner.target_cost.observe(*ctx.last_pass, context=len(ctx.tokens))

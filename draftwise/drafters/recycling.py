@@ -101,6 +101,7 @@ class TokenRecycling(Drafter):
         if keep.numel() == 1:
             return DraftTree.root_only(ctx.root, device=self.device)
         tree = DraftTree(toks, self._par_dev, self.depths.to(self.device)).select(keep.to(self.device))
+        tree.scores = est[keep].float().to(self.device)                   # acceptance estimates (fusion reads them)
         tree.template_ids = keep                                         # for observe()
         return tree
 
