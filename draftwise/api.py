@@ -136,7 +136,7 @@ class Engine:
         opts = spec.validate(method_opts)
         key = (method, json.dumps(opts, sort_keys=True))
         if key not in self._drafters:
-            if "draft_model" in spec.needs and self.draft_model is None:
+            if "draft_model" in spec.requires(opts) and self.draft_model is None:
                 raise ConfigError(f"method {method!r} needs a draft model: load one with --draft NAME "
                                   f"(draftwise.load(..., draft=NAME))")
             self._drafters[key] = spec.factory(self, **opts)

@@ -46,6 +46,11 @@ class MethodSpec:
     needs: tuple[str, ...] = ()             # keys of NEEDS
     test_opts: dict | list[dict] = field(default_factory=dict)   # tiny configurations for the parameterized tests
     sampling: bool = True                    # supports temperature > 0
+    needs_if: Callable[[dict], tuple[str, ...]] | None = None   # extra needs that depend on the options
+
+    def requires(self, opts: dict) -> tuple[str, ...]:
+        """What a configuration needs (validated opts): ``needs`` plus what ``needs_if`` adds."""
+        return self.needs + (self.needs_if(opts) if self.needs_if else ())
 
     def validate(self, opts: dict | None) -> dict:
         """Fill defaults and check types; an unknown option is a ConfigError listing the valid ones."""
@@ -123,7 +128,8 @@ def describe_all() -> str:
     """The text of `draftwise methods`."""
     lines = []
     for s in specs():
-        need = f"  (needs {', '.join(NEEDS[n] for n in s.needs)})" if s.needs else ""
+        needs = s.requires(s.validate({}))
+        need = f"  (needs {', '.join(NEEDS[n] for n in needs)}{' by default' if needs != s.needs else ''})" if needs else ""
         lines.append(f"{s.name:12s} {s.help}{need}")
         for k, o in s.options.items():
             lines.append(f"    {k:16s} {o.type.__name__:6s} default {json.dumps(o.default):8s} {o.help}")

@@ -250,8 +250,7 @@ def check_method(engine, method: str, opts: dict | None) -> None:
             raise ConfigError(f"method {method!r} is a registered instance and takes no options")
         return
     spec = registry.get(method)
-    spec.validate(opts)
-    if "draft_model" in spec.needs and getattr(engine, "draft_model", None) is None:
+    if "draft_model" in spec.requires(spec.validate(opts)) and getattr(engine, "draft_model", None) is None:
         raise ConfigError(f"method {method!r} needs a draft model; start the server with --draft NAME")
 
 

@@ -264,3 +264,15 @@ def test_header_is_json_with_the_fields_info_prints(tmp_path):
     assert raw[:4] == D.MAGIC
     head = json.loads(raw[8: 8 + int.from_bytes(raw[4:8], "little")])
     assert head == h and head["documents"] == 60 and head["version"] == D.VERSION
+
+
+def test_server_refuses_rasd_without_a_draft_model_up_front():
+    from draftwise.server import check_method
+
+    class NoDraft:
+        draft_model = None
+
+    with pytest.raises(ConfigError, match="needs a draft model"):
+        check_method(NoDraft(), "rasd", None)
+    check_method(NoDraft(), "rasd", {"base": "recycling"})
+    check_method(NoDraft(), "retrieval", {"online": True})

@@ -13,8 +13,10 @@ Terms
 - pruning (ours; the paper leaves the exact rule open): a retrieval node whose parent has a
   known draft distribution (the root, and every node the draft expanded) is scored by that
   distribution: dropped, with its subtree, when the draft gives its token less than ``prune``;
-  else p̂ = p̂(parent) x the calibrated acceptance rate of its draft probability (the draft
-  model's own ``Calibration``). Deeper retrieval nodes keep the retrieval rate. So a branch the
+  else p̂ = p̂(parent) x the calibrated acceptance rate of its draft probability (a
+  ``Calibration`` of RASD's own, learned from these nodes only: the base drafter's statistics stay
+  those of its own nodes, so its tree is what it would draft alone). Deeper retrieval nodes keep
+  the retrieval rate. So a branch the
   draft finds implausible never costs a verification row, and one it likes ranks with its own
   nodes.
 - budget: retrieval nodes are added best p̂ first while they raise the expected tokens per ms of
@@ -34,6 +36,7 @@ from draftwise.drafters.retrieval import SOURCE_OPTIONS, RetrievalSource, source
 from draftwise.errors import ConfigError
 from draftwise.models.transformer import ForwardOut
 from draftwise.policies.budget import CostCurve, OnlineCost, online_cost
+from draftwise.policies.opt_tree import Calibration
 from draftwise.tree import DraftTree, merge_trees, tried_nodes
 
 BASES = ("draft-model", "recycling")
@@ -62,6 +65,7 @@ class Rasd(Drafter):
             raise ConfigError("rasd needs a cost curve unless retrieval_nodes is fixed")
         self.base, self.source, self.retrieval_nodes, self.cost, self.prune = base, source, retrieval_nodes, cost, prune
         self.needs = base.needs
+        self.calib = Calibration()                 # draft probability -> acceptance, for retrieval nodes
         self._a: DraftTree | None = None
         self._added: _Added | None = None
         self._col: torch.Tensor | None = None       # full id -> draft column (vocabulary subset)
@@ -96,7 +100,6 @@ class Rasd(Drafter):
         b_rate[1:] = b_rate[1:] / b_rate[cand.tree.parents[1:]].clamp_min(1e-12)     # conditional rates
         score = fused.scores.double().clone()
         dists = getattr(self.base, "dists", {})
-        calib = getattr(self.base, "calib", None)
         n = fused.size
         dropped = torch.zeros(n, dtype=torch.bool)
         info: dict[int, tuple[bool, bool, float, int]] = {}      # fused node -> (by_draft, top1, p, kind)
@@ -113,7 +116,7 @@ class Rasd(Drafter):
                 if q < self.prune:
                     dropped[fi] = True
                     continue
-                rate = float(calib.rate(torch.tensor([top1]), torch.tensor([q], dtype=torch.float64))) if calib else q
+                rate = float(self.calib.rate(torch.tensor([top1]), torch.tensor([q], dtype=torch.float64)))
                 info[fi] = (True, top1, q, 0)
             else:
                 rate = float(b_rate[i])
@@ -178,9 +181,8 @@ class Rasd(Drafter):
             ad = self._added
             t, h = tried[ad.nodes - 1], hit[ad.nodes - 1]
             d = ad.by_draft & t
-            calib = getattr(self.base, "calib", None)
-            if calib is not None and d.any():
-                calib.update(ad.top1[d], ad.p[d], h[d])
+            if d.any():
+                self.calib.update(ad.top1[d], ad.p[d], h[d])
             r = ~ad.by_draft & t
             if r.any():
                 self.source.learn(ad.top1[r], ad.p[r], ad.kind[r], h[r])
@@ -221,5 +223,6 @@ methods.register(methods.MethodSpec(
         "prune": methods.Option(float, 0.01, "drop a retrieval branch whose token the draft gives less"),
         **SOURCE_OPTIONS,
     },
+    needs_if=lambda o: ("draft_model",) if o.get("base") == "draft-model" else (),
     test_opts=[{"base": "recycling", "base_max_nodes": 6, "retrieval_nodes": 6},
                {"base": "draft-model", "base_max_nodes": 4, "retrieval_nodes": 6, "prune": 0.0}]))
