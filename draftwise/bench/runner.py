@@ -130,7 +130,10 @@ class Runner:
             if not engine.has_method(base_method(m)):
                 raise ConfigError(f"--method-opts names {m!r}, which is not a method; choose from "
                                   f"{', '.join(registry.names())}")
-            engine.drafter(base_method(m), o)         # validates the options (and needs) before any sample runs
+            if m in methods:
+                engine.drafter(base_method(m), o)     # validates the options (and needs) before any sample runs
+            elif base_method(m) in registry.names():
+                registry.get(base_method(m)).validate(o)   # a variant this run skips: its options only
         self.baselines = Baselines(engine, draft)
         self.baselines.check(methods)
         if "ar" not in methods:

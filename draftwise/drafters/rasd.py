@@ -19,6 +19,9 @@ Terms
   the retrieval rate. So a branch the
   draft finds implausible never costs a verification row, and one it likes ranks with its own
   nodes.
+- growth (ours): the retrieval trie is built first and its p̂ are handed to the base's planner,
+  which counts them as already held when it decides whether another draft layer pays; so the
+  draft model grows less where retrieval already offers a likely continuation.
 - budget: retrieval nodes are added best p̂ first while they raise the expected tokens per ms of
   the whole step (base drafting time included) under the target's cost curve, or up to
   ``retrieval_nodes``.
@@ -28,6 +31,7 @@ from __future__ import annotations
 import dataclasses
 import time
 
+import numpy as np
 import torch
 
 from draftwise import methods
@@ -80,12 +84,15 @@ class Rasd(Drafter):
 
     def propose(self, ctx: Context) -> DraftTree:
         t0 = time.perf_counter()
+        cand = self.source.candidates(ctx)
+        planner = getattr(self.base, "planner", None)
+        if planner is not None:        # the base grows less where retrieval already offers likely nodes
+            planner.extra = cand.tree.scores[1:].double().numpy() if cand is not None else np.empty(0)
         prop = self.base.propose(ctx)
         if isinstance(prop, Proposal):
             raise ConfigError("rasd fuses plain draft trees; this base drafter returns an early-exit proposal")
         a = prop
         self._a, self._added = a, None
-        cand = self.source.candidates(ctx)
         if cand is None or (self.cost is not None and self.cost.probe_due() and a.size == 1):
             return a
         return self._fuse(ctx, a, cand, t0)
@@ -158,8 +165,6 @@ class Rasd(Drafter):
         cap = gains.numel() if self.retrieval_nodes is None else min(self.retrieval_nodes, gains.numel())
         if self.cost is None:
             return cap
-        import numpy as np
-
         g = gains[:cap].numpy()
         k = np.arange(g.size + 1)
         spent = (time.perf_counter() - t0) * 1e3
@@ -225,4 +230,5 @@ methods.register(methods.MethodSpec(
     },
     needs_if=lambda o: ("draft_model",) if o.get("base") == "draft-model" else (),
     test_opts=[{"base": "recycling", "base_max_nodes": 6, "retrieval_nodes": 6},
-               {"base": "draft-model", "base_max_nodes": 4, "retrieval_nodes": 6, "prune": 0.0}]))
+               {"base": "draft-model", "base_max_nodes": 4, "retrieval_nodes": 6, "prune": 0.0},
+               {"base": "draft-model", "retrieval_nodes": 4}]))

@@ -125,8 +125,10 @@ class Planner:
         self.target_cost, self.draft_cost = target_cost, draft_cost
         self.widths, self.a, self.alpha = widths, a, alpha
         self.context, self.t0 = 0, 0.0
+        self.extra = np.empty(0)        # p̂ of nodes another source adds to this step's tree (RASD)
 
     def begin(self, context: int, t0: float | None = None) -> None:
+        """Start a proposal's clock; ``extra`` (other nodes this step will verify) stays until set again."""
         self.context, self.t0 = context, time.perf_counter() if t0 is None else t0
 
     def spent(self) -> float:
@@ -151,7 +153,7 @@ class Planner:
     def expand(self, scores: torch.Tensor, frontier: torch.Tensor, depth_left: int) -> int:
         """scores [n]: p̂ of every node (root first); frontier [f]: the newest layer's p̂, best first."""
         spent = self.spent()
-        held = np.sort(scores[1:].double().cpu().numpy())[::-1]
+        held = np.sort(np.concatenate([scores[1:].double().cpu().numpy(), self.extra]))[::-1]
         f = frontier.double().cpu().numpy()
         best_rate, _ = self._best(held, spent)
         choice = 0
