@@ -10,6 +10,7 @@ import numpy as np
 import torch
 
 from draftwise import methods
+from draftwise.datastore import brute_force_matches
 from draftwise.drafters.base import Context, Drafter
 from draftwise.errors import ConfigError
 from draftwise.policies.budget import CostCurve, OnlineCost, Overhead, best_prefix, online_cost
@@ -21,13 +22,7 @@ def find_matches(arr: np.ndarray, n: int, limit: int) -> np.ndarray:
     L = arr.size
     if L <= n:
         return np.empty(0, dtype=np.int64)
-    suffix = arr[L - n:]
-    cand = np.flatnonzero(arr[: L - n] == suffix[0])
-    for j in range(1, n):
-        if cand.size == 0:
-            break
-        cand = cand[arr[cand + j] == suffix[j]]
-    return cand[::-1][:limit]
+    return brute_force_matches(arr[: L - 1], arr[L - n:])[::-1][:limit]
 
 
 class PromptLookup(Drafter):
