@@ -4,6 +4,7 @@ from __future__ import annotations
 import argparse
 import sys
 import time
+from pathlib import Path
 
 from draftwise.errors import DraftwiseError
 from draftwise.models import registry
@@ -189,6 +190,21 @@ def cmd_datastore_info(a) -> int:
     return 0
 
 
+def cmd_train_early_exit(a) -> int:
+    import draftwise
+    from draftwise.drafters.early_exit import train_exit
+
+    eng = draftwise.load(a.model, device=a.device, threads=a.threads)
+    info = train_exit(eng, a.layer, Path(a.out), data=a.data, max_tokens=a.max_tokens, max_steps=a.max_steps,
+                      epochs=a.epochs, batch=a.batch, lr=a.lr, init=a.init,
+                      features=Path(a.features) if a.features else None, vocab_subset=a.vocab_subset,
+                      progress=not a.quiet, extra_layers=tuple(a.extra_layer or ()), val_every=a.val_every)
+    print(f"{a.out}: exit layer after layer {info['layer']} (init from layer {info['init']}), "
+          f"{info['train_tokens']:,} training tokens, {info['steps']} steps in {info['train_s']:.0f} s; "
+          f"validation agreement with the target {info['val_agree_init']:.3f} -> {info['val_agree']:.3f}")
+    return 0
+
+
 def cmd_bench_forward(a) -> int:
     import draftwise
     from draftwise.policies.budget import load_or_measure
@@ -224,7 +240,8 @@ def cmd_bench(a) -> int:
     methods = [m.strip() for m in a.methods.split(",") if m.strip()]
     r = Runner(eng, methods, qs, Path(a.out), max_new_tokens=a.max_new_tokens, temperature=a.temperature,
                draft=a.draft, config={"dataset": a.dataset, "limit": a.limit,
-                                                                 "max_turns": a.max_turns}, method_opts=opts)
+                                                                 "max_turns": a.max_turns}, method_opts=opts,
+               early_exit_layer=a.early_exit_layer)
     summary = r.run()
     from draftwise.bench.report import table
 
@@ -276,6 +293,7 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--dataset", default="humaneval", help="humaneval | mtbench | sharegpt | FILE.jsonl")
     b.add_argument("--limit", type=int, default=None, help="at most N questions, round-robin over categories")
     b.add_argument("--max-turns", type=int, default=None, help="keep only the first N turns of each question")
+    b.add_argument("--early-exit-layer", type=int, default=None, help="N for the hf-early-exit baseline (default: a quarter of the layers)")
     b.add_argument("--max-new-tokens", type=int, default=128)
     b.add_argument("--temperature", type=float, default=0.0)
     b.add_argument("--out", default="bench_out")
@@ -316,6 +334,31 @@ def build_parser() -> argparse.ArgumentParser:
     di.add_argument("path")
     di.add_argument("--no-verify", action="store_true", help="skip the checksum")
     di.set_defaults(func=cmd_datastore_info)
+
+    tr = sub.add_parser("train", help="train drafters (self-distilled early-exit layers)")
+    tsub = tr.add_subparsers(dest="tcmd", required=True)
+    te = tsub.add_parser("early-exit", help="self-distil an exit layer after the target's first N layers (EESD)")
+    te.add_argument("--model", default=registry.DEFAULT_MODEL)
+    te.add_argument("--layer", type=int, required=True, help="N: the target layers the draft runs")
+    te.add_argument("--out", required=True, help="exit layer file to write (.safetensors)")
+    te.add_argument("--data", action="append", default=None,
+                    help="training text: a file, a directory, stdlib: or sharegpt: (repeatable; "
+                         "default: stdlib: and sharegpt:)")
+    te.add_argument("--max-tokens", type=int, default=400_000, help="teacher-forced training tokens (default 400k)")
+    te.add_argument("--max-steps", type=int, default=None, help="stop after this many steps (default: --epochs)")
+    te.add_argument("--epochs", type=float, default=1.5)
+    te.add_argument("--batch", type=int, default=4, help="chunks of 512 tokens per step")
+    te.add_argument("--lr", type=float, default=6e-4)
+    te.add_argument("--init", default="next", help="initialise from target layer N (next, default), the last "
+                    "layer (last) or a layer index")
+    te.add_argument("--features", default=None, help="teacher-feature directory (default: OUT.features)")
+    te.add_argument("--extra-layer", type=int, action="append", help="also store this layer's output (sweeps)")
+    te.add_argument("--vocab-subset", type=int, default=32768)
+    te.add_argument("--val-every", type=int, default=0, help="validate every N steps (default: at the end)")
+    te.add_argument("--device", default="cpu")
+    te.add_argument("--threads", type=int, default=None)
+    te.add_argument("--quiet", action="store_true")
+    te.set_defaults(func=cmd_train_early_exit)
 
     me = sub.add_parser("methods", help="list the decoding methods and their options")
     me.set_defaults(func=cmd_methods)

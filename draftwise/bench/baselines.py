@@ -1,7 +1,9 @@
 """Baselines outside draftwise, run in the same process on the same weights.
 
 - Hugging Face `generate`: plain greedy (`hf`), prompt lookup (`hf-lookup`) and assisted
-  generation with a draft model (`hf-assisted`), on our model's device and dtype.
+  generation with a draft model (`hf-assisted`) and its untrained self-speculative early exit
+  (`hf-early-exit`: the target's first N layers draft through its own head, LayerSkip style;
+  N = ``early_exit_layer``), on our model's device and dtype.
 - llama.cpp through llama-cpp-python (optional peer, not a dependency): plain (`llamacpp`) and
   its prompt-lookup draft (`llamacpp-lookup`), on the model's own GGUF file (quantized weights,
   so its text is reported as matching ours or not, never as a lossless failure).
@@ -14,7 +16,7 @@ import torch
 
 from draftwise.errors import ConfigError
 
-HF_METHODS = ("hf", "hf-lookup", "hf-assisted")
+HF_METHODS = ("hf", "hf-lookup", "hf-assisted", "hf-early-exit")
 LLAMACPP_METHODS = ("llamacpp", "llamacpp-lookup")
 EXTERNAL_METHODS = HF_METHODS + LLAMACPP_METHODS
 
@@ -29,8 +31,12 @@ def gguf_file(path: Path) -> Path:
 
 
 class Baselines:
-    def __init__(self, engine, draft: str | None = None):
+    def __init__(self, engine, draft: str | None = None, early_exit_layer: int | None = None):
         self.engine, self.draft = engine, draft
+        layers = engine.model.cfg.num_layers
+        self.early_exit_layer = early_exit_layer or max(1, layers // 4)
+        if not 1 <= self.early_exit_layer < layers:
+            raise ConfigError(f"--early-exit-layer must be in [1, {layers - 1}], got {early_exit_layer}")
         self._hf: dict[str, object] = {}
         self._llama: dict[str, object] = {}
 
@@ -77,6 +83,8 @@ class Baselines:
             kw["prompt_lookup_num_tokens"] = 10
         elif method == "hf-assisted":
             kw["assistant_model"] = self._hf_model("draft")
+        elif method == "hf-early-exit":
+            kw["assistant_early_exit"] = self.early_exit_layer
         x = torch.tensor([ids], device=self.engine.model.device)
         return model.generate(x, attention_mask=torch.ones_like(x), **kw)[0, len(ids):].tolist()
 

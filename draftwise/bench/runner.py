@@ -119,7 +119,8 @@ def _sum_lists(lists: list[list[int]]) -> list[int]:
 class Runner:
     def __init__(self, engine, methods: list[str], questions: list[dict], out: Path, max_new_tokens: int = 128,
                  temperature: float = 0.0, draft: str | None = None, config: dict | None = None,
-                 progress: bool = True, method_opts: dict[str, dict] | None = None):
+                 progress: bool = True, method_opts: dict[str, dict] | None = None,
+                 early_exit_layer: int | None = None):
         from draftwise import methods as registry
 
         for m in methods:
@@ -134,7 +135,7 @@ class Runner:
                 engine.drafter(base_method(m), o)     # validates the options (and needs) before any sample runs
             elif base_method(m) in registry.names():
                 registry.get(base_method(m)).validate(o)   # a variant this run skips: its options only
-        self.baselines = Baselines(engine, draft)
+        self.baselines = Baselines(engine, draft, early_exit_layer)
         self.baselines.check(methods)
         if "ar" not in methods:
             methods = ["ar"] + methods
@@ -144,6 +145,7 @@ class Runner:
                        "temperature": temperature, "threads": torch.get_num_threads(),
                        "device": str(engine.model.device), "dtype": str(engine.model.dtype).split(".")[-1],
                        "kernels": engine.model.fast, "method_opts": self.method_opts,
+                       **({"early_exit_layer": self.baselines.early_exit_layer} if "hf-early-exit" in methods else {}),
                        "torch": torch.__version__, "python": platform.python_version(),
                        "machine": platform.machine(), "processor": _cpu_name(), **(config or {})}
         self.mismatches: list[dict] = []

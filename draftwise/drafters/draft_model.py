@@ -24,11 +24,10 @@ import torch
 
 from draftwise import methods
 from draftwise.drafters.base import Context
-from draftwise.drafters.model_base import ModelDrafter
+from draftwise.drafters.model_base import ModelDrafter, next_token
 from draftwise.errors import ConfigError
 from draftwise.models.transformer import ForwardOut, Transformer
 from draftwise.policies.opt_tree import Calibration, DeltaStop, Planner, TopNStop, grow, top_nodes
-from draftwise.sampling import warp
 from draftwise.tree import DraftTree, make_template, tried_nodes
 from draftwise.vocab import VocabSubset
 
@@ -110,22 +109,7 @@ class DraftModel(ModelDrafter):
         return shape(ctx, first, depth)
 
     def _next(self, logits: torch.Tensor, ctx: Context) -> tuple[int, float, torch.Tensor | None]:
-        """(token, the draft's top probability, q over the full vocabulary or None when greedy).
-
-        Stopping looks at top probabilities, never at a drawn token's own value: a draw kept or
-        dropped by its own value would no longer follow q, and sampling would stop being exact."""
-        if self.g is None:
-            probs = self._probs(logits)
-            j = int(probs.argmax())
-            tok = j if self.subset is None else int(self.subset.ids[j])
-            return tok, float(probs[j]), None
-        q = warp(logits, ctx.sampling).double().cpu()
-        top = float(q.max())
-        j = int(torch.multinomial(q, 1, generator=self.g))
-        if self.subset is not None:
-            q = q.new_zeros(self.subset.vocab_size).index_copy_(0, self._ids_cpu, q)
-            j = int(self._ids_cpu[j])
-        return j, top, q
+        return next_token(logits, ctx.sampling, self.g, self._ids_cpu, self.net.cfg.vocab_size)
 
     def _chain(self, ctx: Context, first, depth: int) -> DraftTree:
         k = depth if self.max_nodes is None else min(depth, self.max_nodes)

@@ -23,6 +23,7 @@ import torch
 
 from draftwise.drafters.base import Context, Drafter, Proposal
 from draftwise.models.cache import KVCache
+from draftwise.sampling import Sampling, warp
 from draftwise.tree import DraftTree
 
 
@@ -97,3 +98,24 @@ class ModelDrafter(Drafter, metaclass=abc.ABCMeta):
         self.cache.commit(rows)                  # drops every other pending row
         self.synced += len(rows)
         self.fed = []
+
+
+def next_token(logits: torch.Tensor, sampling: Sampling, g: torch.Generator | None,
+               ids: torch.Tensor | None, vocab_size: int) -> tuple[int, float, torch.Tensor | None]:
+    """One chain-draft token from draft logits [K] (over the vocabulary subset ``ids`` [K] on the
+    CPU, or the full vocabulary when None): (token, the draft's top probability, q over the full
+    vocabulary [V] or None when greedy; g None means greedy).
+
+    Stopping looks at top probabilities, never at a drawn token's own value: a draw kept or
+    dropped by its own value would no longer follow q, and sampling would stop being exact."""
+    if g is None:
+        probs = logits.float().softmax(-1)
+        j = int(probs.argmax())
+        return (j if ids is None else int(ids[j])), float(probs[j]), None
+    q = warp(logits, sampling).double().cpu()
+    top = float(q.max())
+    j = int(torch.multinomial(q, 1, generator=g))
+    if ids is not None:
+        q = q.new_zeros(vocab_size).index_copy_(0, ids, q)
+        j = int(ids[j])
+    return j, top, q

@@ -125,33 +125,11 @@ class Transformer:
                 return None
             return t.to(device=self.device, dtype=dtype)
 
-        def lin(ws: list[str], bs: list[str] | None = None) -> Linear:
-            w = torch.cat([get(n) for n in ws], 0) if len(ws) > 1 else get(ws[0])
-            b = None
-            if bs is not None:
-                b = torch.cat([get(n) for n in bs], 0)
-            return Linear(w, b, self.fast)
-
         self.embed = get("model.embed_tokens.weight")                 # [V, D]
         if self.embed.shape != (cfg.vocab_size, cfg.hidden_size):
             raise CheckpointError(f"embed_tokens has shape {tuple(self.embed.shape)}, config says "
                                   f"({cfg.vocab_size}, {cfg.hidden_size})")
-        self.layers: list[Layer] = []
-        for i in range(cfg.num_layers):
-            p = f"model.layers.{i}."
-            a = p + "self_attn."
-            qkv_names = [a + "q_proj.weight", a + "k_proj.weight", a + "v_proj.weight"]
-            qkv_bias = [a + "q_proj.bias", a + "k_proj.bias", a + "v_proj.bias"] if cfg.attention_bias else None
-            self.layers.append(Layer(
-                attn_norm=get(p + "input_layernorm.weight"),
-                qkv=lin(qkv_names, qkv_bias),
-                q_norm=get(a + "q_norm.weight") if cfg.qk_norm else None,
-                k_norm=get(a + "k_norm.weight") if cfg.qk_norm else None,
-                o=lin([a + "o_proj.weight"]),
-                mlp_norm=get(p + "post_attention_layernorm.weight"),
-                gate_up=lin([p + "mlp.gate_proj.weight", p + "mlp.up_proj.weight"]),
-                down=lin([p + "mlp.down_proj.weight"]),
-            ))
+        self.layers = [build_layer(cfg, get, f"model.layers.{i}.", self.fast) for i in range(cfg.num_layers)]
         self.norm = get("model.norm.weight")
         head = state.get("lm_head.weight")
         if head is None or cfg.tie_word_embeddings:
@@ -255,25 +233,55 @@ class Transformer:
         return mask.repeat(self.cfg.num_heads // self.cfg.num_kv_heads, 1)
 
     def _layer(self, i: int, x: torch.Tensor, cos, sin, cache: KVCache, start: int, mask) -> torch.Tensor:
-        cfg, L = self.cfg, self.layers[i]
-        n, H, Hkv, Dh = x.shape[0], cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
-        h = rms_norm(x, L.attn_norm, cfg.rms_norm_eps)
-        qkv = L.qkv(h)                                                     # [n, (H + 2 Hkv) Dh]
-        q, k, v = qkv.split([H * Dh, Hkv * Dh, Hkv * Dh], dim=-1)
-        q, k, v = q.view(n, H, Dh), k.view(n, Hkv, Dh), v.view(n, Hkv, Dh)
-        if L.q_norm is not None:
-            q = rms_norm(q, L.q_norm, cfg.rms_norm_eps)
-            k = rms_norm(k, L.k_norm, cfg.rms_norm_eps)
-        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
-        keys, values = cache.write(i, k.transpose(0, 1), v.transpose(0, 1), start)   # [Hkv, T, Dh]
-        g = H // Hkv
-        qg = q.view(n, Hkv, g, Dh).permute(1, 2, 0, 3).reshape(1, Hkv, g * n, Dh)    # [1, Hkv, g n, Dh]
-        attn = F.scaled_dot_product_attention(qg, keys.unsqueeze(0), values.unsqueeze(0), attn_mask=mask)
-        attn = attn.view(Hkv, g, n, Dh).permute(2, 0, 1, 3).reshape(n, H * Dh)       # [n, H Dh]
-        x = x + L.o(attn)
-        h = rms_norm(x, L.mlp_norm, cfg.rms_norm_eps)
-        gate, up = L.gate_up(h).chunk(2, dim=-1)                           # [n, I] each
-        return x + L.down(F.silu(gate) * up)
+        def kv(k, v):                                                     # [Hkv, n, Dh] -> [Hkv, T, Dh]
+            return cache.write(i, k, v, start)
+        return layer_forward(self.cfg, self.layers[i], x, cos, sin, kv, mask)
+
+
+def build_layer(cfg: ModelConfig, get, prefix: str, packed: bool) -> Layer:
+    """One decoder layer from Hugging Face-named tensors (``get(name, required)``) under ``prefix``
+    (``model.layers.{i}.``); q/k/v and gate/up are fused into one Linear each."""
+    def lin(ws: list[str], bs: list[str] | None = None) -> Linear:
+        w = torch.cat([get(n) for n in ws], 0) if len(ws) > 1 else get(ws[0])
+        b = torch.cat([get(n) for n in bs], 0) if bs is not None else None
+        return Linear(w, b, packed)
+
+    a = prefix + "self_attn."
+    qkv_bias = [a + "q_proj.bias", a + "k_proj.bias", a + "v_proj.bias"] if cfg.attention_bias else None
+    return Layer(
+        attn_norm=get(prefix + "input_layernorm.weight"),
+        qkv=lin([a + "q_proj.weight", a + "k_proj.weight", a + "v_proj.weight"], qkv_bias),
+        q_norm=get(a + "q_norm.weight") if cfg.qk_norm else None,
+        k_norm=get(a + "k_norm.weight") if cfg.qk_norm else None,
+        o=lin([a + "o_proj.weight"]),
+        mlp_norm=get(prefix + "post_attention_layernorm.weight"),
+        gate_up=lin([prefix + "mlp.gate_proj.weight", prefix + "mlp.up_proj.weight"]),
+        down=lin([prefix + "mlp.down_proj.weight"]),
+    )
+
+
+def layer_forward(cfg: ModelConfig, L: Layer, x: torch.Tensor, cos, sin, kv, mask) -> torch.Tensor:
+    """One decoder layer on x [n, D]. ``kv(k, v)`` takes this pass's keys/values [Hkv, n, Dh] and
+    returns every key/value the queries attend to [Hkv, T, Dh] (a cache write, or k, v themselves
+    for a cache-free training pass); mask: additive [g n, T] (see _attn_mask) or None."""
+    n, H, Hkv, Dh = x.shape[0], cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
+    h = rms_norm(x, L.attn_norm, cfg.rms_norm_eps)
+    qkv = L.qkv(h)                                                     # [n, (H + 2 Hkv) Dh]
+    q, k, v = qkv.split([H * Dh, Hkv * Dh, Hkv * Dh], dim=-1)
+    q, k, v = q.view(n, H, Dh), k.view(n, Hkv, Dh), v.view(n, Hkv, Dh)
+    if L.q_norm is not None:
+        q = rms_norm(q, L.q_norm, cfg.rms_norm_eps)
+        k = rms_norm(k, L.k_norm, cfg.rms_norm_eps)
+    q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+    keys, values = kv(k.transpose(0, 1), v.transpose(0, 1))            # [Hkv, T, Dh]
+    g = H // Hkv
+    qg = q.view(n, Hkv, g, Dh).permute(1, 2, 0, 3).reshape(1, Hkv, g * n, Dh)    # [1, Hkv, g n, Dh]
+    attn = F.scaled_dot_product_attention(qg, keys.unsqueeze(0), values.unsqueeze(0), attn_mask=mask)
+    attn = attn.view(Hkv, g, n, Dh).permute(2, 0, 1, 3).reshape(n, H * Dh)       # [n, H Dh]
+    x = x + L.o(attn)
+    h = rms_norm(x, L.mlp_norm, cfg.rms_norm_eps)
+    gate, up = L.gate_up(h).chunk(2, dim=-1)                           # [n, I] each
+    return x + L.down(F.silu(gate) * up)
 
 
 # ---------------------------------------------------------------------- free functions
