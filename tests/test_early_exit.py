@@ -160,7 +160,7 @@ def test_train_save_load_and_decode_losslessly(model_dir, tmp_path):
     json.dumps(info)                                                                    # JSON-able metadata
     hist = torch.load(tmp_path / "exit.safetensors.ckpt", weights_only=False)["history"]
     first, last = np.mean([h["loss"] for h in hist[:5]]), np.mean([h["loss"] for h in hist[-5:]])
-    assert last < 0.8 * first                                                           # it learns
+    assert last < 0.9 * first                                                           # it learns
     assert info["val_agree"] > info["val_agree_init"]
     tensors, meta = load_exit(out, m)
     assert meta["layer"] == 1 and meta["init"] == 1          # default init: a copy of layer N
