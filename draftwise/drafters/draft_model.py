@@ -42,19 +42,25 @@ class DraftModel(ModelDrafter):
 
     def __init__(self, net: Transformer, tree: str = "opt-tree", max_nodes: int | None = None, max_depth: int = 10,
                  width: int = 8, delta: float | None = None, subset: VocabSubset | None = None,
-                 planner: Planner | None = None, calibrate: bool = True, max_len: int | None = None):
+                 planner: Planner | None = None, calibrate: bool = True, max_len: int | None = None,
+                 control=None):
         if tree not in SHAPES:
             raise ConfigError(f"draft-model tree must be one of {', '.join(SHAPES)}, got {tree!r}")
         if max_depth < 1 or width < 1 or (max_nodes is not None and max_nodes < 1):
             raise ConfigError("draft-model needs max_depth >= 1, width >= 1 and max_nodes >= 1 (or null)")
         if delta is not None and delta < 0:
             raise ConfigError(f"draft-model needs delta >= 0 (or null), got {delta}")
-        if planner is None and max_nodes is None and tree != "static":
+        if control is not None and tree != "chain":
+            raise ConfigError(f"draft-model option 'control' needs tree 'chain', got {tree!r}")
+        if planner is None and max_nodes is None and tree != "static" and control is None:
             raise ConfigError("draft-model needs cost curves (a planner) unless max_nodes is fixed")
         extra = max(width, max_nodes or 0) * max_depth + 1
         super().__init__(net.new_cache((max_len or net.max_len) + extra))
         self.net, self.shape, self.max_nodes, self.max_depth = net, tree, max_nodes, max_depth
         self.width, self.delta, self.planner = width, delta, planner
+        self.control = control               # a chain length control (policies/length.py) or None
+        self._tops: list[float] = []
+        self._t0 = self._draft_ms = 0.0
         self.subset = None if subset is None else subset.to(net.device)
         self._ids_cpu = None if subset is None else subset.ids.cpu()       # for sampled drafts (q on the CPU)
         self.head = net.lm_head if subset is None else net.lm_head.rows(self.subset.ids)
@@ -89,9 +95,12 @@ class DraftModel(ModelDrafter):
         return out
 
     def propose(self, ctx: Context):
+        self._t0 = time.perf_counter()
         if self.planner is not None:
             self.planner.begin(len(ctx.tokens))          # the catch-up counts as spent
-        return super().propose(ctx)
+        tree = super().propose(ctx)
+        self._draft_ms = (time.perf_counter() - self._t0) * 1e3
+        return tree
 
     def _probs(self, logits: torch.Tensor) -> torch.Tensor:
         return logits.float().softmax(-1)
@@ -113,10 +122,15 @@ class DraftModel(ModelDrafter):
 
     def _chain(self, ctx: Context, first, depth: int) -> DraftTree:
         k = depth if self.max_nodes is None else min(depth, self.max_nodes)
+        ctl = self.control
+        if ctl is not None:
+            k = min(depth, ctl.plan(len(ctx.tokens)))
         tokens, qs, tops, scores = [], [], [], [1.0]
         logits = first.logits[-1]
         for d in range(k):
             tok, top, q = self._next(logits, ctx)
+            if ctl is not None and not ctl.more(d, top):
+                break
             tokens.append(tok); qs.append(q); tops.append(top)
             r = float(self._rate(torch.tensor([True]), torch.tensor([top], dtype=torch.float64)))
             scores.append(scores[-1] * r)
@@ -124,17 +138,18 @@ class DraftModel(ModelDrafter):
                 self.planner.learn(r)
             if d + 1 == k:
                 break
-            if self.max_nodes is None:
+            if self.max_nodes is None and ctl is None:
                 s = torch.tensor(scores, dtype=torch.float64)
                 if self.planner.expand(s, s[-1:], k - d - 1) == 0:
                     break
             tree = DraftTree.chain(ctx.root, tokens, device=self.cache.k.device)
             logits = self.step(tree, [d + 1], ctx).logits[-1]
-        if self.max_nodes is None and self.g is None:
+        if self.max_nodes is None and self.g is None and ctl is None:
             # greedy only: cutting a sampled chain by later scores would make a draw's survival
             # depend on its own value
             m = self.planner.size(torch.tensor(scores[1:]).numpy())
             tokens, tops = tokens[:m], tops[:m]
+        self._tops = tops[: len(tokens)]
         tree = DraftTree.chain(ctx.root, tokens, device=ctx.device)
         tree.scores = torch.tensor(scores[: len(tokens) + 1], dtype=torch.float32, device=ctx.device)
         self._info = (torch.ones(len(tokens), dtype=torch.bool), torch.tensor(tops, dtype=torch.float64))
@@ -202,6 +217,14 @@ class DraftModel(ModelDrafter):
 
     # ------------------------------------------------------------------ feedback
     def observe(self, tree, out, accepted, ctx) -> None:
+        if self.control is not None:
+            costs = getattr(self.control, "costs", None)
+            if costs is not None:
+                costs.observe_draft(tree.size - 1, self._draft_ms)     # k tokens: k draft forwards
+                if ctx.last_pass is not None:
+                    costs.verify.observe(*ctx.last_pass, context=len(ctx.tokens))
+            self.control.update(self._tops if tree.size > 1 else [], len(accepted.path) - 1)
+            self._tops = []
         super().observe(tree, out, accepted, ctx)
         if self.calib is not None and self._info is not None and tree.size > 1:
             tried, hit = tried_nodes(tree, accepted.path)
@@ -219,16 +242,27 @@ class DraftModel(ModelDrafter):
 
 
 def _factory(engine, tree: str, max_nodes, max_depth: int, width: int, delta, vocab_subset: int,
-             calibrate: bool) -> DraftModel:
+             calibrate: bool, control) -> DraftModel:
     from draftwise.policies.budget import OnlineCost
+    from draftwise.policies.length import StepCosts, parse_control
 
     if tree not in SHAPES:
         raise ConfigError(f"draft-model option 'tree' must be one of {', '.join(SHAPES)}, got {tree!r}")
-    need_plan = max_nodes is None and tree != "static"
+    ctl = None
+    if control is not None:
+        if tree != "chain":
+            raise ConfigError(f"draft-model option 'control' needs tree 'chain', got {tree!r}")
+        costs = None
+        if not control.startswith("fixed:"):
+            t_d = float(engine.draft_cost_curve().t(1))
+            costs = StepCosts(OnlineCost(engine.cost_curve()), draft_ms=t_d, plain_ms=t_d)
+        ctl = parse_control(control, costs, max_depth)
+    need_plan = max_nodes is None and tree != "static" and ctl is None
     planner = Planner(OnlineCost(engine.cost_curve()), OnlineCost(engine.draft_cost_curve())) if need_plan else None
     sub = engine.vocab_subset(vocab_subset) if 0 < vocab_subset < engine.draft_model.cfg.vocab_size else None
     return DraftModel(engine.draft_model, tree=tree, max_nodes=max_nodes, max_depth=max_depth, width=width,
-                      delta=delta, subset=sub, planner=planner, calibrate=calibrate, max_len=engine.model.max_len)
+                      delta=delta, subset=sub, planner=planner, calibrate=calibrate, max_len=engine.model.max_len,
+                      control=ctl)
 
 
 methods.register(methods.MethodSpec(
@@ -245,9 +279,13 @@ methods.register(methods.MethodSpec(
         "vocab_subset": methods.Option(int, 32768, "draft logits over the K most frequent tokens (0: full vocabulary)"),
         "calibrate": methods.Option(bool, True, "score nodes by learned acceptance rates instead of raw draft "
                                     "probabilities"),
+        "control": methods.Option(str, None, "chain only: length control fixed:K | beta-ts | calibration-ts "
+                                  "(null: the cost-curve planner)", optional=True),
     },
     test_opts=[{"tree": "chain", "max_nodes": 3, "vocab_subset": 0},
                {"tree": "chain", "vocab_subset": 0},
+               {"tree": "chain", "control": "beta-ts", "max_depth": 5, "vocab_subset": 0},
+               {"tree": "chain", "control": "calibration-ts", "max_depth": 5, "vocab_subset": 0},
                {"tree": "static", "max_nodes": 5, "vocab_subset": 0},
                {"tree": "opt-tree", "width": 4, "max_depth": 4, "vocab_subset": 0},
                {"tree": "opt-tree", "width": 4, "max_depth": 4, "delta": 0.05, "max_nodes": 6, "vocab_subset": 0}]))
