@@ -26,7 +26,7 @@ def model_dir(tmp_path_factory):
     return root, m
 
 
-class StubTokenizer:
+class ByteTokenizer:
     """Bytes -> ids in [1, 90] (enough for teacher forcing on a tiny vocabulary)."""
 
     def __call__(self, batch, add_special_tokens=False):
@@ -35,7 +35,7 @@ class StubTokenizer:
 
 class TinyTrainEngine:
     def __init__(self, model, path):
-        self.model, self.path, self.tokenizer = model, path, StubTokenizer()
+        self.model, self.path, self.tokenizer = model, path, ByteTokenizer()
         self.eos_ids, self.model_id = (0,), "tiny"
 
     def vocab_subset(self, k):

@@ -246,7 +246,7 @@ class EarlyExit(Drafter):
 
 
 def _factory(engine, exit, layer, control: str, k_max: int, vocab_subset: int) -> EarlyExit:
-    from draftwise.policies.budget import CostCurve, OnlineCost
+    from draftwise.policies.budget import OnlineCost
 
     model = engine.model
     L = model.cfg.num_layers
@@ -266,9 +266,7 @@ def _factory(engine, exit, layer, control: str, k_max: int, vocab_subset: int) -
     if not control.startswith("fixed:"):
         full = engine.cost_curve()
         rest = (L - layer) / L                                  # verification runs layers [N, L) only
-        verify = OnlineCost(CostCurve(full.ns, tuple(t * rest for t in full.ms), full.context,
-                                      None if full.ms_long is None else tuple(t * rest for t in full.ms_long),
-                                      full.context_long))
+        verify = OnlineCost(full.scaled(rest))
         t1 = float(full.t(1))
         costs = StepCosts(verify, draft_ms=t1 * (layer + (layer_t is not None)) / L, plain_ms=t1 * layer / L)
     ctl = parse_control(control, costs, k_max)

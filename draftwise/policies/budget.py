@@ -68,6 +68,11 @@ class CostCurve:
     def probe_due(self) -> bool:
         return False
 
+    def scaled(self, f: float) -> "CostCurve":
+        """The same curve with every time multiplied by f (e.g. only some of the layers run)."""
+        long = None if self.ms_long is None else tuple(t * f for t in self.ms_long)
+        return CostCurve(self.ns, tuple(t * f for t in self.ms), self.context, long, self.context_long)
+
     @classmethod
     def flat(cls) -> "CostCurve":
         """Verification costs the same for any n (an ideal accelerator): for tests and overrides."""

@@ -29,6 +29,7 @@ Controls (``control`` method option)
 """
 from __future__ import annotations
 
+import abc
 import math
 
 import numpy as np
@@ -65,14 +66,15 @@ class StepCosts:
         return np.where(k > 0, (k + 1) * self.draft_ms, self.plain_ms) + self.verify.t(k + 1, context)
 
 
-class LengthControl:
+class LengthControl(abc.ABC):
     """Base: ``plan`` once per step (an upper bound on k), ``more`` before each further token,
     ``update`` after verification with what was drafted and accepted."""
 
     k_max: int = 8
 
+    @abc.abstractmethod
     def plan(self, context: int) -> int:
-        raise NotImplementedError
+        """k_max for this step (0: a plain step)."""
 
     def more(self, d: int, conf: float) -> bool:
         """d tokens drafted; draft token d + 1, whose draft confidence is conf?"""
@@ -81,8 +83,9 @@ class LengthControl:
     def update(self, confs: list[float], accepted: int) -> None:
         """confs: confidences of the drafted tokens, in order; accepted: how many were accepted."""
 
+    @abc.abstractmethod
     def describe(self) -> str:
-        raise NotImplementedError
+        """The control's method-option spelling."""
 
 
 class FixedK(LengthControl):
