@@ -205,6 +205,34 @@ def cmd_train_early_exit(a) -> int:
     return 0
 
 
+def cmd_train_eagle(a) -> int:
+    import draftwise
+    from draftwise.drafters.eagle import train_head
+
+    eng = draftwise.load(a.model, device=a.device, threads=a.threads)
+    info = train_head(eng, Path(a.out), data=a.data, max_tokens=a.max_tokens, max_steps=a.max_steps, epochs=a.epochs,
+                      batch=a.batch, lr=a.lr, init=a.init, features=Path(a.features) if a.features else None,
+                      vocab_subset=a.vocab_subset, progress=not a.quiet, val_every=a.val_every)
+    print(f"{a.out}: EAGLE head (init {info['init']}), {info['train_tokens']:,} training tokens, {info['steps']} steps "
+          f"in {info['train_s']:.0f} s; validation top-1 accuracy {info['val_agree_init']:.3f} -> {info['val_agree']:.3f}")
+    return 0
+
+
+def cmd_train_ldlp(a) -> int:
+    import draftwise
+    from draftwise.drafters.eagle import train_ldlp
+
+    eng = draftwise.load(a.model, device=a.device, threads=a.threads)
+    info = train_ldlp(eng, a.head, Path(a.out), prompts=a.prompts, k_max=a.k_max, max_new_tokens=a.max_new_tokens,
+                      max_steps=a.max_steps, vocab_subset=a.vocab_subset, progress=not a.quiet)
+    best = next(r for r in info["sweep"] if r["lambda"] == info["lambda"])
+    print(f"{a.out}: LDLP from {info['labels']} labels ({info['prompts']} prompts, {info['label_s']:.0f} s), "
+          f"lambda {info['lambda']} (validation MAE {best['val_mae']:.2f}); expected tokens/ms on validation: "
+          f"LDLP {best['val_tok_per_ms']:.4f}, best fixed k {max(info['val_tok_per_ms_fixed'].values()):.4f}, "
+          f"oracle {info['val_tok_per_ms_oracle']:.4f}")
+    return 0
+
+
 def cmd_bench_forward(a) -> int:
     import draftwise
     from draftwise.policies.budget import load_or_measure
@@ -335,7 +363,7 @@ def build_parser() -> argparse.ArgumentParser:
     di.add_argument("--no-verify", action="store_true", help="skip the checksum")
     di.set_defaults(func=cmd_datastore_info)
 
-    tr = sub.add_parser("train", help="train drafters (self-distilled early-exit layers)")
+    tr = sub.add_parser("train", help="train drafters (early-exit layers, EAGLE heads, LDLP)")
     tsub = tr.add_subparsers(dest="tcmd", required=True)
     te = tsub.add_parser("early-exit", help="self-distil an exit layer after the target's first N layers (EESD)")
     te.add_argument("--model", default=registry.DEFAULT_MODEL)
@@ -359,6 +387,41 @@ def build_parser() -> argparse.ArgumentParser:
     te.add_argument("--threads", type=int, default=None)
     te.add_argument("--quiet", action="store_true")
     te.set_defaults(func=cmd_train_early_exit)
+
+    tg = tsub.add_parser("eagle", help="train an EAGLE draft head on the target's features")
+    tg.add_argument("--model", default=registry.DEFAULT_MODEL)
+    tg.add_argument("--out", required=True, help="head file to write (.safetensors)")
+    tg.add_argument("--data", action="append", default=None,
+                    help="training text: a file, a directory, stdlib: or sharegpt: (repeatable; "
+                         "default: stdlib: and sharegpt:)")
+    tg.add_argument("--max-tokens", type=int, default=400_000, help="teacher-forced training tokens (default 400k)")
+    tg.add_argument("--max-steps", type=int, default=None, help="stop after this many steps (default: --epochs)")
+    tg.add_argument("--epochs", type=float, default=2.0)
+    tg.add_argument("--batch", type=int, default=4, help="chunks of 512 tokens per step")
+    tg.add_argument("--lr", type=float, default=5e-4)
+    tg.add_argument("--init", default="last", help="last (the target's last layer behind a pass-through fc, "
+                    "default) or random")
+    tg.add_argument("--features", default=None, help="teacher-feature directory (default: OUT.features)")
+    tg.add_argument("--vocab-subset", type=int, default=32768)
+    tg.add_argument("--val-every", type=int, default=0, help="validate every N steps (default: at the end)")
+    tg.add_argument("--device", default="cpu")
+    tg.add_argument("--threads", type=int, default=None)
+    tg.add_argument("--quiet", action="store_true")
+    tg.set_defaults(func=cmd_train_eagle)
+
+    tl = tsub.add_parser("ldlp", help="train AdaEAGLE's draft-length predictor for a trained head")
+    tl.add_argument("--model", default=registry.DEFAULT_MODEL)
+    tl.add_argument("--head", required=True, help="the EAGLE head the labels come from")
+    tl.add_argument("--out", required=True, help="LDLP file to write (.safetensors)")
+    tl.add_argument("--prompts", type=int, default=64, help="training prompts decoded for labels (default 64)")
+    tl.add_argument("--k-max", type=int, default=6, help="tokens the head drafts per labelled step (default 6)")
+    tl.add_argument("--max-new-tokens", type=int, default=96)
+    tl.add_argument("--max-steps", type=int, default=1500, help="optimizer steps per lambda (default 1500)")
+    tl.add_argument("--vocab-subset", type=int, default=32768)
+    tl.add_argument("--device", default="cpu")
+    tl.add_argument("--threads", type=int, default=None)
+    tl.add_argument("--quiet", action="store_true")
+    tl.set_defaults(func=cmd_train_ldlp)
 
     me = sub.add_parser("methods", help="list the decoding methods and their options")
     me.set_defaults(func=cmd_methods)

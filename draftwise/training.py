@@ -331,6 +331,86 @@ def train(params: dict[str, torch.Tensor], loss_fn: Callable[[list[tuple[int, in
     return {"val": v, "history": history}
 
 
+def fit(engine, spec: FeatureSpec, out: Path, make: Callable, meta: dict, *, data: list[str] | None,
+        max_tokens: int, max_steps: int | None, epochs: float, batch: int, lr: float, features: Path | None,
+        device: str | None, progress: bool, val_every: int, desc: str) -> tuple[dict[str, torch.Tensor], dict]:
+    """The whole training command of a drafter part: teacher features for ``spec`` (a bounded run
+    extracts only what its steps need), ``make(feats, device) -> (params, loss_fn, extra_meta)``,
+    training with checkpoints at ``out``.ckpt, validation before and after. Returns (params, info)."""
+    if max_steps is not None and max_steps < 1:
+        raise ConfigError("--max-steps must be >= 1")
+    if max_tokens < spec.seq_len:
+        raise ConfigError(f"--max-tokens must be at least one chunk ({spec.seq_len} tokens), got {max_tokens}")
+    model = engine.model
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    fp = model_fingerprint(model)
+    seq = spec.seq_len
+    if max_steps is not None:     # train chunks for the steps + the validation share
+        need = min(max_tokens, int(max_steps * batch * seq * VAL_EVERY / (VAL_EVERY - 1)) + seq)
+    else:
+        need = max(max_tokens, VAL_EVERY * seq)
+    froot = Path(features) if features else out.with_name(out.name + ".features")
+    eos = engine.eos_ids[0] if engine.eos_ids else 0
+    feats = extract(model, engine.tokenizer, froot, spec, need, fp, data=data, eos_id=eos, progress=progress)
+    train_ids, val_ids = feats.chunk_ids(limit_tokens=max_tokens)
+    if not val_ids:
+        val_ids = train_ids[-1:]
+    steps = max_steps or max(1, int(epochs * len(train_ids) / batch))
+    dev = torch.device(device) if device else model.device
+    params, loss, extra = make(feats, dev)
+    cfg = TrainConfig(steps=steps, lr=lr, batch=batch, warmup=min(20, max(1, steps // 10)),
+                      ckpt_every=max(10, steps // 20), val_every=val_every)
+    meta = {**meta, **extra, "fingerprint": fp, "max_tokens": max_tokens, "steps": steps, "batch": batch, "lr": lr,
+            "seq_len": seq, "topk": spec.topk}
+    t0 = time.perf_counter()
+    init_val = evaluate(loss, val_ids[: cfg.val_chunks], batch)
+    res = train(params, loss, train_ids, val_ids, cfg, out.with_name(out.name + ".ckpt"), seq, meta,
+                progress=progress, desc=desc)
+    curve = [{"step": h["step"], "tokens_seen": h["step"] * batch * seq, "val_agree": h["val_agree"]}
+             for h in res["history"] if "val_agree" in h]
+    info = {**meta, "model": engine.model_id, "train_tokens": len(train_ids) * seq, "val_curve": curve,
+            "val_tokens": min(len(val_ids), cfg.val_chunks) * seq, "val_agree_init": init_val["agree"],
+            "val_agree": res["val"]["agree"], "val_loss": res["val"]["loss"],
+            **{f"val_{k}": v for k, v in res["val"].items() if k not in ("agree", "loss")},
+            "train_s": time.perf_counter() - t0, "data": list(data or DEFAULT_DATA)}
+    return params, info
+
+
+class ChunkOps:
+    """What a loss over teacher-forced chunks needs: rotary tables and causal masks for the
+    target's attention shape, and soft targets over a vocabulary subset.
+
+    soft_ce: cross-entropy of draft log-probabilities over the subset [S, K] against the
+    target's top-k distribution [S, k] renormalised over the top-k tokens inside the subset
+    (= KL(target || draft) up to a constant); hits: draft argmax == target argmax."""
+
+    def __init__(self, model, seq_len: int, subset_ids: torch.Tensor, device):
+        cfg = model.cfg
+        self.ids = subset_ids.to(device)                                          # [K]
+        self.col = torch.full((cfg.vocab_size,), -1, dtype=torch.long, device=device)
+        self.col[self.ids] = torch.arange(self.ids.numel(), device=device)
+        self.cos = model.cos[:seq_len].to(device).float().unsqueeze(1)            # [S, 1, Dh]
+        self.sin = model.sin[:seq_len].to(device).float().unsqueeze(1)
+        self.groups, self.device = cfg.num_heads // cfg.num_kv_heads, device
+        self._masks: dict[int, torch.Tensor] = {}
+
+    def mask(self, n: int) -> torch.Tensor:
+        """Additive causal mask [groups * n, n] (query heads of a KV group stacked)."""
+        if n not in self._masks:
+            causal = torch.ones(n, n, dtype=torch.bool, device=self.device).tril_()
+            self._masks[n] = torch.zeros(n, n, device=self.device).masked_fill_(~causal, float("-inf")) \
+                .repeat(self.groups, 1)
+        return self._masks[n]
+
+    def soft_ce(self, logq: torch.Tensor, top: torch.Tensor, logp_t: torch.Tensor) -> tuple[torch.Tensor, float]:
+        col = self.col[top]                                                       # [S, k]
+        p_t = logp_t.float().exp() * (col >= 0)
+        p_t = p_t / p_t.sum(-1, keepdim=True).clamp_min(1e-9)
+        loss = -(p_t * logq.float().gather(1, col.clamp_min(0))).sum(-1).mean()
+        return loss, float((self.ids[logq.argmax(-1)] == top[:, 0]).float().sum())
+
+
 def evaluate(loss_fn, ids: list[tuple[int, int]], batch: int) -> dict:
     """Mean loss and metrics over chunks (no gradients)."""
     if not ids:

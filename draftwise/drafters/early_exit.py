@@ -300,49 +300,48 @@ def init_tensors(state: dict[str, torch.Tensor], cfg, source: int) -> dict[str, 
 
 class DistillLoss:
     """Cross-entropy of the exit layer's subset distribution against the target's top-k
-    distribution (renormalised over the top-k tokens inside the subset) = KL(target || draft) up
-    to a constant; metric ``agree``: draft argmax == target argmax."""
+    distribution (``ChunkOps.soft_ce``); metric ``agree``: draft argmax == target argmax."""
 
     def __init__(self, model: Transformer, feats, layer: int, head_w: torch.Tensor, subset_ids: torch.Tensor,
                  params: dict[str, torch.Tensor], device):
+        from draftwise.training import ChunkOps
+
         self.model, self.feats, self.layer, self.params, self.device = model, feats, layer, params, device
         self.head_w = head_w.to(device)                                    # [K, D] frozen
-        self.ids = subset_ids.to(device)                                   # [K]
-        self.col = torch.full((model.cfg.vocab_size,), -1, dtype=torch.long, device=device)
-        self.col[self.ids] = torch.arange(self.ids.numel(), device=device)
-        cfg = model.cfg
-        S = feats.manifest["spec"]["seq_len"]
-        self.cos = model.cos[:S].to(device).float().unsqueeze(1)
-        self.sin = model.sin[:S].to(device).float().unsqueeze(1)
-        causal = torch.ones(S, S, dtype=torch.bool, device=device).tril_()
-        g = cfg.num_heads // cfg.num_kv_heads
-        self.mask = torch.zeros(S, S, device=device).masked_fill_(~causal, float("-inf")).repeat(g, 1)
+        self.seq = feats.manifest["spec"]["seq_len"]
+        self.ops = ChunkOps(model, self.seq, subset_ids, device)
         self.norm = model.norm.to(device).float()
 
     def __call__(self, batch: list[tuple[int, int]]) -> tuple[torch.Tensor, dict]:
         L = build_layer(self.model.cfg, lambda n, required=True: self.params[n], PREFIX, packed=False)
-        losses, agree, total = [], 0.0, 0
+        losses, agree = [], 0.0
         amp = torch.autocast("cuda", dtype=torch.bfloat16, enabled=self.device.type == "cuda")
         for s, r in batch:
             with amp:
                 loss, hit = self._chunk(L, s, r)
             losses.append(loss)
             agree += hit
-            total += self.feats.manifest["spec"]["seq_len"]
-        return torch.stack(losses).mean(), {"agree": agree / total}
+        return torch.stack(losses).mean(), {"agree": agree / (len(batch) * self.seq)}
 
     def _chunk(self, L: Layer, s: int, r: int) -> tuple[torch.Tensor, float]:
-        cfg = self.model.cfg
+        cfg, ops = self.model.cfg, self.ops
         x = self.feats.get(s, r, f"h{self.layer - 1}").to(self.device).float()          # [S, D]
         top = self.feats.get(s, r, "top_ids").to(self.device).long()                    # [S, k]
         logp_t = self.feats.get(s, r, "top_logp").to(self.device).float()               # [S, k]
-        z = layer_forward(cfg, L, x, self.cos, self.sin, lambda k, v: (k, v), self.mask)
+        z = layer_forward(cfg, L, x, ops.cos, ops.sin, lambda k, v: (k, v), ops.mask(self.seq))
         logq = torch.log_softmax(F.linear(rms_norm(z, self.norm, cfg.rms_norm_eps), self.head_w), -1)  # [S, K]
-        col = self.col[top]                                                              # [S, k]
-        p_t = logp_t.exp() * (col >= 0)
-        p_t = p_t / p_t.sum(-1, keepdim=True).clamp_min(1e-9)
-        loss = -(p_t * logq.float().gather(1, col.clamp_min(0))).sum(-1).mean()
-        return loss, float((self.ids[logq.argmax(-1)] == top[:, 0]).float().sum())
+        return ops.soft_ce(logq, top, logp_t)
+
+
+def subset_head(engine, state: dict[str, torch.Tensor], vocab_subset: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(subset ids [K], the frozen LM head's rows for them [K, D] float32) from a state dict."""
+    model = engine.model
+    sub = engine.vocab_subset(vocab_subset) if 0 < vocab_subset < model.cfg.vocab_size else None
+    ids = sub.ids.cpu() if sub is not None else torch.arange(model.cfg.vocab_size)
+    head = state.get("lm_head.weight")
+    if head is None or model.cfg.tie_word_embeddings:
+        head = state["model.embed_tokens.weight"]
+    return ids, head[ids].float()
 
 
 def train_exit(engine, layer: int, out: Path, data: list[str] | None = None, max_tokens: int = 400_000,
@@ -373,48 +372,18 @@ def train_exit(engine, layer: int, out: Path, data: list[str] | None = None, max
             raise ConfigError(f"--init must be last, next or a layer index, got {init!r}") from None
     if not 0 <= src < L:
         raise ConfigError(f"--init layer {src} is outside the target's {L} layers")
-    if max_steps is not None and max_steps < 1:
-        raise ConfigError("--max-steps must be >= 1")
-    out = Path(out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    fp = training.model_fingerprint(model)
-    # a bounded run extracts only what its steps need (train chunks + the validation share)
-    need = max_tokens
-    if max_steps is not None:
-        need = min(need, int(max_steps * batch * seq_len * training.VAL_EVERY / (training.VAL_EVERY - 1)) + seq_len)
-    need = max(need, training.VAL_EVERY * seq_len) if max_steps is None else need
-    spec = training.FeatureSpec(tuple(sorted({layer - 1, *extra_layers})), topk, seq_len)
-    froot = Path(features) if features else out.with_name(out.name + ".features")
-    eos = engine.eos_ids[0] if engine.eos_ids else 0
-    feats = training.extract(model, engine.tokenizer, froot, spec, need, fp, data=data, eos_id=eos, progress=progress)
-    train_ids, val_ids = feats.chunk_ids(limit_tokens=max_tokens)
-    if not val_ids:
-        val_ids = train_ids[-1:]
-    steps = max_steps or max(1, int(epochs * len(train_ids) / batch))
-    dev = torch.device(device) if device else model.device
     from draftwise.models.checkpoint import load_state_dict
 
-    state = load_state_dict(engine.path)
-    params = {k: v.to(dev) for k, v in init_tensors(state, model.cfg, src).items()}
-    sub = engine.vocab_subset(vocab_subset) if 0 < vocab_subset < model.cfg.vocab_size else None
-    ids = sub.ids if sub is not None else torch.arange(model.cfg.vocab_size)
-    head = state.get("lm_head.weight")
-    if head is None or model.cfg.tie_word_embeddings:
-        head = state["model.embed_tokens.weight"]
-    loss = DistillLoss(model, feats, layer, head[ids.cpu()].float(), ids, params, dev)
-    cfg = training.TrainConfig(steps=steps, lr=lr, batch=batch, warmup=min(20, max(1, steps // 10)),
-                               ckpt_every=max(10, steps // 20), val_every=val_every)
-    meta = {"layer": layer, "init": src, "fingerprint": fp, "max_tokens": max_tokens, "steps": steps,
-            "batch": batch, "lr": lr, "vocab_subset": len(ids), "seq_len": seq_len, "topk": topk}
-    t0 = time.perf_counter()
-    init_val = training.evaluate(loss, val_ids[: cfg.val_chunks], batch)
-    res = training.train(params, loss, train_ids, val_ids, cfg, out.with_name(out.name + ".ckpt"), seq_len,
-                         meta, progress=progress, desc=f"exit layer after {layer}")
-    curve = [{"step": h["step"], "tokens_seen": h["step"] * batch * seq_len, "val_agree": h["val_agree"]}
-             for h in res["history"] if "val_agree" in h]
-    info = {**meta, "model": engine.model_id, "train_tokens": len(train_ids) * seq_len, "val_curve": curve,
-            "val_tokens": min(len(val_ids), cfg.val_chunks) * seq_len, "val_agree_init": init_val["agree"],
-            "val_agree": res["val"]["agree"], "val_loss": res["val"]["loss"], "train_s": time.perf_counter() - t0,
-            "data": list(data or training.DEFAULT_DATA)}
+    def make(feats, dev):
+        state = load_state_dict(engine.path)
+        params = {k: v.to(dev) for k, v in init_tensors(state, model.cfg, src).items()}
+        ids, head_w = subset_head(engine, state, vocab_subset)
+        return params, DistillLoss(model, feats, layer, head_w, ids, params, dev), {"vocab_subset": len(ids)}
+
+    spec = training.FeatureSpec(tuple(sorted({layer - 1, *extra_layers})), topk, seq_len)
+    params, info = training.fit(engine, spec, Path(out), make, {"layer": layer, "init": src}, data=data,
+                                max_tokens=max_tokens, max_steps=max_steps, epochs=epochs, batch=batch, lr=lr,
+                                features=features, device=device, progress=progress, val_every=val_every,
+                                desc=f"exit layer after {layer}")
     save_exit(out, params, info)
     return info

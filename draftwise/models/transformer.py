@@ -87,7 +87,7 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
 
 @dataclass
 class Layer:
-    attn_norm: torch.Tensor
+    attn_norm: torch.Tensor | None       # None: no input norm (EAGLE-1/2 heads' only layer)
     qkv: Linear
     q_norm: torch.Tensor | None
     k_norm: torch.Tensor | None
@@ -238,9 +238,10 @@ class Transformer:
         return layer_forward(self.cfg, self.layers[i], x, cos, sin, kv, mask)
 
 
-def build_layer(cfg: ModelConfig, get, prefix: str, packed: bool) -> Layer:
+def build_layer(cfg: ModelConfig, get, prefix: str, packed: bool, input_norm: bool = True) -> Layer:
     """One decoder layer from Hugging Face-named tensors (``get(name, required)``) under ``prefix``
-    (``model.layers.{i}.``); q/k/v and gate/up are fused into one Linear each."""
+    (``model.layers.{i}.``); q/k/v and gate/up are fused into one Linear each. input_norm False:
+    the layer has no input RMSNorm (EAGLE-1/2 draft heads)."""
     def lin(ws: list[str], bs: list[str] | None = None) -> Linear:
         w = torch.cat([get(n) for n in ws], 0) if len(ws) > 1 else get(ws[0])
         b = torch.cat([get(n) for n in bs], 0) if bs is not None else None
@@ -249,7 +250,7 @@ def build_layer(cfg: ModelConfig, get, prefix: str, packed: bool) -> Layer:
     a = prefix + "self_attn."
     qkv_bias = [a + "q_proj.bias", a + "k_proj.bias", a + "v_proj.bias"] if cfg.attention_bias else None
     return Layer(
-        attn_norm=get(prefix + "input_layernorm.weight"),
+        attn_norm=get(prefix + "input_layernorm.weight") if input_norm else None,
         qkv=lin([a + "q_proj.weight", a + "k_proj.weight", a + "v_proj.weight"], qkv_bias),
         q_norm=get(a + "q_norm.weight") if cfg.qk_norm else None,
         k_norm=get(a + "k_norm.weight") if cfg.qk_norm else None,
@@ -265,7 +266,7 @@ def layer_forward(cfg: ModelConfig, L: Layer, x: torch.Tensor, cos, sin, kv, mas
     returns every key/value the queries attend to [Hkv, T, Dh] (a cache write, or k, v themselves
     for a cache-free training pass); mask: additive [g n, T] (see _attn_mask) or None."""
     n, H, Hkv, Dh = x.shape[0], cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
-    h = rms_norm(x, L.attn_norm, cfg.rms_norm_eps)
+    h = x if L.attn_norm is None else rms_norm(x, L.attn_norm, cfg.rms_norm_eps)
     qkv = L.qkv(h)                                                     # [n, (H + 2 Hkv) Dh]
     q, k, v = qkv.split([H * Dh, Hkv * Dh, Hkv * Dh], dim=-1)
     q, k, v = q.view(n, H, Dh), k.view(n, Hkv, Dh), v.view(n, Hkv, Dh)

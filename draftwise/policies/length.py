@@ -19,6 +19,14 @@ Controls (``control`` method option)
   E(k) / T(k) with E(k) = (1 − θ^{k+1}) / (1 − θ). After verification α += accepted,
   β += 1 if a draft token was rejected; both first decay towards the prior by ``forget`` per
   step, so the posterior follows topic changes and an idle arm (k = 0) is explored again.
+- ``ddd`` (EAGLE-2's dynamic draft depth, AdaEAGLE's baseline): draft while the cumulative
+  log-probability of the drafted tokens (their draft confidences) stays >= ``threshold``
+  (default -0.6).
+- ``ldlp``: AdaEAGLE's lightweight draft-length predictor (``LDLP``) reads the embedding of the
+  root and the target's final-norm feature of the last committed token (``see``) and predicts
+  k = clamp(round(LDLP), 0, k_max) before any draft work; k = 0 is a plain step.
+- ``ldlp-ddd``: k from the LDLP, then further tokens only while the cumulative log-probability
+  stays >= ``threshold``.
 - ``calibration-ts``: the draft's confidence c is mapped to an acceptance probability
   σ(w0 + w1 logit c) by Bayesian logistic regression with a Gaussian posterior over w, updated
   online (one Laplace/Newton step per observed token) with its covariance inflated by 1/forget
@@ -37,6 +45,8 @@ import numpy as np
 from draftwise.errors import ConfigError
 
 CONTROLS = "fixed:K | beta-ts | calibration-ts"
+LENGTHS = "fixed:K | ddd | ldlp | ldlp-ddd | beta-ts | calibration-ts"
+LDLP_KIND = "draftwise-ldlp"
 
 
 class StepCosts:
@@ -71,6 +81,10 @@ class LengthControl(abc.ABC):
     ``update`` after verification with what was drafted and accepted."""
 
     k_max: int = 8
+
+    def see(self, token: int, feature) -> None:
+        """Before ``plan``: the root token and the target's final-norm feature [D] of the last
+        committed token (what a feature-reading control such as the LDLP predicts from)."""
 
     @abc.abstractmethod
     def plan(self, context: int) -> int:
@@ -182,6 +196,196 @@ class CalibrationTS(LengthControl):
 
     def describe(self) -> str:
         return "calibration-ts"
+
+
+class DDD(LengthControl):
+    """Stop when the cumulative draft log-probability would fall below ``threshold``."""
+
+    def __init__(self, threshold: float = -0.6, k_max: int = 8):
+        if threshold > 0:
+            raise ConfigError(f"the DDD threshold is a log-probability (<= 0), got {threshold}")
+        self.threshold, self.k_max, self._logp = threshold, k_max, 0.0
+
+    def plan(self, context: int) -> int:
+        self._logp = 0.0
+        return self.k_max
+
+    def more(self, d: int, conf: float) -> bool:
+        lp = self._logp + math.log(max(conf, 1e-12))
+        if lp < self.threshold:
+            return False
+        self._logp = lp
+        return True
+
+    def describe(self) -> str:
+        return "ddd"
+
+
+# ---------------------------------------------------------------------- LDLP (AdaEAGLE)
+LDLP_BLOCKS = 3
+
+
+def ldlp_init(dim_in: int, hidden: int = 256, seed: int = 0) -> dict[str, "torch.Tensor"]:
+    """Parameters of the LDLP: input standardisation (mu, sd, filled from the training set), a
+    linear map to ``hidden``, 3 residual blocks (x + W2 silu(W1 x)), a linear read-out to a scalar."""
+    import torch
+
+    g = torch.Generator().manual_seed(seed)
+    def w(o, i, scale=1.0):
+        return torch.randn(o, i, generator=g) * scale / math.sqrt(i)
+    p = {"mu": torch.zeros(dim_in), "sd": torch.ones(dim_in), "w_in": w(hidden, dim_in), "b_in": torch.zeros(hidden),
+         "w_out": w(1, hidden, 0.1), "b_out": torch.zeros(1)}
+    for i in range(LDLP_BLOCKS):
+        p[f"b{i}.w1"], p[f"b{i}.b1"] = w(hidden, hidden), torch.zeros(hidden)
+        p[f"b{i}.w2"], p[f"b{i}.b2"] = w(hidden, hidden, 0.1), torch.zeros(hidden)
+    return p
+
+
+def ldlp_forward(p: dict, x):
+    """x [n, 2D] = [embedding of the root ⊕ feature of the last committed token] -> [n] lengths."""
+    import torch.nn.functional as F
+
+    h = F.linear((x - p["mu"]) / p["sd"], p["w_in"], p["b_in"])
+    for i in range(LDLP_BLOCKS):
+        h = h + F.linear(F.silu(F.linear(h, p[f"b{i}.w1"], p[f"b{i}.b1"])), p[f"b{i}.w2"], p[f"b{i}.b2"])
+    return F.linear(F.silu(h), p["w_out"], p["b_out"]).squeeze(-1)
+
+
+def asymmetric_l1(pred, label, lam: float):
+    """λ·(k − k̂) when the prediction is short (k̂ < k), (k̂ − k) when it is long."""
+    diff = label - pred
+    return (lam * diff.clamp_min(0) + (-diff).clamp_min(0)).mean()
+
+
+def fit_ldlp(x, y, lam: float, steps: int = 1500, lr: float = 2e-3, hidden: int = 256, seed: int = 0,
+             batch: int = 256) -> dict:
+    """Train an LDLP on inputs x [n, 2D] and labels y [n] (accepted lengths) with the asymmetric L1."""
+    import torch
+
+    p = ldlp_init(x.shape[1], hidden, seed)
+    p["mu"], p["sd"] = x.mean(0), x.std(0).clamp_min(1e-3)
+    train = [k for k in p if k not in ("mu", "sd")]
+    for k in train:
+        p[k].requires_grad_(True)
+    opt = torch.optim.AdamW([p[k] for k in train], lr=lr, weight_decay=1e-4)
+    g = torch.Generator().manual_seed(seed)
+    for s in range(steps):
+        idx = torch.randint(0, x.shape[0], (min(batch, x.shape[0]),), generator=g)
+        for grp in opt.param_groups:
+            grp["lr"] = lr * 0.5 * (1 + math.cos(math.pi * s / steps))
+        loss = asymmetric_l1(ldlp_forward(p, x[idx]), y[idx], lam)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+    return {k: v.detach() for k, v in p.items()}
+
+
+def save_ldlp(path, params: dict, meta: dict) -> None:
+    import json
+    import os
+    from pathlib import Path
+
+    from safetensors.torch import save_file
+
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    save_file({k: v.float().contiguous() for k, v in params.items()}, str(tmp),
+              metadata={"draftwise": json.dumps({"kind": LDLP_KIND, **meta})})
+    os.replace(tmp, path)
+
+
+def load_ldlp(path, fingerprint: str, head_id: str | None = None) -> tuple[dict, dict]:
+    """(params, meta) of a saved LDLP, checked against the target (and the head it was labelled with)."""
+    import json
+    from pathlib import Path
+
+    from safetensors import safe_open
+
+    from draftwise.errors import CheckpointError
+
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"LDLP {path} not found (train one: draftwise train ldlp --model M --head HEAD --out {path})")
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            meta = json.loads((f.metadata() or {}).get("draftwise", "{}"))
+            params = {k: f.get_tensor(k) for k in f.keys()}
+    except Exception as e:   # safetensors raises its own error types for truncated/corrupt files
+        raise CheckpointError(f"LDLP {path} is unreadable ({e})") from None
+    if meta.get("kind") != LDLP_KIND:
+        raise CheckpointError(f"{path} is not a draftwise LDLP")
+    if meta.get("fingerprint") != fingerprint:
+        raise CheckpointError(f"LDLP {path} was trained for {meta.get('model', 'another model')} "
+                              f"(fingerprint {meta.get('fingerprint')}), not this target ({fingerprint})")
+    if head_id is not None and meta.get("head_id") not in (None, head_id):
+        raise CheckpointError(f"LDLP {path} was labelled with another draft head ({meta.get('head_id')}, "
+                              f"this head {head_id}): retrain it with draftwise train ldlp --head")
+    want = set(ldlp_init(2, 2))
+    if set(params) != want or params["w_in"].shape[1] != params["mu"].numel():
+        raise CheckpointError(f"LDLP {path} is missing tensors or has inconsistent shapes")
+    return params, meta
+
+
+class LDLPControl(LengthControl):
+    """AdaEAGLE: k from the LDLP (``see`` gives its input); with ``threshold`` (ldlp-ddd) drafting
+    goes on past k while the cumulative log-probability stays >= threshold."""
+
+    def __init__(self, params: dict, embed, k_max: int = 8, threshold: float | None = None):
+        import torch
+
+        self.p = {k: v.to(device=embed.device, dtype=torch.float32) for k, v in params.items()}
+        if self.p["w_in"].shape[1] != 2 * embed.shape[1]:
+            raise ConfigError(f"this LDLP reads {self.p['w_in'].shape[1] // 2}-dim features; the target has "
+                              f"{embed.shape[1]}")
+        self.embed, self.k_max, self.threshold = embed, k_max, threshold
+        self._x = None
+        self._k, self._logp = 0, 0.0
+        self.predicted: list[int] = []
+
+    def see(self, token: int, feature) -> None:
+        import torch
+
+        self._x = torch.cat([self.embed[token].float(), feature.float()])[None]   # [1, 2D]
+
+    def predict(self) -> int:
+        if self._x is None:
+            return self.k_max
+        k = float(ldlp_forward(self.p, self._x)[0])
+        return int(min(max(round(k), 0), self.k_max))
+
+    def plan(self, context: int) -> int:
+        self._k, self._logp = self.predict(), 0.0
+        self.predicted.append(self._k)
+        return self._k if self.threshold is None else self.k_max
+
+    def more(self, d: int, conf: float) -> bool:
+        lp = self._logp + math.log(max(conf, 1e-12))
+        if d >= self._k and (self.threshold is None or lp < self.threshold):
+            return False
+        self._logp = lp
+        return True
+
+    def describe(self) -> str:
+        return "ldlp" if self.threshold is None else "ldlp-ddd"
+
+
+def parse_length(text: str, costs: StepCosts | None, k_max: int, ldlp: tuple[dict, object] | None = None,
+                 threshold: float = -0.6, seed: int = 0) -> LengthControl:
+    """``fixed:K`` | ``ddd`` | ``ldlp`` | ``ldlp-ddd`` | ``beta-ts`` | ``calibration-ts`` -> a control.
+    ldlp: (LDLP parameters, the target's embedding [V, D]) for the LDLP controls."""
+    if text == "ddd":
+        return DDD(threshold, k_max)
+    if text in ("ldlp", "ldlp-ddd"):
+        if ldlp is None:
+            raise ConfigError(f"length {text!r} needs an LDLP (method option 'ldlp': PATH, trained by "
+                              f"draftwise train ldlp)")
+        if threshold > 0:
+            raise ConfigError(f"the DDD threshold is a log-probability (<= 0), got {threshold}")
+        return LDLPControl(ldlp[0], ldlp[1], k_max, threshold if text == "ldlp-ddd" else None)
+    if isinstance(text, str) and (text.startswith("fixed:") or text in ("beta-ts", "calibration-ts")):
+        return parse_control(text, costs, k_max, seed)
+    raise ConfigError(f"length must be one of {LENGTHS}, got {text!r}")
 
 
 def parse_control(text: str, costs: StepCosts | None, k_max: int, seed: int = 0) -> LengthControl:

@@ -1,0 +1,38 @@
+#!/usr/bin/env bash
+# Issue 11 numbers: EAGLE head + AdaEAGLE on qwen2.5-coder-0.5b-instruct, greedy, 64 new tokens,
+# HumanEval 0-19 and 20 MT-Bench first turns: fixed k = 1..6, DDD, AdaEAGLE (LDLP), AdaEAGLE-DDD,
+# the untrained head, Token Recycling and prompt lookup; the offline oracle comes from the k = 6
+# run (benchmarks/eagle_oracle.py). Resumable: rerun to finish an interrupted run. HEAD and LDLP
+# default to the cached files; missing ones are trained by the commands below (about 40 min of
+# teacher forcing + 16 min of head training + 10 min of LDLP labels here).
+set -euo pipefail
+MODEL=qwen2.5-coder-0.5b-instruct
+DIR=${DIR:-$HOME/.cache/draftwise/heads}
+HEAD=${HEAD:-$DIR/qwen2.5-coder-0.5b-eagle.safetensors}
+LDLP=${LDLP:-$DIR/qwen2.5-coder-0.5b-ldlp.safetensors}
+OUT=${OUT:-benchmarks/results/eagle}
+N=${LIMIT:-20}
+TOKENS=${TOKENS:-64}
+[ -f "$HEAD" ] || draftwise train eagle --model $MODEL --epochs 1.5 --val-every 50 --out "$HEAD"
+[ -f "$LDLP" ] || draftwise train ldlp --model $MODEL --head "$HEAD" --out "$LDLP"
+OPTS=$(python - "$HEAD" "$LDLP" <<'PY'
+import json, sys
+h, l = sys.argv[1], sys.argv[2]
+o = {f"eagle/k{k}": {"head": h, "length": f"fixed:{k}"} for k in range(1, 7)}
+o["eagle/ddd"] = {"head": h, "length": "ddd"}
+o["eagle/ldlp"] = {"head": h, "ldlp": l, "length": "ldlp"}
+o["eagle/ldlp-ddd"] = {"head": h, "ldlp": l, "length": "ldlp-ddd"}
+o["eagle/untrained-k2"] = {"head": "untrained", "length": "fixed:2"}
+print(json.dumps(o))
+PY
+)
+METHODS=ar,eagle/k1,eagle/k2,eagle/k3,eagle/k4,eagle/k5,eagle/k6,eagle/ddd,eagle/ldlp,eagle/ldlp-ddd
+METHODS=$METHODS,eagle/untrained-k2,recycling,lookup
+for ds in humaneval mtbench; do
+  draftwise bench --model $MODEL --threads 2 --max-turns 1 --max-new-tokens "$TOKENS" --limit "$N" \
+    --methods "${METHODS_OVERRIDE:-$METHODS}" --method-opts "$OPTS" --dataset $ds --out "$OUT/0.5b-$ds"
+done
+python benchmarks/eagle_costs.py --model $MODEL --head "$HEAD" --json "$OUT/costs.json"
+for ds in humaneval mtbench; do
+  python benchmarks/eagle_oracle.py --run "$OUT/0.5b-$ds" --costs "$OUT/costs.json" --json "$OUT/0.5b-$ds/oracle.json"
+done
