@@ -15,7 +15,7 @@ OUT=${OUT:-benchmarks/results/eagle}
 N_HE=${LIMIT_HUMANEVAL:-20}
 N_MT=${LIMIT_MTBENCH:-10}
 TOKENS=${TOKENS:-64}
-[ -f "$HEAD" ] || draftwise train eagle --model $MODEL --epochs 1.5 --val-every 50 --out "$HEAD"
+[ -f "$HEAD" ] || draftwise train eagle --model $MODEL --val-every 40 --out "$HEAD"
 [ -f "$LDLP" ] || draftwise train ldlp --model $MODEL --head "$HEAD" --out "$LDLP"
 OPTS=$(python - "$HEAD" "$LDLP" <<'PY'
 import json, sys

@@ -365,48 +365,35 @@ def build_parser() -> argparse.ArgumentParser:
 
     tr = sub.add_parser("train", help="train drafters (early-exit layers, EAGLE heads, LDLP)")
     tsub = tr.add_subparsers(dest="tcmd", required=True)
+    def teacher_args(p, what: str, lr: float, init: str, init_help: str):
+        """Options shared by the commands that train on teacher features (early exit, EAGLE)."""
+        p.add_argument("--model", default=registry.DEFAULT_MODEL)
+        p.add_argument("--out", required=True, help=f"{what} file to write (.safetensors)")
+        p.add_argument("--data", action="append", default=None,
+                       help="training text: a file, a directory, stdlib: or sharegpt: (repeatable; "
+                            "default: stdlib: and sharegpt:)")
+        p.add_argument("--max-tokens", type=int, default=400_000, help="teacher-forced training tokens (default 400k)")
+        p.add_argument("--max-steps", type=int, default=None, help="stop after this many steps (default: --epochs)")
+        p.add_argument("--epochs", type=float, default=1.5)
+        p.add_argument("--batch", type=int, default=4, help="chunks of 512 tokens per step")
+        p.add_argument("--lr", type=float, default=lr)
+        p.add_argument("--init", default=init, help=init_help)
+        p.add_argument("--features", default=None, help="teacher-feature directory (default: OUT.features)")
+        p.add_argument("--vocab-subset", type=int, default=32768)
+        p.add_argument("--val-every", type=int, default=0, help="validate every N steps (default: at the end)")
+        p.add_argument("--device", default="cpu")
+        p.add_argument("--threads", type=int, default=None)
+        p.add_argument("--quiet", action="store_true")
+
     te = tsub.add_parser("early-exit", help="self-distil an exit layer after the target's first N layers (EESD)")
-    te.add_argument("--model", default=registry.DEFAULT_MODEL)
+    teacher_args(te, "exit layer", 6e-4, "next", "initialise from target layer N (next, default), the last "
+                 "layer (last) or a layer index")
     te.add_argument("--layer", type=int, required=True, help="N: the target layers the draft runs")
-    te.add_argument("--out", required=True, help="exit layer file to write (.safetensors)")
-    te.add_argument("--data", action="append", default=None,
-                    help="training text: a file, a directory, stdlib: or sharegpt: (repeatable; "
-                         "default: stdlib: and sharegpt:)")
-    te.add_argument("--max-tokens", type=int, default=400_000, help="teacher-forced training tokens (default 400k)")
-    te.add_argument("--max-steps", type=int, default=None, help="stop after this many steps (default: --epochs)")
-    te.add_argument("--epochs", type=float, default=1.5)
-    te.add_argument("--batch", type=int, default=4, help="chunks of 512 tokens per step")
-    te.add_argument("--lr", type=float, default=6e-4)
-    te.add_argument("--init", default="next", help="initialise from target layer N (next, default), the last "
-                    "layer (last) or a layer index")
-    te.add_argument("--features", default=None, help="teacher-feature directory (default: OUT.features)")
     te.add_argument("--extra-layer", type=int, action="append", help="also store this layer's output (sweeps)")
-    te.add_argument("--vocab-subset", type=int, default=32768)
-    te.add_argument("--val-every", type=int, default=0, help="validate every N steps (default: at the end)")
-    te.add_argument("--device", default="cpu")
-    te.add_argument("--threads", type=int, default=None)
-    te.add_argument("--quiet", action="store_true")
     te.set_defaults(func=cmd_train_early_exit)
 
     tg = tsub.add_parser("eagle", help="train an EAGLE draft head on the target's features")
-    tg.add_argument("--model", default=registry.DEFAULT_MODEL)
-    tg.add_argument("--out", required=True, help="head file to write (.safetensors)")
-    tg.add_argument("--data", action="append", default=None,
-                    help="training text: a file, a directory, stdlib: or sharegpt: (repeatable; "
-                         "default: stdlib: and sharegpt:)")
-    tg.add_argument("--max-tokens", type=int, default=400_000, help="teacher-forced training tokens (default 400k)")
-    tg.add_argument("--max-steps", type=int, default=None, help="stop after this many steps (default: --epochs)")
-    tg.add_argument("--epochs", type=float, default=2.0)
-    tg.add_argument("--batch", type=int, default=4, help="chunks of 512 tokens per step")
-    tg.add_argument("--lr", type=float, default=5e-4)
-    tg.add_argument("--init", default="last", help="last (the target's last layer behind a pass-through fc, "
-                    "default) or random")
-    tg.add_argument("--features", default=None, help="teacher-feature directory (default: OUT.features)")
-    tg.add_argument("--vocab-subset", type=int, default=32768)
-    tg.add_argument("--val-every", type=int, default=0, help="validate every N steps (default: at the end)")
-    tg.add_argument("--device", default="cpu")
-    tg.add_argument("--threads", type=int, default=None)
-    tg.add_argument("--quiet", action="store_true")
+    teacher_args(tg, "head", 5e-4, "last", "last (the target's last layer behind a pass-through fc, default) or random")
     tg.set_defaults(func=cmd_train_eagle)
 
     tl = tsub.add_parser("ldlp", help="train AdaEAGLE's draft-length predictor for a trained head")

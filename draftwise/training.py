@@ -238,6 +238,31 @@ def extract(model, tokenizer, root: Path, spec: FeatureSpec, max_tokens: int, fi
     return feats
 
 
+def save_tensors(path: Path, tensors: dict[str, torch.Tensor], kind: str, meta: dict) -> None:
+    """A trained part (exit layer, head, LDLP) as float32 safetensors with JSON metadata
+    {"kind": kind, **meta}, written atomically (tmp file + rename: nothing half-written)."""
+    from safetensors.torch import save_file
+
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    save_file({k: v.detach().float().cpu().contiguous() for k, v in tensors.items()}, str(tmp),
+              metadata={"draftwise": json.dumps({"kind": kind, **meta})})
+    os.replace(tmp, path)
+
+
+def read_tensors(path: Path, what: str) -> tuple[dict[str, torch.Tensor], dict]:
+    """(tensors, draftwise metadata or {}) of a safetensors file; unreadable -> one-line error."""
+    from safetensors import safe_open
+
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            meta = json.loads((f.metadata() or {}).get("draftwise", "{}"))
+            return {k: f.get_tensor(k) for k in f.keys()}, meta
+    except Exception as e:   # safetensors raises its own error types for truncated/corrupt files
+        raise CheckpointError(f"{what} {path} is unreadable ({e})") from None
+
+
 def _write_json(path: Path, obj: dict) -> None:
     tmp = path.with_suffix(path.suffix + ".tmp")
     tmp.write_text(json.dumps(obj, indent=1))

@@ -30,8 +30,6 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
-import math
-import os
 import time
 from pathlib import Path
 
@@ -126,26 +124,19 @@ def head_from_tensors(model: Transformer, tensors: dict[str, torch.Tensor], meta
 
 
 def save_head(path: Path, tensors: dict[str, torch.Tensor], meta: dict) -> None:
-    from safetensors.torch import save_file
+    from draftwise.training import save_tensors
 
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    save_file({k: v.detach().float().cpu().contiguous() for k, v in tensors.items()}, str(tmp),
-              metadata={"draftwise": json.dumps({"kind": KIND, **meta})})
-    os.replace(tmp, path)
+    save_tensors(path, tensors, KIND, meta)
 
 
 def _read_weights(f: Path) -> tuple[dict[str, torch.Tensor], dict]:
-    try:
-        if f.suffix == ".bin":
-            return torch.load(f, map_location="cpu", weights_only=True), {}
-        from safetensors import safe_open
+    from draftwise.training import read_tensors
 
-        with safe_open(str(f), framework="pt") as h:
-            meta = json.loads((h.metadata() or {}).get("draftwise", "{}"))
-            return {k: h.get_tensor(k) for k in h.keys()}, meta
-    except Exception as e:   # torch/safetensors raise several types for truncated or corrupt files
+    if f.suffix != ".bin":
+        return read_tensors(f, "draft head")
+    try:
+        return torch.load(f, map_location="cpu", weights_only=True), {}
+    except Exception as e:   # torch.load raises several types for truncated or corrupt files
         raise CheckpointError(f"draft head {f} is unreadable ({e})") from None
 
 
@@ -440,7 +431,7 @@ def init_head(state: dict[str, torch.Tensor], cfg, init: str, seed: int = 0) -> 
 
 
 def train_head(engine, out: Path, data: list[str] | None = None, max_tokens: int = 400_000,
-               max_steps: int | None = None, epochs: float = 2.0, batch: int = 4, lr: float = 5e-4,
+               max_steps: int | None = None, epochs: float = 1.5, batch: int = 4, lr: float = 5e-4,
                init: str = "last", features: Path | None = None, vocab_subset: int = 32768, seq_len: int = 512,
                topk: int = 32, device: str | None = None, progress: bool = True, val_every: int = 0) -> dict:
     """Train an EAGLE head for ``engine``'s target and save it to ``out``.

@@ -27,7 +27,6 @@ one exit forward before its own.
 """
 from __future__ import annotations
 
-import json
 import time
 from pathlib import Path
 
@@ -63,34 +62,20 @@ def layer_names(cfg) -> list[str]:
 
 def save_exit(path: Path, tensors: dict[str, torch.Tensor], meta: dict) -> None:
     """tensors: Hugging Face layer names (``model.layers.0.*``); meta: JSON-able (layer, fingerprint...)."""
-    import os
+    from draftwise.training import save_tensors
 
-    from safetensors.torch import save_file
-
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    save_file({k: v.detach().float().cpu().contiguous() for k, v in tensors.items()}, str(tmp),
-              metadata={"draftwise": json.dumps({"kind": KIND, **meta})})
-    os.replace(tmp, path)
+    save_tensors(path, tensors, KIND, meta)
 
 
 def load_exit(path: str | Path, model: Transformer) -> tuple[dict[str, torch.Tensor], dict]:
     """(tensors, meta) of a saved exit layer, checked against the target (one-line errors)."""
-    from safetensors import safe_open
-
-    from draftwise.training import model_fingerprint
+    from draftwise.training import model_fingerprint, read_tensors
 
     path = Path(path)
     if not path.is_file():
         raise CheckpointError(f"exit layer {path} not found (train one: draftwise train early-exit --model M "
                               f"--layer N --out {path})")
-    try:
-        with safe_open(str(path), framework="pt") as f:
-            meta = json.loads((f.metadata() or {}).get("draftwise", "{}"))
-            tensors = {k: f.get_tensor(k) for k in f.keys()}
-    except Exception as e:   # safetensors raises its own error types for truncated/corrupt files
-        raise CheckpointError(f"exit layer {path} is unreadable ({e})") from None
+    tensors, meta = read_tensors(path, "exit layer")
     if meta.get("kind") != KIND:
         raise CheckpointError(f"{path} is not a draftwise early-exit layer")
     fp = model_fingerprint(model)

@@ -225,7 +225,7 @@ class DDD(LengthControl):
 LDLP_BLOCKS = 3
 
 
-def ldlp_init(dim_in: int, hidden: int = 256, seed: int = 0) -> dict[str, "torch.Tensor"]:
+def ldlp_init(dim_in: int, hidden: int = 256, seed: int = 0) -> dict:
     """Parameters of the LDLP: input standardisation (mu, sd, filled from the training set), a
     linear map to ``hidden``, 3 residual blocks (x + W2 silu(W1 x)), a linear read-out to a scalar."""
     import torch
@@ -281,38 +281,22 @@ def fit_ldlp(x, y, lam: float, steps: int = 1500, lr: float = 2e-3, hidden: int 
 
 
 def save_ldlp(path, params: dict, meta: dict) -> None:
-    import json
-    import os
-    from pathlib import Path
+    from draftwise.training import save_tensors
 
-    from safetensors.torch import save_file
-
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    save_file({k: v.float().contiguous() for k, v in params.items()}, str(tmp),
-              metadata={"draftwise": json.dumps({"kind": LDLP_KIND, **meta})})
-    os.replace(tmp, path)
+    save_tensors(path, params, LDLP_KIND, meta)
 
 
 def load_ldlp(path, fingerprint: str, head_id: str | None = None) -> tuple[dict, dict]:
     """(params, meta) of a saved LDLP, checked against the target (and the head it was labelled with)."""
-    import json
     from pathlib import Path
 
-    from safetensors import safe_open
-
     from draftwise.errors import CheckpointError
+    from draftwise.training import read_tensors
 
     path = Path(path)
     if not path.is_file():
         raise CheckpointError(f"LDLP {path} not found (train one: draftwise train ldlp --model M --head HEAD --out {path})")
-    try:
-        with safe_open(str(path), framework="pt") as f:
-            meta = json.loads((f.metadata() or {}).get("draftwise", "{}"))
-            params = {k: f.get_tensor(k) for k in f.keys()}
-    except Exception as e:   # safetensors raises its own error types for truncated/corrupt files
-        raise CheckpointError(f"LDLP {path} is unreadable ({e})") from None
+    params, meta = read_tensors(path, "LDLP")
     if meta.get("kind") != LDLP_KIND:
         raise CheckpointError(f"{path} is not a draftwise LDLP")
     if meta.get("fingerprint") != fingerprint:
