@@ -119,10 +119,19 @@ def decode(model: Transformer, prompt_ids: list[int], drafter: Drafter | None = 
         why = " (Mistral's sliding window; sliding-window attention is not implemented)" if model.window_capped else ""
         raise PromptError(f"prompt of {len(prompt_ids)} tokens does not fit the context of {model.max_len} tokens{why}")
     drafter = drafter or Drafter()
-    layers = tuple(drafter.needs.hidden_layers)
     stats = stats if stats is not None else Stats()
     stats.prompt_tokens = len(prompt_ids)
-    cache = cache if cache is not None else model.new_cache()
+    lent = cache is None
+    cache = model.lend_cache() if lent else cache
+    try:
+        yield from _loop(model, prompt_ids, drafter, sampling, max_new_tokens, eos_ids, stop, detok, stats, cache)
+    finally:
+        if lent:
+            model.give_back_cache(cache)
+
+
+def _loop(model, prompt_ids, drafter, sampling, max_new_tokens, eos_ids, stop, detok, stats, cache):
+    layers = tuple(drafter.needs.hidden_layers)
     cache.truncate(0)
     g = None if sampling.greedy else sampling.generator("cpu")
     stopper = Stopper(max_new_tokens, eos_ids, stop, detok)

@@ -325,8 +325,10 @@ def test_subset_rows_of_a_packed_head_equal_the_full_head(tmp_path):
     from tests.helpers import tiny_model
 
     m = tiny_model(tmp_path, arch="llama", seed=3, dtype=torch.float32)
+    from tests.conftest import DEVICE
+
     ids = torch.tensor([5, 17, 0, 95, 40])
-    x = torch.randn(3, m.cfg.hidden_size)
+    x = torch.randn(3, m.cfg.hidden_size).to(DEVICE)
     torch.testing.assert_close(m.lm_head.rows(ids)(x), m.lm_head(x)[:, ids], rtol=0, atol=0)
 
 

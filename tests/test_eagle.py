@@ -16,6 +16,7 @@ from draftwise.policies.length import (DDD, LDLPControl, FixedK, asymmetric_l1, 
                                        load_ldlp, parse_length, save_ldlp)
 from draftwise.sampling import Sampling
 from draftwise.training import model_fingerprint
+from tests.conftest import DEVICE
 from tests.helpers import tiny_model
 from tests.test_early_exit import ByteTokenizer, TinyTrainEngine, corpus
 
@@ -51,22 +52,23 @@ def test_cached_head_forward_equals_the_training_pass(model_dir):
     from draftwise.drafters.eagle import head_from_tensors
 
     head = head_from_tensors(m, p, {}, "test", packed=False)
-    toks = torch.tensor([5, 9, 2, 7, 7, 3, 11, 40])
-    feats = torch.randn(8, m.cfg.hidden_size, dtype=torch.float64)
-    whole = head.forward(toks, feats, torch.arange(8), head.new_cache(16))
+    toks = torch.tensor([5, 9, 2, 7, 7, 3, 11, 40], device=DEVICE)
+    feats = torch.randn(8, m.cfg.hidden_size, dtype=torch.float64).to(DEVICE)
+    whole = head.forward(toks, feats, torch.arange(8, device=DEVICE), head.new_cache(16))
     cache = head.new_cache(16)
     rows = []
     for i in range(8):
-        rows.append(head.forward(toks[i:i + 1], feats[i:i + 1], torch.tensor([i]), cache))
+        rows.append(head.forward(toks[i:i + 1], feats[i:i + 1], torch.tensor([i], device=DEVICE), cache))
         cache.commit(1)
     torch.testing.assert_close(torch.cat(rows), whole, rtol=0, atol=1e-10)
     # the training pass computes the same function (float32 there)
     from draftwise.models.transformer import build_layer, layer_forward
     from draftwise.training import ChunkOps
 
-    ops = ChunkOps(m, 8, torch.arange(m.cfg.vocab_size), "cpu")
-    L = build_layer(m.cfg, lambda n, required=True: p[n].double(), "layers.0.", packed=False)
-    x = F.linear(torch.cat([m.embed[toks], feats], -1), p["fc.weight"].double(), p["fc.bias"].double())
+    ops = ChunkOps(m, 8, torch.arange(m.cfg.vocab_size), DEVICE)
+    L = build_layer(m.cfg, lambda n, required=True: p[n].double().to(DEVICE), "layers.0.", packed=False)
+    x = F.linear(torch.cat([m.embed[toks], feats], -1), p["fc.weight"].double().to(DEVICE),
+                 p["fc.bias"].double().to(DEVICE))
     z = layer_forward(m.cfg, L, x, ops.cos.double(), ops.sin.double(), lambda k, v: (k, v), ops.mask(8).double())
     torch.testing.assert_close(z, whole, rtol=0, atol=1e-6)
 
@@ -75,8 +77,8 @@ def test_untrained_head_passes_the_feature_into_the_last_layer(model_dir):
     _, m = model_dir
     h = untrained_head(m)
     assert h.layer is m.layers[-1]
-    f = torch.randn(1, m.cfg.hidden_size, dtype=torch.float64)
-    x = h.fc(torch.cat([m.embed[torch.tensor([4])], f], -1))
+    f = torch.randn(1, m.cfg.hidden_size, dtype=torch.float64).to(DEVICE)
+    x = h.fc(torch.cat([m.embed[torch.tensor([4], device=DEVICE)], f], -1))
     torch.testing.assert_close(x, f)
 
 
@@ -200,8 +202,8 @@ def test_public_eagle_head_loads_computes_eagle_math_and_decodes(tmp_path):
     head = load_head(tmp_path / "eagle", m)
     assert head.layer.attn_norm is None and head.meta["source"] == "eagle"
     # one token, empty cache: attention = its own value; EAGLE-1: fc(cat(embedding, feature)), no input norm
-    tok, f = torch.tensor([7]), torch.randn(1, m.cfg.hidden_size, dtype=torch.float64)
-    sdd = {k: v.double() for k, v in sd.items()}
+    tok, f = torch.tensor([7], device=DEVICE), torch.randn(1, m.cfg.hidden_size, dtype=torch.float64).to(DEVICE)
+    sdd = {k: v.double().to(DEVICE) for k, v in sd.items()}
     x = F.linear(torch.cat([m.embed[tok], f], -1), sdd["fc.weight"], sdd["fc.bias"])
     v = F.linear(x, sdd["layers.0.self_attn.v_proj.weight"]).view(1, m.cfg.num_kv_heads, -1)
     v = v.repeat_interleave(m.cfg.num_heads // m.cfg.num_kv_heads, dim=1).reshape(1, -1)
@@ -209,7 +211,7 @@ def test_public_eagle_head_loads_computes_eagle_math_and_decodes(tmp_path):
     h = F.rms_norm(x, (x.shape[-1],), sdd["layers.0.post_attention_layernorm.weight"], m.cfg.rms_norm_eps)
     ref = x + F.linear(F.silu(F.linear(h, sdd["layers.0.mlp.gate_proj.weight"])) *
                        F.linear(h, sdd["layers.0.mlp.up_proj.weight"]), sdd["layers.0.mlp.down_proj.weight"])
-    got = head.forward(tok, f, torch.tensor([0]), head.new_cache(4))
+    got = head.forward(tok, f, torch.tensor([0], device=DEVICE), head.new_cache(4))
     torch.testing.assert_close(got, ref, rtol=0, atol=1e-10)
     d = Eagle(head, FixedK(3))
     for p in prompts(2):

@@ -12,7 +12,8 @@ uses no pending rows: ``commit(kept)`` moves the accepted rows to contiguous slo
 the committed prefix. Drafting a tree layer by layer keeps each layer's rows with ``hold(n)``
 (pending grows); ``keep(rows)`` compacts the pending rows to the chosen ones, ``commit(rows)``
 makes them committed and ``discard()`` drops every pending row. The buffers are never
-reallocated.
+reallocated. ``spare`` slots past ``max_len`` are scratch only (the padded rows of a static-shape
+forward land there, see models/graphs.py); the sequence itself never grows past ``max_len``.
 """
 from __future__ import annotations
 
@@ -23,13 +24,18 @@ from draftwise.errors import CacheError
 
 class KVCache:
     def __init__(self, num_layers: int, num_kv_heads: int, max_len: int, head_dim: int,
-                 dtype: torch.dtype = torch.float32, device: torch.device | str = "cpu"):
-        shape = (num_layers, num_kv_heads, max_len, head_dim)
+                 dtype: torch.dtype = torch.float32, device: torch.device | str = "cpu", spare: int = 0):
+        shape = (num_layers, num_kv_heads, max_len + spare, head_dim)
         self.k = torch.zeros(shape, dtype=dtype, device=device)   # [L, Hkv, T, D]
         self.v = torch.zeros(shape, dtype=dtype, device=device)   # [L, Hkv, T, D]
         self.max_len = max_len
         self.length = 0      # committed rows
         self.pending = 0     # uncommitted rows visible to the next forward
+
+    @property
+    def capacity(self) -> int:
+        """Slots in the buffers (max_len + spare)."""
+        return self.k.shape[2]
 
     @property
     def end(self) -> int:

@@ -5,10 +5,16 @@ Checkpoint-compatible with Hugging Face (same config.json and tensor names). A s
 positions and an optional ancestor mask [n, n] are scored against the committed KV prefix in
 one pass. Options: logits only for chosen rows, hidden states of chosen layers, running only
 layers [start_layer, end_layer) and resuming from given hidden states (early exit, EAGLE).
+
+``graphs`` picks how forwards of up to 128 new tokens run (models/graphs.py): "off" (eager, any
+shape), "static" (padded to a node-count bucket with device-side cache indexing, run eagerly: the
+CPU tests of the CUDA path), "on" (the same, captured and replayed as CUDA graphs), "auto" ("on"
+on CUDA unless DRAFTWISE_NO_GRAPHS is set, else "off"). Prefill and other large passes stay eager.
 """
 from __future__ import annotations
 
 import math
+import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -16,9 +22,12 @@ import torch
 import torch.nn.functional as F
 
 from draftwise import kernels
-from draftwise.errors import CheckpointError
+from draftwise.errors import CheckpointError, ConfigError
 from draftwise.models.cache import KVCache
 from draftwise.models.config import ModelConfig
+from draftwise.models.graphs import MAX_BUCKET, StaticForward
+
+GRAPH_MODES = ("auto", "on", "static", "off")
 
 
 class Linear:
@@ -106,7 +115,8 @@ class ForwardOut:
 
 class Transformer:
     def __init__(self, cfg: ModelConfig, state: dict[str, torch.Tensor], device="cpu",
-                 dtype: torch.dtype = torch.float32, max_len: int | None = None, fast: bool = True):
+                 dtype: torch.dtype = torch.float32, max_len: int | None = None, fast: bool = True,
+                 graphs: str = "auto", compile: bool = False):
         self.cfg = cfg
         self.device = torch.device(device)
         self.dtype = dtype
@@ -136,6 +146,10 @@ class Transformer:
             head = state["model.embed_tokens.weight"]
         self.lm_head = Linear(head.to(device=self.device, dtype=dtype), None, self.fast)
         self.cos, self.sin = rope_tables(cfg, self.max_len, self.device, dtype)
+        self.graphs = _graph_mode(graphs, self.device)
+        self.static = StaticForward(self, capture=self.graphs == "on") if self.graphs in ("on", "static") else None
+        self._spare_cache: KVCache | None = None
+        self.glue = compiled_glue() if compile else EAGER      # torch.compile'd non-matmul steps (opt-in)
 
     def weight_bytes(self) -> int:
         """Bytes held by the weights (a tied head counted once when it shares the embedding)."""
@@ -169,7 +183,18 @@ class Transformer:
 
     def new_cache(self, max_len: int | None = None) -> KVCache:
         c = self.cfg
-        return KVCache(c.num_layers, c.num_kv_heads, max_len or self.max_len, c.head_dim, self.dtype, self.device)
+        spare = MAX_BUCKET if self.static is not None else 0     # scratch for a static forward's padding rows
+        return KVCache(c.num_layers, c.num_kv_heads, max_len or self.max_len, c.head_dim, self.dtype, self.device, spare)
+
+    def lend_cache(self) -> KVCache:
+        """A full-length cache, reused across calls (``give_back_cache``): keeps buffer addresses,
+        so captured graphs stay valid, and spares reallocating the cache for every generation."""
+        cache, self._spare_cache = self._spare_cache, None
+        return cache if cache is not None else self.new_cache()
+
+    def give_back_cache(self, cache: KVCache) -> None:
+        if cache.max_len == self.max_len:
+            self._spare_cache = cache
 
     # ------------------------------------------------------------------ forward
     def forward(self, tokens: torch.Tensor, positions: torch.Tensor, cache: KVCache,
@@ -185,10 +210,16 @@ class Transformer:
         """
         cfg = self.cfg
         n = int(tokens.shape[0]) if hidden_in is None else int(hidden_in.shape[0])
-        start = cache.reserve(n)
         end_layer = cfg.num_layers if end_layer is None else end_layer
-        if int(positions.max()) >= self.max_len:
+        static = self.static is not None and self.static.supports(n, cache, hidden_in)
+        # checked where it costs no device sync; the static path on a GPU trusts positions (the decoding
+        # loop derives them from the cache length)
+        if (not static or positions.device.type == "cpu") and int(positions.max()) >= self.max_len:
             raise ValueError(f"position {int(positions.max())} exceeds the model's context of {self.max_len}")
+        if static:
+            return self.static(tokens, positions, cache, tree_mask, logits_rows, hidden_layers, start_layer,
+                               end_layer, hidden_in, compute_logits)
+        start = cache.reserve(n)
         x = self.embed[tokens] if hidden_in is None else hidden_in.to(self.dtype)   # [n, D]
         mask = self._attn_mask(n, cache.length, cache.pending, tree_mask)            # [g n, start+n] or None
         cos = self.cos[positions].unsqueeze(1)                                       # [n, 1, Dh]
@@ -235,7 +266,23 @@ class Transformer:
     def _layer(self, i: int, x: torch.Tensor, cos, sin, cache: KVCache, start: int, mask) -> torch.Tensor:
         def kv(k, v):                                                     # [Hkv, n, Dh] -> [Hkv, T, Dh]
             return cache.write(i, k, v, start)
-        return layer_forward(self.cfg, self.layers[i], x, cos, sin, kv, mask)
+        return layer_forward(self.cfg, self.layers[i], x, cos, sin, kv, mask, self.glue)
+
+
+def _graph_mode(mode: str, device: torch.device) -> str:
+    if mode not in GRAPH_MODES:
+        raise ConfigError(f"graphs must be one of {', '.join(GRAPH_MODES)}, got {mode!r}")
+    if mode == "auto":
+        env = os.environ.get("DRAFTWISE_GRAPHS")       # e.g. "static": run a test suite through the static path
+        if env:
+            if env not in GRAPH_MODES[1:]:
+                raise ConfigError(f"DRAFTWISE_GRAPHS must be one of on, static, off, got {env!r}")
+            mode = env if env != "on" or device.type == "cuda" else "static"
+        else:
+            return "on" if device.type == "cuda" and not os.environ.get("DRAFTWISE_NO_GRAPHS") else "off"
+    if mode == "on" and device.type != "cuda":
+        raise ConfigError(f"graphs='on' needs a CUDA device, the model is on {device.type}")
+    return mode
 
 
 def build_layer(cfg: ModelConfig, get, prefix: str, packed: bool, input_norm: bool = True) -> Layer:
@@ -261,28 +308,62 @@ def build_layer(cfg: ModelConfig, get, prefix: str, packed: bool, input_norm: bo
     )
 
 
-def layer_forward(cfg: ModelConfig, L: Layer, x: torch.Tensor, cos, sin, kv, mask) -> torch.Tensor:
+def qkv_rope(qkv: torch.Tensor, cos, sin, q_norm, k_norm, heads: tuple[int, int, int], eps: float):
+    """[n, (H + 2 Hkv) Dh] -> q [n, H, Dh], k [n, Hkv, Dh] (normed if the model has q/k norms, rotated), v."""
+    n = qkv.shape[0]
+    H, Hkv, Dh = heads
+    q, k, v = qkv.split([H * Dh, Hkv * Dh, Hkv * Dh], dim=-1)
+    q, k, v = q.view(n, H, Dh), k.view(n, Hkv, Dh), v.view(n, Hkv, Dh)
+    if q_norm is not None:
+        q = rms_norm(q, q_norm, eps)
+        k = rms_norm(k, k_norm, eps)
+    return apply_rope(q, cos, sin), apply_rope(k, cos, sin), v
+
+
+def add_norm(x: torch.Tensor, y: torch.Tensor, w: torch.Tensor, eps: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """Residual add, then RMSNorm: (x + y, norm(x + y))."""
+    x = x + y
+    return x, rms_norm(x, w, eps)
+
+
+def swiglu(gate_up: torch.Tensor) -> torch.Tensor:
+    """[n, 2I] -> silu(gate) * up [n, I]."""
+    gate, up = gate_up.chunk(2, dim=-1)
+    return F.silu(gate) * up
+
+
+@dataclass(frozen=True)
+class Glue:
+    """A layer's non-matmul steps as free functions: eager (``EAGER``), or each fused into one
+    kernel by ``torch.compile`` (:func:`compiled_glue`)."""
+    qkv_rope: object = qkv_rope
+    add_norm: object = add_norm
+    swiglu: object = swiglu
+
+
+EAGER = Glue()
+
+
+def compiled_glue() -> Glue:
+    """The glue under torch.compile (inductor, dynamic node counts); compiled on first use per shape."""
+    c = lambda f: torch.compile(f, dynamic=True)     # noqa: E731
+    return Glue(c(qkv_rope), c(add_norm), c(swiglu))
+
+
+def layer_forward(cfg: ModelConfig, L: Layer, x: torch.Tensor, cos, sin, kv, mask, glue: Glue = EAGER) -> torch.Tensor:
     """One decoder layer on x [n, D]. ``kv(k, v)`` takes this pass's keys/values [Hkv, n, Dh] and
     returns every key/value the queries attend to [Hkv, T, Dh] (a cache write, or k, v themselves
     for a cache-free training pass); mask: additive [g n, T] (see _attn_mask) or None."""
     n, H, Hkv, Dh = x.shape[0], cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
     h = x if L.attn_norm is None else rms_norm(x, L.attn_norm, cfg.rms_norm_eps)
-    qkv = L.qkv(h)                                                     # [n, (H + 2 Hkv) Dh]
-    q, k, v = qkv.split([H * Dh, Hkv * Dh, Hkv * Dh], dim=-1)
-    q, k, v = q.view(n, H, Dh), k.view(n, Hkv, Dh), v.view(n, Hkv, Dh)
-    if L.q_norm is not None:
-        q = rms_norm(q, L.q_norm, cfg.rms_norm_eps)
-        k = rms_norm(k, L.k_norm, cfg.rms_norm_eps)
-    q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+    q, k, v = glue.qkv_rope(L.qkv(h), cos, sin, L.q_norm, L.k_norm, (H, Hkv, Dh), cfg.rms_norm_eps)
     keys, values = kv(k.transpose(0, 1), v.transpose(0, 1))            # [Hkv, T, Dh]
     g = H // Hkv
     qg = q.view(n, Hkv, g, Dh).permute(1, 2, 0, 3).reshape(1, Hkv, g * n, Dh)    # [1, Hkv, g n, Dh]
     attn = F.scaled_dot_product_attention(qg, keys.unsqueeze(0), values.unsqueeze(0), attn_mask=mask)
     attn = attn.view(Hkv, g, n, Dh).permute(2, 0, 1, 3).reshape(n, H * Dh)       # [n, H Dh]
-    x = x + L.o(attn)
-    h = rms_norm(x, L.mlp_norm, cfg.rms_norm_eps)
-    gate, up = L.gate_up(h).chunk(2, dim=-1)                           # [n, I] each
-    return x + L.down(F.silu(gate) * up)
+    x, h = glue.add_norm(x, L.o(attn), L.mlp_norm, cfg.rms_norm_eps)
+    return x + L.down(glue.swiglu(L.gate_up(h)))
 
 
 # ---------------------------------------------------------------------- free functions

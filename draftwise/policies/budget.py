@@ -200,6 +200,8 @@ def curve_key(model_id: str, model) -> str:
     from draftwise import kernels
 
     kind = f"fast{kernels.version()[:8]}" if getattr(model, "fast", False) else "torch"
+    if getattr(model, "graphs", "off") != "off":
+        kind += f"-graphs{model.graphs}"
     return f"{safe}-{model.device.type}-{str(model.dtype).split('.')[-1]}-{kind}-t{torch.get_num_threads()}"
 
 
@@ -224,14 +226,15 @@ def measure(model, ns=BENCH_NS, reps: int = 5, context: int = 128, context_long:
             pos = torch.arange(ctx_len, ctx_len + n, device=model.device)
             mask = torch.ones(n, n, dtype=torch.bool, device=model.device).tril_()
             times = []
-            for r in range(reps + 1):
+            warm = 2 if getattr(model, "graphs", "off") == "on" else 1   # a graph is captured on the second run
+            for r in range(reps + warm):
                 if model.device.type == "cuda":
                     torch.cuda.synchronize()
                 t0 = time.perf_counter()
                 model.forward(toks, pos, cache, tree_mask=mask)
                 if model.device.type == "cuda":
                     torch.cuda.synchronize()
-                if r:   # first run is a warm-up
+                if r >= warm:
                     times.append((time.perf_counter() - t0) * 1e3)
             out.append(float(np.median(times)))
             bar.update(1)

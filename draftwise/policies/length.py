@@ -159,6 +159,7 @@ class CalibrationTS(LengthControl):
         self.costs, self.k_max, self.forget = costs, k_max, forget
         self.mu = np.array([0.0, 1.0])              # prior: acceptance = the draft's confidence
         self.cov = np.eye(2) * prior_var
+        self.max_trace = 2.0 * prior_var
         self.rng = np.random.default_rng(seed)
         self.w = self.mu.copy()
         self._p = 1.0                               # sampled P(prefix accepted) so far
@@ -190,7 +191,12 @@ class CalibrationTS(LengthControl):
         return True
 
     def update(self, confs: list[float], accepted: int) -> None:
+        if not confs:        # nothing drafted, nothing learnt: no forgetting either (it would inflate cov unboundedly)
+            return
         self.cov = self.cov / self.forget
+        trace = float(np.trace(self.cov))
+        if trace > self.max_trace:                         # forgetting never makes it vaguer than the prior
+            self.cov = self.cov * (self.max_trace / trace)
         for i, c in enumerate(confs[: accepted + 1]):      # tokens after the first rejection are unobserved
             self.observe(c, i < accepted)
 
