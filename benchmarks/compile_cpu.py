@@ -27,11 +27,13 @@ def main() -> None:
     ap.add_argument("--ns", default="1,8")
     ap.add_argument("--reps", type=int, default=15)
     ap.add_argument("--context", type=int, default=128)
+    ap.add_argument("--mode", default="layer", choices=["glue", "layer"], help="what torch.compile covers")
     ap.add_argument("--out", default=None)
     a = ap.parse_args()
     path = resolve(a.model, progress=False)
     cfg, state = load_config(path), load_state_dict(path)
-    nets = {"eager": Transformer(cfg, state, max_len=1024), "compiled": Transformer(cfg, state, max_len=1024, compile=True)}
+    nets = {"eager": Transformer(cfg, state, max_len=1024),
+            "compiled": Transformer(cfg, state, max_len=1024, compile=a.mode)}
     del state
     ns = [int(x) for x in a.ns.split(",")]
     g = torch.Generator().manual_seed(0)
@@ -41,7 +43,7 @@ def main() -> None:
         for k, m in nets.items():
             caches[k] = m.new_cache(a.context + max(ns) + 1)
             prefill(m, caches[k], ctx)
-        res = {"model": a.model, "threads": torch.get_num_threads(), "context": a.context, "t_ms": {}, "compile_s": {}}
+        res = {"model": a.model, "mode": a.mode, "threads": torch.get_num_threads(), "context": a.context, "t_ms": {}, "compile_s": {}}
         for n in ns:
             toks = torch.randint(0, cfg.vocab_size, (n,), generator=g)
             pos = torch.arange(a.context, a.context + n)

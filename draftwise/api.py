@@ -51,7 +51,7 @@ class Engine:
     @classmethod
     def load(cls, model: str = registry.DEFAULT_MODEL, device: str = "cpu", dtype: torch.dtype | str | None = None,
              max_len: int | None = None, threads: int | None = None, fast: bool = True,
-             progress: bool = True, draft: str | None = None, graphs: str = "auto") -> "Engine":
+             progress: bool = True, draft: str | None = None, graphs: str = "auto", compile: str = "off") -> "Engine":
         from transformers import AutoTokenizer
 
         if threads is not None:
@@ -62,14 +62,15 @@ class Engine:
             raise ConfigError(f"device {device!r} requested but CUDA is not available")
         dtype = _dtype(dtype)
         path = resolve(model, progress=progress)
-        net = Transformer.from_pretrained(path, device=device, dtype=dtype, max_len=max_len, fast=fast, graphs=graphs)
+        net = Transformer.from_pretrained(path, device=device, dtype=dtype, max_len=max_len, fast=fast, graphs=graphs,
+                                          compile=compile)
         tok = AutoTokenizer.from_pretrained(str(path))
         draft_net = None
         if draft is not None:
             dpath = resolve(draft, progress=progress)
             _check_same_tokenizer(tok, AutoTokenizer.from_pretrained(str(dpath)), model, draft)
             draft_net = Transformer.from_pretrained(dpath, device=device, dtype=dtype, max_len=net.max_len, fast=fast,
-                                                   graphs=graphs)
+                                                   graphs=graphs, compile=compile)
             if draft_net.cfg.vocab_size != net.cfg.vocab_size:
                 raise ConfigError(f"draft model {draft!r} has a vocabulary of {draft_net.cfg.vocab_size} rows, "
                                   f"the target {net.cfg.vocab_size}: they must match")

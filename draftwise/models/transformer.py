@@ -28,6 +28,7 @@ from draftwise.models.config import ModelConfig
 from draftwise.models.graphs import MAX_BUCKET, StaticForward
 
 GRAPH_MODES = ("auto", "on", "static", "off")
+COMPILE_MODES = ("off", "glue", "layer")     # torch.compile: nothing, the non-matmul steps, whole layers
 
 
 class Linear:
@@ -41,6 +42,9 @@ class Linear:
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:   # [n, in] -> [n, out]
         if self.packed is not None:
+            if torch.compiler.is_compiling():                  # traced: the same kernel as a custom op
+                from draftwise.kernels import op
+                return op.linear(x, self.packed, self.bias, self.out_features)
             return kernels.linear(x.contiguous(), self.packed, self.bias, self.out_features)
         return F.linear(x, self.weight, self.bias)
 
@@ -116,7 +120,7 @@ class ForwardOut:
 class Transformer:
     def __init__(self, cfg: ModelConfig, state: dict[str, torch.Tensor], device="cpu",
                  dtype: torch.dtype = torch.float32, max_len: int | None = None, fast: bool = True,
-                 graphs: str = "auto", compile: bool = False):
+                 graphs: str = "auto", compile: str = "off"):
         self.cfg = cfg
         self.device = torch.device(device)
         self.dtype = dtype
@@ -149,7 +153,11 @@ class Transformer:
         self.graphs = _graph_mode(graphs, self.device)
         self.static = StaticForward(self, capture=self.graphs == "on") if self.graphs in ("on", "static") else None
         self._spare_cache: KVCache | None = None
-        self.glue = compiled_glue() if compile else EAGER      # torch.compile'd non-matmul steps (opt-in)
+        if compile not in COMPILE_MODES:
+            raise ConfigError(f"compile must be one of {', '.join(COMPILE_MODES)}, got {compile!r}")
+        self.compile = compile      # opt-in: measured slower than eager on the 2-core CPU (README)
+        self.glue = compiled_glue() if compile == "glue" else EAGER
+        self._cached_layer = torch.compile(cached_layer, dynamic=True) if compile == "layer" else cached_layer
 
     def weight_bytes(self) -> int:
         """Bytes held by the weights (a tied head counted once when it shares the embedding)."""
@@ -264,9 +272,7 @@ class Transformer:
         return mask.repeat(self.cfg.num_heads // self.cfg.num_kv_heads, 1)
 
     def _layer(self, i: int, x: torch.Tensor, cos, sin, cache: KVCache, start: int, mask) -> torch.Tensor:
-        def kv(k, v):                                                     # [Hkv, n, Dh] -> [Hkv, T, Dh]
-            return cache.write(i, k, v, start)
-        return layer_forward(self.cfg, self.layers[i], x, cos, sin, kv, mask, self.glue)
+        return self._cached_layer(self.cfg, self.layers[i], x, cos, sin, cache.k[i], cache.v[i], start, mask, self.glue)
 
 
 def _graph_mode(mode: str, device: torch.device) -> str:
@@ -364,6 +370,18 @@ def layer_forward(cfg: ModelConfig, L: Layer, x: torch.Tensor, cos, sin, kv, mas
     attn = attn.view(Hkv, g, n, Dh).permute(2, 0, 1, 3).reshape(n, H * Dh)       # [n, H Dh]
     x, h = glue.add_norm(x, L.o(attn), L.mlp_norm, cfg.rms_norm_eps)
     return x + L.down(glue.swiglu(L.gate_up(h)))
+
+
+def cached_layer(cfg: ModelConfig, L: Layer, x: torch.Tensor, cos, sin, k_all: torch.Tensor, v_all: torch.Tensor,
+                 start: int, mask, glue: Glue = EAGER) -> torch.Tensor:
+    """layer_forward with its keys/values written to one layer's cache [Hkv, T, Dh] at slots
+    [start, start + n): every argument explicit, so one torch.compile serves all layers."""
+    def kv(k, v):                                                      # [Hkv, n, Dh] -> [Hkv, start + n, Dh]
+        end = start + k.shape[1]
+        k_all[:, start:end] = k
+        v_all[:, start:end] = v
+        return k_all[:, :end], v_all[:, :end]
+    return layer_forward(cfg, L, x, cos, sin, kv, mask, glue)
 
 
 # ---------------------------------------------------------------------- free functions
