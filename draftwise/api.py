@@ -51,7 +51,8 @@ class Engine:
     @classmethod
     def load(cls, model: str = registry.DEFAULT_MODEL, device: str = "cpu", dtype: torch.dtype | str | None = None,
              max_len: int | None = None, threads: int | None = None, fast: bool = True,
-             progress: bool = True, draft: str | None = None, graphs: str = "auto", compile: str = "off") -> "Engine":
+             progress: bool = True, draft: str | None = None, graphs: str = "auto", compile: str = "off",
+             weights: str = "auto") -> "Engine":
         from transformers import AutoTokenizer
 
         if threads is not None:
@@ -63,14 +64,14 @@ class Engine:
         dtype = _dtype(dtype)
         path = resolve(model, progress=progress)
         net = Transformer.from_pretrained(path, device=device, dtype=dtype, max_len=max_len, fast=fast, graphs=graphs,
-                                          compile=compile)
+                                          compile=compile, weights=weights)
         tok = AutoTokenizer.from_pretrained(str(path))
         draft_net = None
         if draft is not None:
             dpath = resolve(draft, progress=progress)
             _check_same_tokenizer(tok, AutoTokenizer.from_pretrained(str(dpath)), model, draft)
             draft_net = Transformer.from_pretrained(dpath, device=device, dtype=dtype, max_len=net.max_len, fast=fast,
-                                                   graphs=graphs, compile=compile)
+                                                   graphs=graphs, compile=compile, weights=weights)
             if draft_net.cfg.vocab_size != net.cfg.vocab_size:
                 raise ConfigError(f"draft model {draft!r} has a vocabulary of {draft_net.cfg.vocab_size} rows, "
                                   f"the target {net.cfg.vocab_size}: they must match")

@@ -21,6 +21,9 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--graphs", default="auto", choices=["auto", "on", "static", "off"],
                    help="CUDA graphs for decoding/verification forwards (default auto: on for CUDA devices, "
                         "off on CPU; 'static' runs the padded static-shape forward without capture)")
+    p.add_argument("--weights", default="auto", choices=["auto", "gguf", "fp32"],
+                   help="gguf: keep the model's GGUF blocks quantized (same logits as fp32, bit for bit; ~3x "
+                        "fewer bytes per forward); auto (default): gguf on CPU fp32 when the .gguf is there")
     p.add_argument("--compile", default="off", choices=["off", "glue", "layer"],
                    help="torch.compile the non-matmul steps ('glue') or whole layers with the kernel as a custom op "
                         "('layer'); off by default: both measured slower than eager on a 2-core CPU")
@@ -47,7 +50,7 @@ def cmd_generate(a) -> int:
     if a.max_nodes is not None:
         opts["max_nodes"] = a.max_nodes
     methods.get(a.method).validate(opts)          # a bad method or option fails before any model loads
-    eng = draftwise.load(a.model, device=a.device, dtype=a.dtype, threads=a.threads, draft=a.draft, graphs=a.graphs, compile=a.compile)
+    eng = draftwise.load(a.model, device=a.device, dtype=a.dtype, threads=a.threads, draft=a.draft, graphs=a.graphs, compile=a.compile, weights=a.weights)
     kw = dict(max_new_tokens=a.max_new_tokens, temperature=a.temperature, top_k=a.top_k, top_p=a.top_p,
               seed=a.seed, chat=a.chat, stop=a.stop or None)
     from draftwise.decoding import Stats
@@ -76,7 +79,7 @@ def _load_for_serving(a):
 
     opts = methods.parse_opts(a.method_opts) or None
     methods.get(a.method).validate(opts)          # a bad method or option fails before any model loads
-    eng = draftwise.load(a.model, device=a.device, dtype=a.dtype, threads=a.threads, draft=a.draft, graphs=a.graphs, compile=a.compile)
+    eng = draftwise.load(a.model, device=a.device, dtype=a.dtype, threads=a.threads, draft=a.draft, graphs=a.graphs, compile=a.compile, weights=a.weights)
     eng.drafter(a.method, opts)                   # build it now (cost curves, subsets): the first request stays fast
     return eng, opts
 
@@ -200,7 +203,7 @@ def cmd_train_early_exit(a) -> int:
     import draftwise
     from draftwise.drafters.early_exit import train_exit
 
-    eng = draftwise.load(a.model, device=a.device, threads=a.threads, graphs=a.graphs, compile=a.compile)
+    eng = draftwise.load(a.model, device=a.device, threads=a.threads, graphs=a.graphs, compile=a.compile, weights=a.weights)
     info = train_exit(eng, a.layer, Path(a.out), data=a.data, max_tokens=a.max_tokens, max_steps=a.max_steps,
                       epochs=a.epochs, batch=a.batch, lr=a.lr, init=a.init,
                       features=Path(a.features) if a.features else None, vocab_subset=a.vocab_subset,
@@ -215,7 +218,7 @@ def cmd_train_eagle(a) -> int:
     import draftwise
     from draftwise.drafters.eagle import train_head
 
-    eng = draftwise.load(a.model, device=a.device, threads=a.threads, graphs=a.graphs, compile=a.compile)
+    eng = draftwise.load(a.model, device=a.device, threads=a.threads, graphs=a.graphs, compile=a.compile, weights=a.weights)
     info = train_head(eng, Path(a.out), data=a.data, max_tokens=a.max_tokens, max_steps=a.max_steps, epochs=a.epochs,
                       batch=a.batch, lr=a.lr, init=a.init, features=Path(a.features) if a.features else None,
                       vocab_subset=a.vocab_subset, progress=not a.quiet, val_every=a.val_every)
@@ -228,7 +231,7 @@ def cmd_train_ldlp(a) -> int:
     import draftwise
     from draftwise.drafters.eagle import train_ldlp
 
-    eng = draftwise.load(a.model, device=a.device, threads=a.threads, graphs=a.graphs, compile=a.compile)
+    eng = draftwise.load(a.model, device=a.device, threads=a.threads, graphs=a.graphs, compile=a.compile, weights=a.weights)
     info = train_ldlp(eng, a.head, Path(a.out), prompts=a.prompts, k_max=a.k_max, max_new_tokens=a.max_new_tokens,
                       max_steps=a.max_steps, vocab_subset=a.vocab_subset, progress=not a.quiet)
     best = next(r for r in info["sweep"] if r["lambda"] == info["lambda"])
@@ -249,7 +252,7 @@ def cmd_bench_forward(a) -> int:
     for n, ms in zip(curve.ns, curve.ms):
         print(f"n={n:<3d} {ms:7.1f} ms")
     print(f"[draftwise] {'measured' if time.time() - t0 > 0.5 else 'cached'} "
-          f"(kernels: {'prepacked AVX2' if eng.model.fast else 'torch'})", file=sys.stderr)
+          f"(kernels: {'prepacked AVX2' if eng.model.fast else 'torch'}, weights: {eng.model.weights})", file=sys.stderr)
     return 0
 
 
@@ -265,7 +268,7 @@ def cmd_bench(a) -> int:
     opts = registry.parse_opts(a.method_opts)
     if any(not isinstance(v, dict) for v in opts.values()):
         raise DraftwiseError('bench --method-opts maps method names to options: \'{"recycling": {"max_nodes": 8}}\'')
-    eng = draftwise.load(a.model, device=a.device, dtype=a.dtype, threads=a.threads, draft=a.draft, graphs=a.graphs, compile=a.compile)
+    eng = draftwise.load(a.model, device=a.device, dtype=a.dtype, threads=a.threads, draft=a.draft, graphs=a.graphs, compile=a.compile, weights=a.weights)
     if a.max_turns is not None and a.max_turns < 1:
         raise DraftwiseError(f"--max-turns must be >= 1, got {a.max_turns}")
     qs = datasets.balanced(datasets.load(a.dataset), a.limit)

@@ -144,7 +144,7 @@ class Runner:
         self.config = {"model": engine.model_id, "draft": draft, "methods": methods, "max_new_tokens": max_new_tokens,
                        "temperature": temperature, "threads": torch.get_num_threads(),
                        "device": str(engine.model.device), "dtype": str(engine.model.dtype).split(".")[-1],
-                       "kernels": engine.model.fast, "method_opts": self.method_opts,
+                       "kernels": engine.model.fast, "weights": engine.model.weights, "method_opts": self.method_opts,
                        **({"early_exit_layer": self.baselines.early_exit_layer} if "hf-early-exit" in methods else {}),
                        "torch": torch.__version__, "python": platform.python_version(),
                        "machine": platform.machine(), "processor": _cpu_name(), **(config or {})}

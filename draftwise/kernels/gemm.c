@@ -6,6 +6,7 @@
 // the FMA latency. Every output row is computed by the same sequence of operations whatever n
 // is, so results are bit-identical between one-token steps and tree verification.
 #include <immintrin.h>
+#include "common.h"
 #include <omp.h>
 #include <stdlib.h>
 
@@ -16,13 +17,6 @@
 #define DW_BIG_N 12
 #endif
 
-static inline void store16(float* y, __m256 a0, __m256 a1, const float* bias, int valid) {
-  if (bias) { a0 = _mm256_add_ps(a0, _mm256_loadu_ps(bias)); a1 = _mm256_add_ps(a1, _mm256_loadu_ps(bias + 8)); }
-  if (valid == 16) { _mm256_storeu_ps(y, a0); _mm256_storeu_ps(y + 8, a1); return; }
-  float tmp[16];
-  _mm256_storeu_ps(tmp, a0); _mm256_storeu_ps(tmp + 8, a1);
-  for (int c = 0; c < valid; c++) y[c] = tmp[c];
-}
 
 #define K16(R) \
 static inline void k16_##R(const float* x, long ldx, const float* P, long I, float* y, long ldy, \
@@ -129,6 +123,24 @@ static void tile16(long R, const float* x, long I, const float* P, float* y, lon
     case 5: k16_5(x, I, P, I, y, O, b, valid); break;
     default: k16_6(x, I, P, I, y, O, b, valid); break;
   }
+}
+
+// One 16-column panel for n rows (n >= 4): the small-n row groups, or for n >= DW_BIG_N the K-blocked
+// order of linear_big (acc: n * 16 floats of scratch). qgemm.c runs it on panels it has dequantized.
+void dw_panel(const float* x, long n, long I, const float* Pb, const float* bb, long O, int valid, float* yb,
+              float* acc) {
+  if (n >= DW_BIG_N) {
+    for (long k0 = 0; k0 < I; k0 += DW_KC) {
+      long kc = I - k0 < DW_KC ? I - k0 : DW_KC;
+      for (long j = 0; j < n; j += 6)
+        tile_acc(n - j < 6 ? n - j : 6, x + j * I + k0, I, Pb + k0 * 16, kc, acc + j * 16, k0 == 0);
+    }
+    for (long j = 0; j < n; j++)
+      store16(yb + j * O, _mm256_loadu_ps(acc + j * 16), _mm256_loadu_ps(acc + j * 16 + 8), bb, valid);
+    return;
+  }
+  for (long j = 0; j < n; j += 6)
+    tile16(n - j < 6 ? n - j : 6, x + j * I, I, Pb, yb + j * O, O, bb, valid);
 }
 
 void dw_linear(const float* x, long n, long I, const float* P, const float* bias_padded, long O, float* y) {

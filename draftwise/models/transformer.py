@@ -48,6 +48,9 @@ class Linear:
             return kernels.linear(x.contiguous(), self.packed, self.bias, self.out_features)
         return F.linear(x, self.weight, self.bias)
 
+    def tensors(self) -> tuple:
+        return self.packed, self.weight, self.bias
+
     def rows(self, ids: torch.Tensor) -> "Linear":
         """A Linear computing only the output rows ``ids`` (a vocabulary-subset LM head)."""
         ids = ids.to((self.packed if self.packed is not None else self.weight).device)
@@ -59,6 +62,34 @@ class Linear:
         if self.bias is not None:
             bias = self.bias[ids]
         return Linear(w.contiguous(), bias, self.packed is not None)
+
+
+class QLinear:
+    """y = x W^T + b with W kept in a GGUF file's quantized blocks (draftwise.quant.QWeight: int8 q,
+    fp32 scale/offset per group), run by the block kernel (kernels/qgemm.c) in fp32 arithmetic."""
+
+    packed = weight = None
+
+    def __init__(self, w, bias: torch.Tensor | None):
+        self.out_features, self.in_features = w.shape
+        self.group, self.kind = w.group, w.kind
+        self.Q, self.S, self.M = kernels.pack_quant(w.q, w.scale, w.offset)
+        self.bias = kernels.pad_bias(bias) if bias is not None else None
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:   # [n, in] -> [n, out]
+        return kernels.qlinear(x.contiguous(), self.Q, self.S, self.M, self.group, self.bias, self.out_features)
+
+    def tensors(self) -> tuple:
+        return self.Q, self.S, self.M, self.bias
+
+    def rows(self, ids: torch.Tensor) -> "QLinear":
+        """A QLinear computing only the output rows ``ids`` (a vocabulary-subset LM head)."""
+        from draftwise.quant import QWeight
+
+        ids = ids.to(self.Q.device)
+        pick = lambda t: None if t is None else t[ids // 16, :, ids % 16].contiguous()   # noqa: E731
+        bias = None if self.bias is None else self.bias[ids]
+        return QLinear(QWeight(pick(self.Q), pick(self.S), pick(self.M), self.group, self.kind), bias)
 
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
@@ -120,7 +151,9 @@ class ForwardOut:
 class Transformer:
     def __init__(self, cfg: ModelConfig, state: dict[str, torch.Tensor], device="cpu",
                  dtype: torch.dtype = torch.float32, max_len: int | None = None, fast: bool = True,
-                 graphs: str = "auto", compile: str = "off"):
+                 graphs: str = "auto", compile: str = "off", quant: dict | None = None):
+        """quant: Hugging Face name -> draftwise.quant.QWeight for linears kept block-quantized
+        (CPU fp32 with the kernels only; see ``from_pretrained(weights="gguf")``)."""
         self.cfg = cfg
         self.device = torch.device(device)
         self.dtype = dtype
@@ -143,12 +176,20 @@ class Transformer:
         if self.embed.shape != (cfg.vocab_size, cfg.hidden_size):
             raise CheckpointError(f"embed_tokens has shape {tuple(self.embed.shape)}, config says "
                                   f"({cfg.vocab_size}, {cfg.hidden_size})")
-        self.layers = [build_layer(cfg, get, f"model.layers.{i}.", self.fast) for i in range(cfg.num_layers)]
+        if quant and not self.fast:
+            raise ConfigError("GGUF block weights need the CPU kernels in float32 (load with weights='fp32' "
+                              f"for {self.device.type}/{str(dtype).split('.')[-1]}"
+                              f"{'' if kernels.available() else '; kernels: ' + str(kernels.why_unavailable())})")
+        self.weights = "gguf" if quant else "fp32"
+        self.layers = [build_layer(cfg, get, f"model.layers.{i}.", self.fast, quant=quant) for i in range(cfg.num_layers)]
         self.norm = get("model.norm.weight")
-        head = state.get("lm_head.weight")
-        if head is None or cfg.tie_word_embeddings:
-            head = state["model.embed_tokens.weight"]
-        self.lm_head = Linear(head.to(device=self.device, dtype=dtype), None, self.fast)
+        if quant and "lm_head.weight" in quant:
+            self.lm_head = QLinear(quant["lm_head.weight"], None)
+        else:
+            head = state.get("lm_head.weight")
+            if head is None or cfg.tie_word_embeddings:
+                head = state["model.embed_tokens.weight"]
+            self.lm_head = Linear(head.to(device=self.device, dtype=dtype), None, self.fast)
         self.cos, self.sin = rope_tables(cfg, self.max_len, self.device, dtype)
         self.graphs = _graph_mode(graphs, self.device)
         self.static = StaticForward(self, capture=self.graphs == "on") if self.graphs in ("on", "static") else None
@@ -169,8 +210,8 @@ class Transformer:
                 seen.add(t.data_ptr())
                 total += t.numel() * t.element_size()
 
-        def add_linear(lin: Linear):
-            for t in (lin.packed, lin.weight, lin.bias):
+        def add_linear(lin: Linear | QLinear):
+            for t in lin.tensors():
                 add(t)
 
         add(self.embed); add(self.norm); add_linear(self.lm_head)
@@ -183,11 +224,29 @@ class Transformer:
 
     # ------------------------------------------------------------------ construction
     @classmethod
-    def from_pretrained(cls, path: str | Path, device="cpu", dtype=torch.float32, **kw) -> "Transformer":
+    def from_pretrained(cls, path: str | Path, device="cpu", dtype=torch.float32, weights: str = "fp32",
+                        **kw) -> "Transformer":
+        """weights: "fp32" (the checkpoint's tensors), "gguf" (linears kept in the .gguf file's own
+        quantized blocks: the same model, ~3x fewer bytes per forward; needs the .gguf beside
+        config.json, as ``draftwise models install`` leaves it), or "auto" (gguf on CPU fp32 when the
+        file and the kernels are there, else fp32)."""
         from draftwise.models.checkpoint import load_config, load_state_dict
 
         path = Path(path)
-        return cls(load_config(path), load_state_dict(path), device=device, dtype=dtype, **kw)
+        cfg = load_config(path)
+        quant = None
+        if weights not in ("fp32", "gguf", "auto"):
+            raise ConfigError(f"weights must be fp32, gguf or auto, got {weights!r}")
+        ggufs = sorted(path.glob("*.gguf")) if path.is_dir() else []
+        usable = torch.device(device).type == "cpu" and dtype == torch.float32 and kw.get("fast", True) \
+            and kernels.available()
+        if weights == "gguf" or (weights == "auto" and ggufs and usable):
+            if not ggufs:
+                raise CheckpointError(f"weights='gguf' needs the model's .gguf file in {path} (none found)")
+            from draftwise.quant import load_gguf_linears
+
+            quant = load_gguf_linears(ggufs[0], cfg)
+        return cls(cfg, load_state_dict(path), device=device, dtype=dtype, quant=quant, **kw)
 
     def new_cache(self, max_len: int | None = None) -> KVCache:
         c = self.cfg
@@ -291,13 +350,18 @@ def _graph_mode(mode: str, device: torch.device) -> str:
     return mode
 
 
-def build_layer(cfg: ModelConfig, get, prefix: str, packed: bool, input_norm: bool = True) -> Layer:
+def build_layer(cfg: ModelConfig, get, prefix: str, packed: bool, input_norm: bool = True,
+                quant: dict | None = None) -> Layer:
     """One decoder layer from Hugging Face-named tensors (``get(name, required)``) under ``prefix``
     (``model.layers.{i}.``); q/k/v and gate/up are fused into one Linear each. input_norm False:
     the layer has no input RMSNorm (EAGLE-1/2 draft heads)."""
-    def lin(ws: list[str], bs: list[str] | None = None) -> Linear:
-        w = torch.cat([get(n) for n in ws], 0) if len(ws) > 1 else get(ws[0])
+    def lin(ws: list[str], bs: list[str] | None = None) -> Linear | QLinear:
         b = torch.cat([get(n) for n in bs], 0) if bs is not None else None
+        if quant and all(n in quant for n in ws):
+            from draftwise.quant import concat_rows
+
+            return QLinear(concat_rows([quant[n] for n in ws]), b)
+        w = torch.cat([get(n) for n in ws], 0) if len(ws) > 1 else get(ws[0])
         return Linear(w, b, packed)
 
     a = prefix + "self_attn."

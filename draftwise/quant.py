@@ -1,0 +1,248 @@
+"""A GGUF model's own quantized weights, unpacked into one exact low-bit form.
+
+Every supported GGUF block type is, exactly, ``W[o, i] = scale[o, g] * q[o, i] (+ offset[o, g])``
+with q a small integer (int8 here), g = i // group, and scale/offset fp32 numbers computed the way
+``gguf``'s own dequantization computes them (so the product is bit-for-bit its dequantized value):
+
+=========  =====  =====================================  ==========================
+type       group  q                                      scale, offset
+=========  =====  =====================================  ==========================
+Q8_0       32     int8                                    d
+Q5_0       32     5-bit - 16                              d
+Q4_1       32     4-bit                                   d, + m
+Q6_K       16     6-bit - 32                              d * sc (sc int8 per 16)
+Q4_K       32     4-bit                                   d * sc, - dmin * mn (6-bit sc, mn)
+=========  =====  =====================================  ==========================
+
+:func:`load_gguf_linears` maps a GGUF file's linear weights to Hugging Face names (undoing
+llama.cpp's q/k row permutation for Llama-family files), ready for the block kernel (qgemm.c).
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from draftwise.errors import CheckpointError
+
+SUPPORTED = ("Q8_0", "Q5_0", "Q4_1", "Q6_K", "Q4_K")
+
+
+@dataclass
+class QWeight:
+    """One block-quantized matrix: q int8 [rows, cols], scale/offset fp32 [rows, cols // group]."""
+    q: torch.Tensor
+    scale: torch.Tensor
+    offset: torch.Tensor | None
+    group: int
+    kind: str
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        return tuple(self.q.shape)
+
+    def dequantize(self) -> torch.Tensor:
+        rows, cols = self.q.shape
+        g = self.group
+        w = self.scale.unsqueeze(-1) * self.q.view(rows, cols // g, g).float()
+        if self.offset is not None:
+            w = w + self.offset.unsqueeze(-1)
+        return w.reshape(rows, cols)
+
+    def regroup(self, group: int) -> "QWeight":
+        """The same matrix with a smaller group (each scale repeated: exact)."""
+        if group == self.group:
+            return self
+        r = self.group // group
+        off = None if self.offset is None else self.offset.repeat_interleave(r, dim=1)
+        return QWeight(self.q, self.scale.repeat_interleave(r, dim=1), off, group, self.kind)
+
+    def take_rows(self, idx: torch.Tensor) -> "QWeight":
+        return QWeight(self.q[idx], self.scale[idx], None if self.offset is None else self.offset[idx], self.group,
+                       self.kind)
+
+
+def concat_rows(parts: list[QWeight]) -> QWeight:
+    """Stack matrices along the rows (fused q/k/v, gate/up), unifying group size and offsets."""
+    g = min(p.group for p in parts)
+    parts = [p.regroup(g) for p in parts]
+    offs = None
+    if any(p.offset is not None for p in parts):
+        offs = torch.cat([p.offset if p.offset is not None else torch.zeros_like(p.scale) for p in parts])
+    kinds = "+".join(dict.fromkeys(p.kind for p in parts))
+    return QWeight(torch.cat([p.q for p in parts]), torch.cat([p.scale for p in parts]), offs, g, kinds)
+
+
+# ---------------------------------------------------------------------- unpacking, per type
+def _f16(b: np.ndarray) -> np.ndarray:
+    return b.copy().view(np.float16).astype(np.float32)
+
+
+def _nibbles(qs: np.ndarray, n: int, span: int) -> np.ndarray:
+    """Low nibbles of each span of bytes, then their high nibbles (ggml's order)."""
+    q = qs.reshape(n, -1, 1, span) >> np.array([0, 4], dtype=np.uint8).reshape(1, 1, 2, 1)
+    return (q & np.uint8(0x0F)).reshape(n, -1)
+
+
+def unpack(kind: str, blocks: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray | None, int]:
+    """blocks uint8 [n_blocks, block_bytes] -> q int8 [n_blocks, values], scale and offset fp32
+    [n_blocks, values // group], group."""
+    n = blocks.shape[0]
+    if kind == "Q8_0":
+        d, x = np.split(blocks, [2], axis=1)
+        return x.copy().view(np.int8), _f16(d), None, 32
+    if kind == "Q5_0":
+        d, rest = np.hsplit(blocks, [2])
+        qh, qs = np.hsplit(rest, [4])
+        bits = (qh.copy().view(np.uint32).reshape(n, 1) >> np.arange(32, dtype=np.uint32).reshape(1, 32)) & np.uint32(1)
+        q = (_nibbles(qs, n, 16) | (bits.astype(np.uint8) << np.uint8(4))).astype(np.int8) - np.int8(16)
+        return q, _f16(d), None, 32
+    if kind == "Q4_1":
+        d, rest = np.hsplit(blocks, [2])
+        m, qs = np.hsplit(rest, [2])
+        return _nibbles(qs, n, 16).astype(np.int8), _f16(d), _f16(m), 32
+    if kind == "Q6_K":
+        ql, rest = np.hsplit(blocks, [128])
+        qh, rest = np.hsplit(rest, [64])
+        sc, d = np.hsplit(rest, [16])
+        scale = _f16(d) * sc.copy().view(np.int8).astype(np.float32)               # [n, 16]
+        low = _nibbles(ql, n, 64).reshape(n, -1, 32)
+        high = (qh.reshape(n, -1, 1, 32) >> np.array([0, 2, 4, 6], dtype=np.uint8).reshape(1, 1, 4, 1))
+        high = (high & np.uint8(0x03)).reshape(n, -1, 32)
+        q = ((low | (high << np.uint8(4))).astype(np.int8) - np.int8(32)).reshape(n, 256)
+        return q, scale, None, 16
+    if kind == "Q4_K":
+        d, rest = np.hsplit(blocks, [2])
+        dmin, rest = np.hsplit(rest, [2])
+        scales, qs = np.hsplit(rest, [12])
+        s = scales.copy().view(np.uint8).reshape(n, 3, 4)
+        a, b, c = np.split(s, 3, axis=-2)
+        sc = np.concatenate([a & 0x3F, (c & 0x0F) | ((a >> 2) & 0x30)], axis=-1).reshape(n, 8)
+        mn = np.concatenate([b & 0x3F, (c >> 4) | ((b >> 2) & 0x30)], axis=-1).reshape(n, 8)
+        scale = _f16(d) * sc.astype(np.float32)
+        offset = -(_f16(dmin) * mn.astype(np.float32))
+        q = _nibbles(qs, n, 32).astype(np.int8)
+        return q, scale, offset, 32
+    raise CheckpointError(f"GGUF tensor type {kind} is not supported by the block kernel (supported: "
+                          f"{', '.join(SUPPORTED)})")
+
+
+def from_gguf_tensor(t) -> QWeight:
+    """A gguf.ReaderTensor of a supported quantized type -> QWeight [rows, cols]."""
+    import gguf
+
+    kind = t.tensor_type.name
+    cols, rows = (int(x) for x in t.shape[:2])               # GGUF lists the fastest axis first
+    block_size, type_size = gguf.GGML_QUANT_SIZES[t.tensor_type]
+    blocks = np.asarray(t.data).reshape(-1, type_size)
+    q, scale, offset, group = unpack(kind, blocks)
+    return QWeight(torch.from_numpy(np.ascontiguousarray(q.reshape(rows, cols))),
+                   torch.from_numpy(np.ascontiguousarray(scale.reshape(rows, cols // group))),
+                   None if offset is None else torch.from_numpy(np.ascontiguousarray(offset.reshape(rows, cols // group))),
+                   group, kind)
+
+
+# ---------------------------------------------------------------------- names
+_LAYER = {"attn_q": "self_attn.q_proj", "attn_k": "self_attn.k_proj", "attn_v": "self_attn.v_proj",
+          "attn_output": "self_attn.o_proj", "ffn_gate": "mlp.gate_proj", "ffn_up": "mlp.up_proj",
+          "ffn_down": "mlp.down_proj"}
+
+
+def _unpermute(w: QWeight, heads: int) -> QWeight:
+    """Undo llama.cpp's rotary row order for q/k of Llama-family files (rows only: exact)."""
+    rows = w.shape[0]
+    idx = torch.arange(rows).view(heads, rows // heads // 2, 2).transpose(1, 2).reshape(rows)
+    return w.take_rows(idx)
+
+
+CACHE_VERSION = 1
+
+
+def _cache_path(path: Path) -> Path:
+    from draftwise.models.registry import cache_root
+
+    st = path.stat()
+    key = hashlib.sha256(f"{path.resolve()}|{st.st_size}|{st.st_mtime_ns}|{CACHE_VERSION}".encode()).hexdigest()[:16]
+    return cache_root() / "quant" / f"{path.stem}-{key}.safetensors"
+
+
+def load_gguf_linears(path: str | Path, cfg, cache: bool = True) -> dict[str, QWeight]:
+    """Hugging Face name -> QWeight for every quantized linear weight in the file (incl. the LM head:
+    ``lm_head.weight`` from ``output.weight``, or, tied, from ``token_embd.weight``). Unpacked once and
+    cached as safetensors (keyed by the file's path, size and mtime); a corrupt cache is rebuilt."""
+    path = Path(path)
+    cp = _cache_path(path)
+    if cache and cp.is_file():
+        try:
+            return _read_cache(cp)
+        except CheckpointError:
+            pass
+    out = _read_gguf(path, cfg)
+    if cache:
+        _write_cache(cp, out)
+    return out
+
+
+def _write_cache(cp: Path, ws: dict[str, QWeight]) -> None:
+    from safetensors.torch import save_file
+
+    tensors, meta = {}, {}
+    for name, w in ws.items():
+        tensors[name + ".q"], tensors[name + ".scale"] = w.q.contiguous(), w.scale.contiguous()
+        if w.offset is not None:
+            tensors[name + ".offset"] = w.offset.contiguous()
+        meta[name] = [w.group, w.kind]
+    cp.parent.mkdir(parents=True, exist_ok=True)
+    tmp = cp.with_suffix(".tmp")
+    save_file(tensors, str(tmp), metadata={"draftwise-quant": json.dumps(meta)})
+    os.replace(tmp, cp)                                  # nothing half-written
+
+
+def _read_cache(cp: Path) -> dict[str, QWeight]:
+    from safetensors import safe_open
+
+    try:
+        with safe_open(str(cp), framework="pt") as f:
+            meta = json.loads((f.metadata() or {})["draftwise-quant"])
+            keys = set(f.keys())
+            return {name: QWeight(f.get_tensor(name + ".q"), f.get_tensor(name + ".scale"),
+                                  f.get_tensor(name + ".offset") if name + ".offset" in keys else None, int(g), kind)
+                    for name, (g, kind) in meta.items()}
+    except Exception as e:   # safetensors raises its own error types for truncated/corrupt files
+        raise CheckpointError(f"quantized-weight cache {cp} is unreadable ({e})") from None
+
+
+def _read_gguf(path: Path, cfg) -> dict[str, QWeight]:
+    from gguf import GGUFReader
+
+    try:
+        r = GGUFReader(str(path))
+    except (OSError, ValueError) as e:
+        raise CheckpointError(f"could not read GGUF file {path}: {e}") from None
+    arch = str(bytes(r.fields["general.architecture"].parts[-1]), "utf-8") if "general.architecture" in r.fields else ""
+    tensors = {t.name: t for t in r.tensors}
+    out: dict[str, QWeight] = {}
+    for name, t in tensors.items():
+        parts = name.split(".")
+        if len(parts) == 4 and parts[0] == "blk" and parts[2] in _LAYER and parts[3] == "weight":
+            hf = f"model.layers.{parts[1]}.{_LAYER[parts[2]]}.weight"
+        elif name == "output.weight":
+            hf = "lm_head.weight"
+        else:
+            continue
+        if t.tensor_type.name not in SUPPORTED:
+            continue                                     # F32/F16 tensors stay on the fp32 path
+        w = from_gguf_tensor(t)
+        if arch == "llama" and parts[2:3] in (["attn_q"], ["attn_k"]):
+            w = _unpermute(w, cfg.num_heads if parts[2] == "attn_q" else cfg.num_kv_heads)
+        out[hf] = w
+    emb = tensors.get("token_embd.weight")
+    if "lm_head.weight" not in out and "output.weight" not in tensors and emb is not None \
+            and emb.tensor_type.name in SUPPORTED:
+        out["lm_head.weight"] = from_gguf_tensor(emb)
+    return out

@@ -1,0 +1,204 @@
+"""GGUF block weights kept quantized (draftwise/quant.py, kernels/qgemm.c): exact unpacking per
+type (random blocks and the real files), the block kernel against a float64 reference with rows
+bit-identical for any n, the gguf path of a real model against its fp32 path, and every registered
+method lossless on a model whose linears run through the block kernel."""
+import numpy as np
+import pytest
+import torch
+
+from draftwise import kernels, methods
+from draftwise.decoding import generate
+from draftwise.errors import CheckpointError, ConfigError
+from draftwise.quant import SUPPORTED, QWeight, concat_rows, from_gguf_tensor, unpack
+from tests.conftest import make_tiny_hf
+from tests.fixtures import TinyEngine
+
+needs_kernels = pytest.mark.skipif(not kernels.available(), reason=f"kernels unavailable: {kernels.why_unavailable()}")
+# byte offsets of each type's fp16 fields (random payload elsewhere)
+F16_FIELDS = {"Q8_0": [0], "Q5_0": [0], "Q4_1": [0, 2], "Q6_K": [208], "Q4_K": [0, 2]}
+
+
+def random_blocks(kind: str, n: int, seed: int = 0) -> np.ndarray:
+    import gguf
+
+    size = gguf.GGML_QUANT_SIZES[getattr(gguf.GGMLQuantizationType, kind)][1]
+    rng = np.random.default_rng(seed)
+    b = rng.integers(0, 256, (n, size), dtype=np.uint8)
+    for off in F16_FIELDS[kind]:
+        b[:, off:off + 2] = rng.uniform(-0.05, 0.05, n).astype(np.float16).view(np.uint8).reshape(n, 2)
+    return b
+
+
+@pytest.mark.parametrize("kind", SUPPORTED)
+def test_unpacked_blocks_dequantize_exactly_like_gguf(kind):
+    import gguf
+    from gguf.quants import dequantize
+
+    blocks = random_blocks(kind, 64)
+    q, scale, offset, group = unpack(kind, blocks)
+    per = q.shape[1]
+    w = QWeight(torch.from_numpy(q.reshape(-1, per)), torch.from_numpy(scale.reshape(-1, per // group)),
+                None if offset is None else torch.from_numpy(offset.reshape(-1, per // group)), group, kind)
+    ref = dequantize(blocks, getattr(gguf.GGMLQuantizationType, kind)).reshape(w.shape)
+    got = w.dequantize().numpy()
+    assert np.isfinite(ref).all() and np.array_equal(got.view(np.uint32), ref.view(np.uint32))   # bit for bit
+    lo, hi = {"Q8_0": (-128, 127), "Q5_0": (-16, 15), "Q4_1": (0, 15), "Q6_K": (-32, 31), "Q4_K": (0, 15)}[kind]
+    assert int(q.min()) == lo and int(q.max()) == hi                # the full range, no more
+
+
+def test_unpack_refuses_other_types():
+    with pytest.raises(CheckpointError, match="not supported"):
+        unpack("IQ2_XS", np.zeros((1, 10), dtype=np.uint8))
+
+
+def test_real_gguf_tensors_dequantize_exactly_and_equal_the_fp32_checkpoint():
+    """Every quantized tensor type in each installed model file (SmolLM2 in CI: Q8_0, Q4_1), and every
+    linear of the file mapped to its Hugging Face name equals the fp32 checkpoint we import from it."""
+    import gguf
+    from gguf.quants import dequantize
+    from safetensors.torch import load_file
+
+    from draftwise.models import registry
+    from draftwise.models.checkpoint import load_config
+    from draftwise.quant import load_gguf_linears
+
+    tested = 0
+    for name in ("smollm2-135m-instruct", "qwen2.5-coder-0.5b-instruct"):     # the 0.5B where installed
+        d = registry.model_dir(name)
+        files = sorted(d.glob("*.gguf")) if d.is_dir() else []
+        if not files or not (d / "model.safetensors").is_file():
+            continue
+        seen = set()
+        for t in gguf.GGUFReader(str(files[0])).tensors:
+            if t.tensor_type.name in SUPPORTED and t.tensor_type.name not in seen:
+                seen.add(t.tensor_type.name)
+                w = from_gguf_tensor(t)
+                ref = torch.from_numpy(dequantize(t.data, t.tensor_type).reshape(w.shape))
+                assert torch.equal(w.dequantize().view(torch.int32), ref.view(torch.int32)), (name, t.name)
+        state = load_file(str(d / "model.safetensors"))
+        lin = load_gguf_linears(files[0], load_config(d))
+        assert len(lin) == 7 * load_config(d).num_layers + 1
+        for hf, w in lin.items():
+            fp = state.get(hf, state.get("model.embed_tokens.weight"))
+            assert torch.equal(w.dequantize(), fp), (name, hf)
+        tested += 1
+    assert tested >= 1          # CI installs SmolLM2
+
+
+def _random_qweight(rows, cols, group, offset, seed):
+    g = torch.Generator().manual_seed(seed)
+    q = torch.randint(-32, 32, (rows, cols), generator=g, dtype=torch.int8)
+    s = torch.rand(rows, cols // group, generator=g) * 0.02 + 0.001
+    m = (torch.rand(rows, cols // group, generator=g) - 0.5) * 0.05 if offset else None
+    return QWeight(q, s, m, group, "test")
+
+
+@needs_kernels
+@pytest.mark.parametrize("rows,cols,group,offset", [(37, 64, 32, False), (16, 96, 16, True), (50, 160, 32, True),
+                                                    (3, 32, 16, False)])
+def test_block_kernel_matches_float64_and_rows_do_not_depend_on_n(rows, cols, group, offset):
+    from draftwise.models.transformer import Linear, QLinear
+
+    w = _random_qweight(rows, cols, group, offset, seed=rows)
+    bias = torch.randn(rows)
+    lin = QLinear(w, bias)
+    fp32 = Linear(w.dequantize(), bias, packed=True)         # the fp32 kernel on the dequantized weight
+    ref_w = w.dequantize().double()
+    x = torch.randn(20, cols)
+    for n in (1, 2, 3, 4, 5, 6, 7, 11, 12, 13, 20):          # every tile shape, and the panel path from 12
+        y = lin(x[:n])
+        ref = x[:n].double() @ ref_w.T + bias.double()
+        assert float((y.double() - ref).abs().max() / ref.abs().max()) < 1e-5
+        assert torch.equal(y, fp32(x[:n]))                    # bit for bit the fp32 kernel's result
+        for j in (0, n - 1):                                  # a row equals itself computed alone
+            assert torch.equal(y[j], lin(x[j:j + 1])[0])
+    sub = lin.rows(torch.tensor([0, rows - 1, 2]))
+    assert torch.equal(sub(x[:3]), lin(x[:3])[:, [0, rows - 1, 2]])
+
+
+def test_concat_rows_unifies_groups_and_offsets():
+    a, b = _random_qweight(4, 64, 32, False, 1), _random_qweight(3, 64, 16, True, 2)
+    c = concat_rows([a, b])
+    assert c.group == 16 and c.shape == (7, 64)
+    assert torch.equal(c.dequantize(), torch.cat([a.dequantize(), b.dequantize()]))
+
+
+def _quantized_tiny(tmp_path):
+    """A tiny model whose linears are Q8_0-like int8 blocks (and its fp32 twin holding the same values)."""
+    from draftwise.models.checkpoint import load_config, load_state_dict
+    from draftwise.models.transformer import Transformer
+
+    make_tiny_hf("qwen2", tmp_path, seed=11, vocab=96)
+    cfg, state = load_config(tmp_path), load_state_dict(tmp_path)
+    quant = {}
+    for name, w in state.items():
+        if w.dim() == 2 and "embed" not in name:
+            s = w.abs().view(w.shape[0], -1, 16).amax(-1).clamp_min(1e-8) / 127      # tiny dims: groups of 16
+            q = torch.round(w.view(w.shape[0], -1, 16) / s.unsqueeze(-1)).to(torch.int8).view(w.shape)
+            quant[name] = QWeight(q, s.float(), None, 16, "Q8_0")
+            state[name] = quant[name].dequantize()
+    return Transformer(cfg, state, max_len=256, quant=quant), Transformer(cfg, state, max_len=256)
+
+
+@needs_kernels
+def test_gguf_path_equals_fp32_path_and_every_method_is_lossless_on_it(tmp_path):
+    qm, fm = _quantized_tiny(tmp_path)
+    assert qm.weights == "gguf" and fm.weights == "fp32" and qm.weight_bytes() < fm.weight_bytes() / 2
+    prompt = [(i * 5) % 90 + 1 for i in range(24)]
+    with torch.inference_mode():
+        a = qm.forward(torch.tensor(prompt), torch.arange(24), qm.new_cache(64)).logits
+        b = fm.forward(torch.tensor(prompt), torch.arange(24), fm.new_cache(64)).logits
+    assert torch.equal(a, b)              # same weights, same arithmetic: the fp32 model's logits exactly
+    ref, _ = generate(qm, prompt, max_new_tokens=30)
+    assert ref == generate(fm, prompt, max_new_tokens=30)[0]
+    for label, name, opts in methods.test_cases():
+        if name == "draft-model" or (name == "rasd" and opts.get("base") == "draft-model"):
+            engine = TinyEngine(qm, qm)          # the quantized model drafts for itself
+        else:
+            engine = TinyEngine(qm)
+        spec = methods.get(name)
+        d = spec.factory(engine, **spec.validate(opts))
+        assert generate(qm, prompt, drafter=d, max_new_tokens=30)[0] == ref, label
+
+
+def test_gguf_weights_need_the_file_and_the_cpu_kernels(tmp_path):
+    from draftwise.models.transformer import Transformer
+
+    make_tiny_hf("llama", tmp_path, seed=0)
+    with pytest.raises(CheckpointError, match=r"\.gguf"):
+        Transformer.from_pretrained(tmp_path, weights="gguf")
+    with pytest.raises(ConfigError, match="weights must be"):
+        Transformer.from_pretrained(tmp_path, weights="int4")
+    assert Transformer.from_pretrained(tmp_path, weights="auto").weights == "fp32"     # no file: fp32
+    from draftwise.models.checkpoint import load_config, load_state_dict
+
+    with pytest.raises(ConfigError, match="CPU kernels in float32"):
+        Transformer(load_config(tmp_path), load_state_dict(tmp_path), dtype=torch.float64,
+                    quant={"lm_head.weight": _random_qweight(96, 64, 32, False, 0)})
+
+
+@needs_kernels
+def test_real_model_gguf_weights_give_the_fp32_logits_and_load_from_the_cache():
+    """SmolLM2 (its GGUF installed in CI): weights='auto' picks the GGUF blocks on CPU; logits equal the
+    fp32 path's bit for bit; greedy decoding and a method on it match; the second load is cached."""
+    import time
+
+    import draftwise
+    from draftwise.models import registry
+    from draftwise.models.transformer import Transformer, prefill
+
+    d = registry.model_dir("smollm2-135m-instruct")
+    eng = draftwise.load("smollm2-135m-instruct", progress=False)
+    assert eng.model.weights == "gguf" and type(eng.model.lm_head).__name__ == "QLinear"
+    fp = Transformer.from_pretrained(d, weights="fp32")
+    t0 = time.perf_counter()
+    again = Transformer.from_pretrained(d, weights="gguf")
+    assert again.weights == "gguf" and time.perf_counter() - t0 < 30
+    ids = eng.encode("def fibonacci(n):")
+    with torch.inference_mode():
+        a = prefill(eng.model, eng.model.new_cache(64), torch.tensor(ids)).logits
+        b = prefill(fp, fp.new_cache(64), torch.tensor(ids)).logits
+    assert torch.equal(a, b)
+    ref = generate(fp, ids, max_new_tokens=24)[0]
+    assert generate(eng.model, ids, max_new_tokens=24)[0] == ref
+    assert eng.generate(ids, method="recycling", max_new_tokens=24).token_ids == ref
