@@ -27,6 +27,7 @@ import torch
 
 _SRC = Path(__file__).with_name("gemm.c")
 _QSRC = Path(__file__).with_name("qgemm.c")
+_OSRC = Path(__file__).with_name("ops.c")
 # -ffp-contract=off: a multiply then an add stay two roundings (qgemm's exact dequantization); the
 # explicit FMAs are FMAs either way
 _FLAGS = ("-O3", "-mavx2", "-mfma", "-ffp-contract=off", "-fopenmp", "-shared", "-fPIC")
@@ -51,7 +52,7 @@ def _cpu_has_avx2_fma() -> bool:
 
 def version() -> str:
     """A short hash of the kernel source: cached measurements (cost curves) are keyed by it."""
-    srcs = _SRC.read_bytes() + _QSRC.read_bytes() + _SRC.with_name("common.h").read_bytes()
+    srcs = b"".join(p.read_bytes() for p in (_SRC, _QSRC, _OSRC, _SRC.with_name("common.h")))
     return hashlib.sha256(srcs + " ".join(_FLAGS).encode()).hexdigest()[:16]
 
 
@@ -67,7 +68,7 @@ def _build() -> ctypes.CDLL:
         os.close(fd)
         try:
             subprocess.run(
-                [cc, *_FLAGS, str(_SRC), str(_QSRC), "-o", tmp],
+                [cc, *_FLAGS, str(_SRC), str(_QSRC), str(_OSRC), "-lm", "-o", tmp],
                 check=True, capture_output=True, text=True,
             )
             os.replace(tmp, out)
@@ -81,6 +82,12 @@ def _build() -> ctypes.CDLL:
     lib.dw_qlinear.argtypes = [ctypes.c_void_p, ctypes.c_long, ctypes.c_long, ctypes.c_void_p, ctypes.c_void_p,
                                ctypes.c_void_p, ctypes.c_long, ctypes.c_void_p, ctypes.c_long, ctypes.c_void_p]
     lib.dw_qlinear.restype = None
+    P, L, F = ctypes.c_void_p, ctypes.c_long, ctypes.c_float
+    lib.dw_rms_norm.argtypes = [P, L, L, P, F, P]
+    lib.dw_add_rms_norm.argtypes = [P, P, L, L, P, F, P, P]
+    lib.dw_rope.argtypes = [P, L, L, L, L, P, P]
+    for f in (lib.dw_rms_norm, lib.dw_add_rms_norm, lib.dw_rope):
+        f.restype = None
     return lib
 
 
@@ -157,3 +164,31 @@ def qlinear(x: torch.Tensor, Q: torch.Tensor, S: torch.Tensor, M: torch.Tensor |
     lib.dw_qlinear(x.data_ptr(), n, in_features, Q.data_ptr(), S.data_ptr(), None if M is None else M.data_ptr(),
                    group, None if bias_padded is None else bias_padded.data_ptr(), out_features, out.data_ptr())
     return out
+
+
+# ---------------------------------------------------------------------- fused non-matmul steps (ops.c)
+def rms_norm(x: torch.Tensor, w: torch.Tensor, eps: float) -> torch.Tensor:
+    """RMSNorm over the last axis of a contiguous fp32 CPU tensor."""
+    x = x.contiguous()
+    y = torch.empty_like(x)
+    D = x.shape[-1]
+    library().dw_rms_norm(x.data_ptr(), x.numel() // D, D, w.data_ptr(), eps, y.data_ptr())
+    return y
+
+
+def add_rms_norm(x: torch.Tensor, y: torch.Tensor, w: torch.Tensor, eps: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """(x + y, RMSNorm(x + y)) in one pass; x, y [rows, D]."""
+    x, y = x.contiguous(), y.contiguous()
+    xo, h = torch.empty_like(x), torch.empty_like(x)
+    D = x.shape[-1]
+    library().dw_add_rms_norm(x.data_ptr(), y.data_ptr(), x.numel() // D, D, w.data_ptr(), eps, xo.data_ptr(),
+                              h.data_ptr())
+    return xo, h
+
+
+def rope_(qkv: torch.Tensor, start: int, heads: int, head_dim: int, cos: torch.Tensor, sin: torch.Tensor) -> None:
+    """Rotate, in place, the `heads` heads that begin at column `start` of each row of qkv [n, C]."""
+    assert qkv.is_contiguous() and cos.is_contiguous() and sin.is_contiguous()
+    n, C = qkv.shape
+    library().dw_rope(qkv.data_ptr() + start * qkv.element_size(), n, C, heads, head_dim, cos.data_ptr(),
+                      sin.data_ptr())

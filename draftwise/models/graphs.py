@@ -183,7 +183,7 @@ class StaticForward:
 
     def _run(self, e: _Entry, cache, t: int, start_layer: int, end_layer: int, hidden_layers, logits_on: bool) -> dict:
         """The static forward itself: fixed shapes, device-side indexing only."""
-        from draftwise.models.transformer import layer_forward, rms_norm
+        from draftwise.models.transformer import layer_forward
 
         m = self.model
         cfg = m.cfg
@@ -205,7 +205,7 @@ class StaticForward:
                 layers[i] = x
         out = {"layers": layers, "hidden": x, "logits": None}
         if end_layer >= cfg.num_layers:
-            h = rms_norm(x, m.norm, cfg.rms_norm_eps)
+            h = m.glue.norm(x, m.norm, cfg.rms_norm_eps)
             out["hidden"] = h
             if logits_on:
                 out["logits"] = m.lm_head(h)                                      # [B, V]

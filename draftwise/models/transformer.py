@@ -151,7 +151,7 @@ class ForwardOut:
 class Transformer:
     def __init__(self, cfg: ModelConfig, state: dict[str, torch.Tensor], device="cpu",
                  dtype: torch.dtype = torch.float32, max_len: int | None = None, fast: bool = True,
-                 graphs: str = "auto", compile: str = "off", quant: dict | None = None):
+                 graphs: str = "auto", compile: str = "off", quant: dict | None = None, native_ops: bool = True):
         """quant: Hugging Face name -> draftwise.quant.QWeight for linears kept block-quantized
         (CPU fp32 with the kernels only; see ``from_pretrained(weights="gguf")``)."""
         self.cfg = cfg
@@ -197,7 +197,7 @@ class Transformer:
         if compile not in COMPILE_MODES:
             raise ConfigError(f"compile must be one of {', '.join(COMPILE_MODES)}, got {compile!r}")
         self.compile = compile      # opt-in: measured slower than eager on the 2-core CPU (README)
-        self.glue = compiled_glue() if compile == "glue" else EAGER
+        self.glue = compiled_glue() if compile == "glue" else NATIVE if self.fast and native_ops else EAGER
         self._cached_layer = torch.compile(cached_layer, dynamic=True) if compile == "layer" else cached_layer
 
     def weight_bytes(self) -> int:
@@ -298,7 +298,7 @@ class Transformer:
                 out_hidden[i] = x
         if end_layer < cfg.num_layers:
             return ForwardOut(None, x, out_hidden)
-        h = rms_norm(x, self.norm, cfg.rms_norm_eps)                                 # [n, D]
+        h = self.glue.norm(x, self.norm, cfg.rms_norm_eps)                           # [n, D]
         logits = None
         if compute_logits:
             rows = h if logits_rows is None else h[logits_rows]
@@ -402,22 +402,37 @@ def swiglu(gate_up: torch.Tensor) -> torch.Tensor:
     return F.silu(gate) * up
 
 
+def native_qkv_rope(qkv: torch.Tensor, cos, sin, q_norm, k_norm, heads: tuple[int, int, int], eps: float):
+    """qkv_rope through ops.c: the rotation in place on the fresh qkv output (no q/k norms)."""
+    if q_norm is not None:
+        return qkv_rope(qkv, cos, sin, q_norm, k_norm, heads, eps)
+    n = qkv.shape[0]
+    H, Hkv, Dh = heads
+    c, s = cos.reshape(n, Dh), sin.reshape(n, Dh)
+    kernels.rope_(qkv, 0, H, Dh, c, s)
+    kernels.rope_(qkv, H * Dh, Hkv, Dh, c, s)
+    q, k, v = qkv.split([H * Dh, Hkv * Dh, Hkv * Dh], dim=-1)
+    return q.view(n, H, Dh), k.view(n, Hkv, Dh), v.view(n, Hkv, Dh)
+
+
 @dataclass(frozen=True)
 class Glue:
-    """A layer's non-matmul steps as free functions: eager (``EAGER``), or each fused into one
-    kernel by ``torch.compile`` (:func:`compiled_glue`)."""
+    """A layer's non-matmul steps as free functions: eager (``EAGER``), fused by hand in ops.c
+    (``NATIVE``, CPU fp32 with the kernels), or fused by ``torch.compile`` (:func:`compiled_glue`)."""
     qkv_rope: object = qkv_rope
     add_norm: object = add_norm
     swiglu: object = swiglu
+    norm: object = rms_norm
 
 
 EAGER = Glue()
+NATIVE = Glue(native_qkv_rope, kernels.add_rms_norm, swiglu, kernels.rms_norm)
 
 
 def compiled_glue() -> Glue:
     """The glue under torch.compile (inductor, dynamic node counts); compiled on first use per shape."""
     c = lambda f: torch.compile(f, dynamic=True)     # noqa: E731
-    return Glue(c(qkv_rope), c(add_norm), c(swiglu))
+    return Glue(c(qkv_rope), c(add_norm), c(swiglu), c(rms_norm))
 
 
 def layer_forward(cfg: ModelConfig, L: Layer, x: torch.Tensor, cos, sin, kv, mask, glue: Glue = EAGER) -> torch.Tensor:
@@ -425,7 +440,7 @@ def layer_forward(cfg: ModelConfig, L: Layer, x: torch.Tensor, cos, sin, kv, mas
     returns every key/value the queries attend to [Hkv, T, Dh] (a cache write, or k, v themselves
     for a cache-free training pass); mask: additive [g n, T] (see _attn_mask) or None."""
     n, H, Hkv, Dh = x.shape[0], cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
-    h = x if L.attn_norm is None else rms_norm(x, L.attn_norm, cfg.rms_norm_eps)
+    h = x if L.attn_norm is None else glue.norm(x, L.attn_norm, cfg.rms_norm_eps)
     q, k, v = glue.qkv_rope(L.qkv(h), cos, sin, L.q_norm, L.k_norm, (H, Hkv, Dh), cfg.rms_norm_eps)
     keys, values = kv(k.transpose(0, 1), v.transpose(0, 1))            # [Hkv, T, Dh]
     g = H // Hkv
