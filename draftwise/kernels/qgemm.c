@@ -6,7 +6,7 @@
 // with -ffp-contract=off so the two roundings stay two) and then runs the fp32 kernel's own
 // accumulation (acc = fma(x, w, acc) over i in order, then + bias). So every output equals what the
 // fp32 kernel computes on the dequantized weights, bit for bit, whatever n is; the weight stream is
-// 1-1.5 bytes per weight instead of 4. n < 12: row tiles of 6 (2 x 16 columns for n <= 3) dequantize
+// 1-1.5 bytes per weight instead of 4. n < 12: row tiles of 6 (2 x 16 columns for n <= 2) dequantize
 // as they stream; n >= 12: each panel is dequantized once into cache and handed to gemm.c's panel code
 // (its K-blocked order from 12 rows on). A panel is streamed from memory once per call.
 #include <immintrin.h>
@@ -20,9 +20,9 @@ void dw_panel(const float* x, long n, long I, const float* Pb, const float* bb, 
 
 
 static inline void deq16(const int8_t* q, const float* s, const float* m, __m256* w0, __m256* w1) {
-  __m128i b = _mm_loadu_si128((const __m128i*)q);
-  __m256 f0 = _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(b));
-  __m256 f1 = _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_srli_si128(b, 8)));
+  // two 8-byte loads that fold into the sign-extensions (no 16-byte load + shift)
+  __m256 f0 = _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64((const __m128i*)q)));
+  __m256 f1 = _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64((const __m128i*)(q + 8))));
   *w0 = _mm256_mul_ps(f0, _mm256_loadu_ps(s));
   *w1 = _mm256_mul_ps(f1, _mm256_loadu_ps(s + 8));
   if (m) { *w0 = _mm256_add_ps(*w0, _mm256_loadu_ps(m)); *w1 = _mm256_add_ps(*w1, _mm256_loadu_ps(m + 8)); }
@@ -76,7 +76,7 @@ static inline void qk32_##R(const float* x, long ldx, const int8_t* Q0, const fl
 }
 
 QK16(1) QK16(2) QK16(3) QK16(4) QK16(5) QK16(6)
-QK32(1) QK32(2) QK32(3)
+QK32(1) QK32(2)
 
 static void qtile16(long R, const float* x, long I, const int8_t* Q, const float* S, const float* M, long G,
                     float* y, long O, const float* b, int valid) {
@@ -93,7 +93,7 @@ static void qtile16(long R, const float* x, long I, const int8_t* Q, const float
 void dw_qlinear(const float* x, long n, long I, const int8_t* Q, const float* S, const float* M, long G,
                 const float* bias_padded, long O, float* y) {
   long OB = (O + 15) / 16, NG = I / G;
-  if (n <= 3) {                      // wide tiles: two panels at once
+  if (n <= 2) {                      // wide tiles: two panels at once (3 rows x 4 accumulators would spill)
     long pairs = (OB + 1) / 2;
     #pragma omp parallel for schedule(static)
     for (long p = 0; p < pairs; p++) {
@@ -109,8 +109,7 @@ void dw_qlinear(const float* x, long n, long I, const int8_t* Q, const float* S,
         const float* M1 = M ? M0 + NG * 16 : 0;
         switch (n) {
           case 1: qk32_1(x, I, Q0, S0, M0, Q1, S1, M1, I, G, y + b * 16, O, bb, valid1); break;
-          case 2: qk32_2(x, I, Q0, S0, M0, Q1, S1, M1, I, G, y + b * 16, O, bb, valid1); break;
-          default: qk32_3(x, I, Q0, S0, M0, Q1, S1, M1, I, G, y + b * 16, O, bb, valid1); break;
+          default: qk32_2(x, I, Q0, S0, M0, Q1, S1, M1, I, G, y + b * 16, O, bb, valid1); break;
         }
       } else {
         int valid = (int)((O - b * 16) < 16 ? (O - b * 16) : 16);
