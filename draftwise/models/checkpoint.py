@@ -98,9 +98,9 @@ def load_config(path: Path) -> ModelConfig:
     return ModelConfig.from_hf(cfg)
 
 
-def load_state_dict(path: Path) -> dict[str, torch.Tensor]:
-    from safetensors import SafetensorError
-    from safetensors.torch import load_file
+def load_state_dict(path: Path, skip: frozenset[str] | set[str] = frozenset()) -> dict[str, torch.Tensor]:
+    """Every tensor of the checkpoint except the names in ``skip`` (e.g. linears kept quantized)."""
+    from safetensors import SafetensorError, safe_open
 
     files = sorted(path.glob("*.safetensors"))
     if not files:
@@ -108,7 +108,8 @@ def load_state_dict(path: Path) -> dict[str, torch.Tensor]:
     state: dict[str, torch.Tensor] = {}
     for f in files:
         try:
-            state.update(load_file(str(f)))
+            with safe_open(str(f), framework="pt") as st:
+                state.update({k: st.get_tensor(k) for k in st.keys() if k not in skip})
         except (SafetensorError, OSError, ValueError) as e:
             raise CheckpointError(f"corrupt safetensors file {f}: {e}") from None
     return state

@@ -246,7 +246,7 @@ class Transformer:
             from draftwise.quant import load_gguf_linears
 
             quant = load_gguf_linears(ggufs[0], cfg)
-        return cls(cfg, load_state_dict(path), device=device, dtype=dtype, quant=quant, **kw)
+        return cls(cfg, load_state_dict(path, skip=set(quant or ())), device=device, dtype=dtype, quant=quant, **kw)
 
     def new_cache(self, max_len: int | None = None) -> KVCache:
         c = self.cfg
