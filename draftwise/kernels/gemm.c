@@ -125,24 +125,6 @@ static void tile16(long R, const float* x, long I, const float* P, float* y, lon
   }
 }
 
-// One 16-column panel for n rows (n >= 4): the small-n row groups, or for n >= DW_BIG_N the K-blocked
-// order of linear_big (acc: n * 16 floats of scratch). qgemm.c runs it on panels it has dequantized.
-void dw_panel(const float* x, long n, long I, const float* Pb, const float* bb, long O, int valid, float* yb,
-              float* acc) {
-  if (n >= DW_BIG_N) {
-    for (long k0 = 0; k0 < I; k0 += DW_KC) {
-      long kc = I - k0 < DW_KC ? I - k0 : DW_KC;
-      for (long j = 0; j < n; j += 6)
-        tile_acc(n - j < 6 ? n - j : 6, x + j * I + k0, I, Pb + k0 * 16, kc, acc + j * 16, k0 == 0);
-    }
-    for (long j = 0; j < n; j++)
-      store16(yb + j * O, _mm256_loadu_ps(acc + j * 16), _mm256_loadu_ps(acc + j * 16 + 8), bb, valid);
-    return;
-  }
-  for (long j = 0; j < n; j += 6)
-    tile16(n - j < 6 ? n - j : 6, x + j * I, I, Pb, yb + j * O, O, bb, valid);
-}
-
 void dw_linear(const float* x, long n, long I, const float* P, const float* bias_padded, long O, float* y) {
   long OB = (O + 15) / 16;
   if (n <= 3) {                      // wide tiles: two 16-column blocks at once

@@ -73,11 +73,12 @@ class QLinear:
     def __init__(self, w, bias: torch.Tensor | None):
         self.out_features, self.in_features = w.shape
         self.group, self.kind = w.group, w.kind
-        self.Q, self.S, self.M = kernels.pack_quant(w.q, w.scale, w.offset)
+        self.Q, self.bits, self.S, self.M = kernels.pack_quant(w.q, w.scale, w.offset)
         self.bias = kernels.pad_bias(bias) if bias is not None else None
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:   # [n, in] -> [n, out]
-        return kernels.qlinear(x.contiguous(), self.Q, self.S, self.M, self.group, self.bias, self.out_features)
+        return kernels.qlinear(x.contiguous(), self.Q, self.bits, self.S, self.M, self.group, self.bias,
+                               self.out_features)
 
     def tensors(self) -> tuple:
         return self.Q, self.S, self.M, self.bias
@@ -89,7 +90,8 @@ class QLinear:
         ids = ids.to(self.Q.device)
         pick = lambda t: None if t is None else t[ids // 16, :, ids % 16].contiguous()   # noqa: E731
         bias = None if self.bias is None else self.bias[ids]
-        return QLinear(QWeight(pick(self.Q), pick(self.S), pick(self.M), self.group, self.kind), bias)
+        q = pick(self.Q) if self.bits == 8 else kernels.unpack_nibbles(pick(self.Q).T.unsqueeze(0))[0].T
+        return QLinear(QWeight(q.contiguous(), pick(self.S), pick(self.M), self.group, self.kind), bias)
 
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
@@ -190,6 +192,7 @@ class Transformer:
             if head is None or cfg.tie_word_embeddings:
                 head = state["model.embed_tokens.weight"]
             self.lm_head = Linear(head.to(device=self.device, dtype=dtype), None, self.fast)
+        self._arena = self._weights_on_huge_pages() if self.fast else None
         self.cos, self.sin = rope_tables(cfg, self.max_len, self.device, dtype)
         self.graphs = _graph_mode(graphs, self.device)
         self.static = StaticForward(self, capture=self.graphs == "on") if self.graphs in ("on", "static") else None
@@ -199,6 +202,19 @@ class Transformer:
         self.compile = compile      # opt-in: measured slower than eager on the 2-core CPU (README)
         self.glue = compiled_glue() if compile == "glue" else NATIVE if self.fast and native_ops else EAGER
         self._cached_layer = torch.compile(cached_layer, dynamic=True) if compile == "layer" else cached_layer
+
+    def _weights_on_huge_pages(self):
+        """Re-home the kernels' streamed weights (prepacked fp32 or quantized blocks) in one mapping
+        on transparent huge pages (kernels.huge_page_copies); returns the mapping to keep alive."""
+        slots = []
+        for lin in [self.lm_head] + [lin for L in self.layers for lin in (L.qkv, L.o, L.gate_up, L.down)]:
+            for attr in ("packed", "Q", "S", "M"):
+                if isinstance(getattr(lin, attr, None), torch.Tensor):
+                    slots.append((lin, attr))
+        copies, arena = kernels.huge_page_copies([getattr(lin, a) for lin, a in slots])
+        for (lin, attr), t in zip(slots, copies):
+            setattr(lin, attr, t)
+        return arena
 
     def weight_bytes(self) -> int:
         """Bytes held by the weights (a tied head counted once when it shares the embedding)."""
