@@ -34,13 +34,30 @@ SUPPORTED = ("Q8_0", "Q5_0", "Q4_1", "Q6_K", "Q4_K")
 
 
 @dataclass
+class Factors:
+    """A per-group scale (or offset) that is, exactly, base * int: the k-quants' fp16 super-block factor
+    (d, or -dmin for Q4_K's offset) times a small per-group integer (sc, mn). base fp32 [rows, supers],
+    ints int8 [rows, groups]; each super covers ``groups // supers`` consecutive groups. The kernel reads
+    these (1 byte per group instead of 4) and multiplies them itself: the same fp32 product."""
+    base: torch.Tensor
+    ints: torch.Tensor
+
+    def value(self) -> torch.Tensor:
+        per = self.ints.shape[1] // self.base.shape[1]
+        return self.base.repeat_interleave(per, dim=1) * self.ints.float()
+
+
+@dataclass
 class QWeight:
-    """One block-quantized matrix: q int8 [rows, cols], scale/offset fp32 [rows, cols // group]."""
+    """One block-quantized matrix: q int8 [rows, cols], scale/offset fp32 [rows, cols // group], and
+    for the k-quants the factors those scales/offsets are products of (None otherwise)."""
     q: torch.Tensor
     scale: torch.Tensor
     offset: torch.Tensor | None
     group: int
     kind: str
+    scale_f: Factors | None = None
+    offset_f: Factors | None = None
 
     @property
     def shape(self) -> tuple[int, int]:
@@ -60,22 +77,34 @@ class QWeight:
             return self
         r = self.group // group
         off = None if self.offset is None else self.offset.repeat_interleave(r, dim=1)
-        return QWeight(self.q, self.scale.repeat_interleave(r, dim=1), off, group, self.kind)
+        rep = lambda f: None if f is None else Factors(f.base, f.ints.repeat_interleave(r, dim=1))   # noqa: E731
+        return QWeight(self.q, self.scale.repeat_interleave(r, dim=1), off, group, self.kind, rep(self.scale_f),
+                       rep(self.offset_f))
 
     def take_rows(self, idx: torch.Tensor) -> "QWeight":
+        pick = lambda f: None if f is None else Factors(f.base[idx], f.ints[idx])   # noqa: E731
         return QWeight(self.q[idx], self.scale[idx], None if self.offset is None else self.offset[idx], self.group,
-                       self.kind)
+                       self.kind, pick(self.scale_f), pick(self.offset_f))
 
 
 def concat_rows(parts: list[QWeight]) -> QWeight:
-    """Stack matrices along the rows (fused q/k/v, gate/up), unifying group size and offsets."""
+    """Stack matrices along the rows (fused q/k/v, gate/up), unifying group size and offsets. The
+    factors survive when every part has them over equal super-blocks (else the fp32 values serve)."""
     g = min(p.group for p in parts)
     parts = [p.regroup(g) for p in parts]
     offs = None
     if any(p.offset is not None for p in parts):
         offs = torch.cat([p.offset if p.offset is not None else torch.zeros_like(p.scale) for p in parts])
     kinds = "+".join(dict.fromkeys(p.kind for p in parts))
-    return QWeight(torch.cat([p.q for p in parts]), torch.cat([p.scale for p in parts]), offs, g, kinds)
+    sf = of = None
+    supers = {p.scale_f.base.shape[1] if p.scale_f is not None else None for p in parts}
+    if len(supers) == 1 and None not in supers and all(p.offset is None or p.offset_f is not None for p in parts):
+        sf = Factors(torch.cat([p.scale_f.base for p in parts]), torch.cat([p.scale_f.ints for p in parts]))
+        if offs is not None:
+            zero = lambda p: Factors(torch.zeros_like(p.scale_f.base), torch.zeros_like(p.scale_f.ints))  # noqa: E731
+            fs = [p.offset_f if p.offset_f is not None else zero(p) for p in parts]
+            of = Factors(torch.cat([f.base for f in fs]), torch.cat([f.ints for f in fs]))
+    return QWeight(torch.cat([p.q for p in parts]), torch.cat([p.scale for p in parts]), offs, g, kinds, sf, of)
 
 
 # ---------------------------------------------------------------------- unpacking, per type
@@ -89,33 +118,36 @@ def _nibbles(qs: np.ndarray, n: int, span: int) -> np.ndarray:
     return (q & np.uint8(0x0F)).reshape(n, -1)
 
 
-def unpack(kind: str, blocks: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray | None, int]:
-    """blocks uint8 [n_blocks, block_bytes] -> q int8 [n_blocks, values], scale and offset fp32
-    [n_blocks, values // group], group."""
+def unpack(kind: str, blocks: np.ndarray):
+    """blocks uint8 [n_blocks, block_bytes] -> (q int8 [n_blocks, values], scale and offset fp32
+    [n_blocks, values // group], group, factors). factors: None, or for the k-quants (scale base fp32
+    [n_blocks, 1], scale ints int8 [n_blocks, groups], offset base, offset ints (None for Q6_K)) with
+    scale = base * ints and offset = base * ints exactly (the same fp32 products)."""
     n = blocks.shape[0]
     if kind == "Q8_0":
         d, x = np.split(blocks, [2], axis=1)
-        return x.copy().view(np.int8), _f16(d), None, 32
+        return x.copy().view(np.int8), _f16(d), None, 32, None
     if kind == "Q5_0":
         d, rest = np.hsplit(blocks, [2])
         qh, qs = np.hsplit(rest, [4])
         bits = (qh.copy().view(np.uint32).reshape(n, 1) >> np.arange(32, dtype=np.uint32).reshape(1, 32)) & np.uint32(1)
         q = (_nibbles(qs, n, 16) | (bits.astype(np.uint8) << np.uint8(4))).astype(np.int8) - np.int8(16)
-        return q, _f16(d), None, 32
+        return q, _f16(d), None, 32, None
     if kind == "Q4_1":
         d, rest = np.hsplit(blocks, [2])
         m, qs = np.hsplit(rest, [2])
-        return _nibbles(qs, n, 16).astype(np.int8), _f16(d), _f16(m), 32
+        return _nibbles(qs, n, 16).astype(np.int8), _f16(d), _f16(m), 32, None
     if kind == "Q6_K":
         ql, rest = np.hsplit(blocks, [128])
         qh, rest = np.hsplit(rest, [64])
         sc, d = np.hsplit(rest, [16])
-        scale = _f16(d) * sc.copy().view(np.int8).astype(np.float32)               # [n, 16]
+        sc = sc.copy().view(np.int8)
+        scale = _f16(d) * sc.astype(np.float32)                                     # [n, 16]
         low = _nibbles(ql, n, 64).reshape(n, -1, 32)
         high = (qh.reshape(n, -1, 1, 32) >> np.array([0, 2, 4, 6], dtype=np.uint8).reshape(1, 1, 4, 1))
         high = (high & np.uint8(0x03)).reshape(n, -1, 32)
         q = ((low | (high << np.uint8(4))).astype(np.int8) - np.int8(32)).reshape(n, 256)
-        return q, scale, None, 16
+        return q, scale, None, 16, (_f16(d), sc, None, None)
     if kind == "Q4_K":
         d, rest = np.hsplit(blocks, [2])
         dmin, rest = np.hsplit(rest, [2])
@@ -127,7 +159,7 @@ def unpack(kind: str, blocks: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.nd
         scale = _f16(d) * sc.astype(np.float32)
         offset = -(_f16(dmin) * mn.astype(np.float32))
         q = _nibbles(qs, n, 32).astype(np.int8)
-        return q, scale, offset, 32
+        return q, scale, offset, 32, (_f16(d), sc.astype(np.int8), -_f16(dmin), mn.astype(np.int8))
     raise CheckpointError(f"GGUF tensor type {kind} is not supported by the block kernel (supported: "
                           f"{', '.join(SUPPORTED)})")
 
@@ -140,11 +172,14 @@ def from_gguf_tensor(t) -> QWeight:
     cols, rows = (int(x) for x in t.shape[:2])               # GGUF lists the fastest axis first
     block_size, type_size = gguf.GGML_QUANT_SIZES[t.tensor_type]
     blocks = np.asarray(t.data).reshape(-1, type_size)
-    q, scale, offset, group = unpack(kind, blocks)
-    return QWeight(torch.from_numpy(np.ascontiguousarray(q.reshape(rows, cols))),
-                   torch.from_numpy(np.ascontiguousarray(scale.reshape(rows, cols // group))),
-                   None if offset is None else torch.from_numpy(np.ascontiguousarray(offset.reshape(rows, cols // group))),
-                   group, kind)
+    q, scale, offset, group, factors = unpack(kind, blocks)
+    per_row = lambda a: torch.from_numpy(np.ascontiguousarray(a.reshape(rows, -1)))   # noqa: E731
+    sf = of = None
+    if factors is not None:
+        sb, si, ob, oi = factors
+        sf = Factors(per_row(sb), per_row(si))
+        of = None if ob is None else Factors(per_row(ob), per_row(oi))
+    return QWeight(per_row(q), per_row(scale), None if offset is None else per_row(offset), group, kind, sf, of)
 
 
 # ---------------------------------------------------------------------- names
@@ -160,7 +195,7 @@ def _unpermute(w: QWeight, heads: int) -> QWeight:
     return w.take_rows(idx)
 
 
-CACHE_VERSION = 1
+CACHE_VERSION = 2
 
 
 def _cache_path(path: Path) -> Path:
@@ -196,6 +231,9 @@ def _write_cache(cp: Path, ws: dict[str, QWeight]) -> None:
         tensors[name + ".q"], tensors[name + ".scale"] = w.q.contiguous(), w.scale.contiguous()
         if w.offset is not None:
             tensors[name + ".offset"] = w.offset.contiguous()
+        for part, f in (("scale", w.scale_f), ("offset", w.offset_f)):
+            if f is not None:
+                tensors[f"{name}.{part}_base"], tensors[f"{name}.{part}_ints"] = f.base.contiguous(), f.ints.contiguous()
         meta[name] = [w.group, w.kind]
     cp.parent.mkdir(parents=True, exist_ok=True)
     tmp = cp.with_suffix(".tmp")
@@ -210,8 +248,16 @@ def _read_cache(cp: Path) -> dict[str, QWeight]:
         with safe_open(str(cp), framework="pt") as f:
             meta = json.loads((f.metadata() or {})["draftwise-quant"])
             keys = set(f.keys())
-            return {name: QWeight(f.get_tensor(name + ".q"), f.get_tensor(name + ".scale"),
-                                  f.get_tensor(name + ".offset") if name + ".offset" in keys else None, int(g), kind)
+
+            def get(key: str):
+                return f.get_tensor(key) if key in keys else None
+
+            def factors(name: str, part: str):
+                base = get(f"{name}.{part}_base")
+                return None if base is None else Factors(base, get(f"{name}.{part}_ints"))
+
+            return {name: QWeight(get(name + ".q"), get(name + ".scale"), get(name + ".offset"), int(g), kind,
+                                  factors(name, "scale"), factors(name, "offset"))
                     for name, (g, kind) in meta.items()}
     except Exception as e:   # safetensors raises its own error types for truncated/corrupt files
         raise CheckpointError(f"quantized-weight cache {cp} is unreadable ({e})") from None

@@ -36,8 +36,14 @@ def test_unpacked_blocks_dequantize_exactly_like_gguf(kind):
     from gguf.quants import dequantize
 
     blocks = random_blocks(kind, 64)
-    q, scale, offset, group = unpack(kind, blocks)
+    q, scale, offset, group, factors = unpack(kind, blocks)
     per = q.shape[1]
+    if kind in ("Q4_K", "Q6_K"):          # the k-quants' factors give the same fp32 scales and offsets
+        sb, si, ob, oi = factors
+        assert np.array_equal(np.repeat(sb, si.shape[1], axis=1) * si.astype(np.float32), scale)
+        assert ob is None if offset is None else np.array_equal(np.repeat(ob, oi.shape[1], axis=1) * oi, offset)
+    else:
+        assert factors is None
     w = QWeight(torch.from_numpy(q.reshape(-1, per)), torch.from_numpy(scale.reshape(-1, per // group)),
                 None if offset is None else torch.from_numpy(offset.reshape(-1, per // group)), group, kind)
     ref = dequantize(blocks, getattr(gguf.GGMLQuantizationType, kind)).reshape(w.shape)
@@ -121,10 +127,43 @@ def test_block_kernel_matches_float64_and_rows_do_not_depend_on_n(rows, cols, gr
 
 def test_nibble_packing_round_trips():
     q = torch.randint(0, 16, (35, 64), dtype=torch.int8)
-    Q, bits, _, _ = kernels.pack_quant(q, torch.ones(35, 2), None)
-    assert bits == 4 and Q.dtype == torch.uint8 and Q.shape == (3, 32, 16)
-    assert torch.equal(kernels.unpack_nibbles(Q), kernels.pack_weight(q))
-    assert kernels.pack_quant(q - 1, torch.ones(35, 2), None)[1] == 8      # -1 does not fit a nibble
+    p = kernels.pack_quant(QWeight(q, torch.ones(35, 2), None, 32, "t"))
+    assert p["bits"] == 4 and p["Q"].dtype == torch.uint8 and p["Q"].shape == (3, 32, 16)
+    assert torch.equal(kernels.unpack_nibbles(p["Q"]), kernels.pack_weight(q))
+    assert kernels.pack_quant(QWeight(q - 1, torch.ones(35, 2), None, 32, "t"))["bits"] == 8   # -1: no nibble
+
+
+@needs_kernels
+def test_compact_scale_forms_give_the_fp32_scales_results_bit_for_bit():
+    """fp16 scales (Q8_0/Q5_0/Q4_1-like) and base x int factors (k-quants, regrouped and fused too) are
+    read by the kernel as the very same fp32 values: outputs equal the fp32-scale layout's bit for bit; a
+    fusion of both forms falls back to fp32 scales."""
+    from draftwise.models.transformer import QLinear
+    from draftwise.quant import Factors
+
+    g = torch.Generator().manual_seed(3)
+    rows, cols = 40, 512
+    q4 = torch.randint(0, 16, (rows, cols), generator=g, dtype=torch.int8)
+    q6 = torch.randint(-32, 32, (rows, cols), generator=g, dtype=torch.int8)
+    d = torch.rand(rows, cols // 256, generator=g).half().float()
+    sc = torch.randint(0, 64, (rows, cols // 32), generator=g, dtype=torch.int8)
+    mn = torch.randint(0, 64, (rows, cols // 32), generator=g, dtype=torch.int8)
+    k4 = QWeight(q4, Factors(d, sc).value(), Factors(-d, mn).value(), 32, "Q4_K", Factors(d, sc), Factors(-d, mn))
+    sc6 = torch.randint(-128, 128, (rows, cols // 16), generator=g, dtype=torch.int8)
+    k6 = QWeight(q6, Factors(d, sc6).value(), None, 16, "Q6_K", Factors(d, sc6), None)
+    h = QWeight(q6, torch.rand(rows, cols // 32, generator=g).half().float(), None, 32, "Q8_0")
+    x = torch.randn(13, cols, generator=g)
+    for w, fmt in ((k4, 2), (k6, 2), (concat_rows([k4, k6]), 2), (h, 1), (concat_rows([h, k4]), 0)):
+        plain = QWeight(w.q, w.scale, w.offset, w.group, w.kind)                 # no factors
+        a, b = QLinear(w, None), QLinear(plain, None)
+        assert a.fmt == fmt and b.fmt in (0, 1)
+        if fmt == 2:
+            b.fmt, b.S, b.M = 0, kernels.pack_weight(w.scale), None if w.offset is None else kernels.pack_weight(w.offset)
+        for n in (1, 2, 5, 13):
+            assert torch.equal(a(x[:n]), b(x[:n])), (w.kind, n)
+        ids = torch.tensor([1, 39, 17])
+        sub = a.rows(ids)
+        assert torch.equal(sub(x[:3]), a(x[:3])[:, ids]) and (fmt != 2 or sub.fmt == 2)
 
 
 def test_concat_rows_unifies_groups_and_offsets():

@@ -31,7 +31,7 @@ _QSRC = Path(__file__).with_name("qgemm.c")
 _OSRC = Path(__file__).with_name("ops.c")
 # -ffp-contract=off: no multiply-add the source does not spell out is fused (results must not depend on
 # the compiler's choices); the explicit FMAs are FMAs either way
-_FLAGS = ("-O3", "-mavx2", "-mfma", "-ffp-contract=off", "-fopenmp", "-shared", "-fPIC")
+_FLAGS = ("-O3", "-mavx2", "-mfma", "-mf16c", "-ffp-contract=off", "-fopenmp", "-shared", "-fPIC")
 _lock = threading.Lock()
 _lib: ctypes.CDLL | None = None
 _failed: str | None = None
@@ -43,12 +43,12 @@ def _cache_dir() -> Path:
     return cache_root() / "kernels"
 
 
-def _cpu_has_avx2_fma() -> bool:
+def _cpu_has_avx2_fma() -> bool:          # and F16C (fp16 scales), which every AVX2 CPU has
     try:
         flags = Path("/proc/cpuinfo").read_text()
     except OSError:
         return False
-    return " avx2" in flags and " fma" in flags
+    return " avx2" in flags and " fma" in flags and " f16c" in flags
 
 
 def version() -> str:
@@ -80,11 +80,10 @@ def _build() -> ctypes.CDLL:
     lib.dw_linear.argtypes = [ctypes.c_void_p, ctypes.c_long, ctypes.c_long, ctypes.c_void_p,
                               ctypes.c_void_p, ctypes.c_long, ctypes.c_void_p]
     lib.dw_linear.restype = None
-    lib.dw_qlinear.argtypes = [ctypes.c_void_p, ctypes.c_long, ctypes.c_long, ctypes.c_void_p, ctypes.c_int,
-                               ctypes.c_void_p, ctypes.c_void_p, ctypes.c_long, ctypes.c_void_p, ctypes.c_long,
-                               ctypes.c_void_p]
+    P, L, I = ctypes.c_void_p, ctypes.c_long, ctypes.c_int
+    lib.dw_qlinear.argtypes = [P, L, L, P, I, I, P, P, P, P, L, L, P, L, P]
     lib.dw_qlinear.restype = None
-    P, L, F = ctypes.c_void_p, ctypes.c_long, ctypes.c_float
+    F = ctypes.c_float
     lib.dw_rms_norm.argtypes = [P, L, L, P, F, P]
     lib.dw_add_rms_norm.argtypes = [P, P, L, L, P, F, P, P]
     lib.dw_rope.argtypes = [P, L, L, L, L, P, P]
@@ -181,17 +180,46 @@ def linear(x: torch.Tensor, packed: torch.Tensor, bias_padded: torch.Tensor | No
     return out
 
 
-def pack_quant(q: torch.Tensor, scale: torch.Tensor, offset: torch.Tensor | None):
-    """Block-quantized weight -> the qgemm layout. q int8 [O, I]; scale, offset fp32 [O, I/G] (offset
-    None: symmetric). Returns (Q, bits, S [ceil(O/16), I/G, 16], M or None): 4-bit values (all q in
-    0..15, as Q4_K and Q4_1 hold) are nibble-packed, Q uint8 [ceil(O/16), I/2, 16] with columns 2j and
-    2j + 1 in the low and high nibble; anything else stays int8 [ceil(O/16), I, 16]."""
-    S, M = pack_weight(scale), None if offset is None else pack_weight(offset)
-    Q = pack_weight(q)
+def pack_quant(w) -> dict:
+    """A draftwise.quant.QWeight -> the qgemm layout, as QLinear's attributes: Q (values), bits, fmt,
+    S, SC, M, MC (scales, offsets), per. 4-bit values (all q in 0..15, as Q4_K and Q4_1 hold) are
+    nibble-packed, Q uint8 [ceil(O/16), I/2, 16] with columns 2j and 2j + 1 in the low and high nibble;
+    anything else stays int8 [ceil(O/16), I, 16]. Scales/offsets: fmt 2 keeps the k-quants' factors
+    (base fp32 [ceil(O/16), supers, 16] x int8 [ceil(O/16), groups, 16]); fmt 1 stores fp16 where every
+    value is one (Q8_0, Q5_0, Q4_1); fmt 0 fp32 [ceil(O/16), groups, 16]."""
+    q, scale, offset = w.q, w.scale, w.offset
+    Q, bits = pack_weight(q), 8
     if q.shape[1] % 2 == 0 and q.numel() and int(q.min()) >= 0 and int(q.max()) <= 15:
         u = Q.to(torch.uint8)
-        return (u[:, 0::2, :] | (u[:, 1::2, :] << 4)).contiguous(), 4, S, M
-    return Q, 8, S, M
+        Q, bits = (u[:, 0::2, :] | (u[:, 1::2, :] << 4)).contiguous(), 4
+    out = dict(Q=Q, bits=bits, SC=None, MC=None, per=1)
+    if w.scale_f is not None and (offset is None) == (w.offset_f is None):
+        out.update(fmt=2, S=pack_weight(w.scale_f.base), SC=pack_weight(w.scale_f.ints),
+                   per=w.scale_f.ints.shape[1] // w.scale_f.base.shape[1], M=None)
+        if w.offset_f is not None:
+            out.update(M=pack_weight(w.offset_f.base), MC=pack_weight(w.offset_f.ints))
+        return out
+    exact16 = all(t is None or torch.equal(t.half().float(), t) for t in (scale, offset))
+    cast = (lambda t: t.half()) if exact16 else (lambda t: t)      # noqa: E731
+    out.update(fmt=1 if exact16 else 0, S=pack_weight(cast(scale)), M=None if offset is None else pack_weight(cast(offset)))
+    return out
+
+
+def unpack_quant(p: dict, ids: torch.Tensor):
+    """The QWeight of output rows ``ids`` of a pack_quant layout (a vocabulary-subset head)."""
+    from draftwise.quant import Factors, QWeight
+
+    pick = lambda t: None if t is None else t[ids // 16, :, ids % 16].contiguous()   # noqa: E731
+    q = pick(p["Q"]) if p["bits"] == 8 else unpack_nibbles(pick(p["Q"]).T.unsqueeze(0))[0].T.contiguous()
+    sf = of = None
+    if p["fmt"] == 2:
+        sf = Factors(pick(p["S"]), pick(p["SC"]))
+        of = None if p["M"] is None else Factors(pick(p["M"]), pick(p["MC"]))
+        scale, offset = sf.value(), None if of is None else of.value()
+    else:
+        scale, offset = pick(p["S"]).float(), None if p["M"] is None else pick(p["M"]).float()
+    group = q.shape[1] // scale.shape[1]
+    return QWeight(q, scale, offset, group, p.get("kind", "subset"), sf, of)
 
 
 def unpack_nibbles(Q: torch.Tensor) -> torch.Tensor:
@@ -200,17 +228,17 @@ def unpack_nibbles(Q: torch.Tensor) -> torch.Tensor:
     return torch.stack([lo, hi], dim=-2).flatten(-3, -2)
 
 
-def qlinear(x: torch.Tensor, Q: torch.Tensor, bits: int, S: torch.Tensor, M: torch.Tensor | None, group: int,
-            bias_padded: torch.Tensor | None, out_features: int, out: torch.Tensor | None = None) -> torch.Tensor:
-    """y = x @ W^T (+ b) with a prepacked block-quantized weight (see qgemm.c). x: [n, I] fp32 on CPU."""
+def qlinear(x: torch.Tensor, p: dict, group: int, bias_padded: torch.Tensor | None, out_features: int,
+            out: torch.Tensor | None = None) -> torch.Tensor:
+    """y = x @ W^T (+ b) with a pack_quant layout (see qgemm.c). x: [n, I] fp32 on CPU."""
     lib = library()
     assert lib is not None
     n, in_features = x.shape
     if out is None:
         out = torch.empty(n, out_features, dtype=x.dtype)
-    lib.dw_qlinear(x.data_ptr(), n, in_features, Q.data_ptr(), bits, S.data_ptr(),
-                   None if M is None else M.data_ptr(), group, None if bias_padded is None else bias_padded.data_ptr(),
-                   out_features, out.data_ptr())
+    ptr = lambda t: None if t is None else t.data_ptr()     # noqa: E731
+    lib.dw_qlinear(x.data_ptr(), n, in_features, p["Q"].data_ptr(), p["bits"], p["fmt"], ptr(p["S"]), ptr(p["SC"]),
+                   ptr(p["M"]), ptr(p["MC"]), group, p["per"], ptr(bias_padded), out_features, out.data_ptr())
     return out
 
 

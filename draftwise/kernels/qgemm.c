@@ -14,7 +14,11 @@
 // Prepacked layouts, per 16-column panel (b = o / 16):
 //   bits 8: Q int8  [ceil(O/16)][I][16]                 q as it is (Q8_0, Q5_0 - 16, Q6_K - 32)
 //   bits 4: Q uint8 [ceil(O/16)][I/2][16]               q[2j] | q[2j+1] << 4, q in 0..15 (Q4_K, Q4_1)
-//   S, M fp32 [ceil(O/16)][I/G][16] (M may be NULL).
+// Scales s and offsets m (m may be absent), in one of three forms (fmt), all giving the same fp32 values:
+//   0: fp32 [ceil(O/16)][I/G][16];  1: fp16 [ceil(O/16)][I/G][16] (where every value is an fp16, as
+//   Q8_0/Q5_0/Q4_1 scales are);  2: base fp32 [ceil(O/16)][I/G/per][16] times int8 [ceil(O/16)][I/G][16]
+//   (the k-quants: fp16 d or -dmin per 256 weights times a small integer per group; their fp32 product,
+//   computed here, is exactly the value gguf's dequantization uses).
 // n < 12: register tiles (1 row x 64 columns, 2 x 32, up to 6 x 16) dequantize in registers as the
 // panel streams (read once per call); n >= 12: each panel is dequantized chunk by chunk into L1 as
 // floats and all row tiles of 6 pass over the chunk.
@@ -52,34 +56,62 @@ AI void deq4(const uint8_t* q, __m256* lo0, __m256* lo1, __m256* hi0, __m256* hi
   *lo1 = _mm256_cvtepi32_ps(_mm256_and_si256(v1, mask)); *hi1 = _mm256_cvtepi32_ps(_mm256_srli_epi32(v1, 4));
 }
 
-// acc = fma(blk, s, acc), then acc = fma(xs, m, acc): the end of one group for R rows x 16 columns.
-AI void group_end(int R, __m256 (*blk)[2], __m256 (*acc)[2], const float* s, const float* m, const float* xs,
-                  long NG) {
-  __m256 s0 = _mm256_loadu_ps(s), s1 = _mm256_loadu_ps(s + 8);
+typedef struct {
+  const void* Q; int bits;           // values, 8 or 4 bits (layouts above)
+  int fmt;                           // scale form (above)
+  const void* S; const void* M;      // per-group values (fmt 0, 1) or per-super bases (fmt 2); M may be NULL
+  const int8_t* SC; const int8_t* MC;  // fmt 2: per-group integers
+  long G, NG, per;                   // group size, groups per row, groups per super (fmt 2)
+  long qs, ss, cs;                   // per-panel strides: Q bytes, S/M elements, SC/MC bytes
+} qw_t;
+
+// The 16 scales (or offsets) of panel p, group g.
+AI void scale16(const qw_t* w, const void* vals, const int8_t* ints, long p, long g, __m256* v0, __m256* v1) {
+  if (w->fmt == 0) {
+    const float* s = (const float*)vals + p * w->ss + g * 16;
+    *v0 = _mm256_loadu_ps(s); *v1 = _mm256_loadu_ps(s + 8);
+  } else if (w->fmt == 1) {
+    const uint16_t* s = (const uint16_t*)vals + p * w->ss + g * 16;
+    *v0 = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i*)s));
+    *v1 = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i*)(s + 8)));
+  } else {
+    const float* d = (const float*)vals + p * w->ss + (g / w->per) * 16;
+    const int8_t* c = ints + p * w->cs + g * 16;
+    *v0 = _mm256_mul_ps(_mm256_loadu_ps(d), _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64((const __m128i*)c))));
+    *v1 = _mm256_mul_ps(_mm256_loadu_ps(d + 8),
+                        _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64((const __m128i*)(c + 8)))));
+  }
+}
+
+// acc = fma(blk, s, acc), then acc = fma(xs, m, acc): the end of group g for R rows x 16 columns of panel p.
+AI void group_end(int R, __m256 (*blk)[2], __m256 (*acc)[2], const qw_t* w, long p, long g, const float* xs) {
+  __m256 s0, s1;
+  scale16(w, w->S, w->SC, p, g, &s0, &s1);
   for (int r = 0; r < R; r++) {
     acc[r][0] = _mm256_fmadd_ps(blk[r][0], s0, acc[r][0]);
     acc[r][1] = _mm256_fmadd_ps(blk[r][1], s1, acc[r][1]);
   }
-  if (m) {
-    __m256 m0 = _mm256_loadu_ps(m), m1 = _mm256_loadu_ps(m + 8);
+  if (w->M) {
+    __m256 m0, m1;
+    scale16(w, w->M, w->MC, p, g, &m0, &m1);
     for (int r = 0; r < R; r++) {
-      __m256 xv = _mm256_broadcast_ss(xs + r * NG);
+      __m256 xv = _mm256_broadcast_ss(xs + r * w->NG + g);
       acc[r][0] = _mm256_fmadd_ps(xv, m0, acc[r][0]);
       acc[r][1] = _mm256_fmadd_ps(xv, m1, acc[r][1]);
     }
   }
 }
 
-// R rows x (16 C) columns (C consecutive panels from panel b), streaming the quantized panels.
-// qs: bytes per panel (I * 16 or I * 8); ss: floats per panel of S/M (NG * 16).
-AI void qtile(const int R, const int C, const int BITS, const float* x, long ldx, const void* Qv, long qs,
-              const float* S, const float* M, long ss, const float* xs, long NG, long I, long G,
+// R rows x (16 C) columns: C consecutive panels from panel b, streaming their quantized values. xs: the
+// rows' per-group sums of x (NG per row) when there are offsets.
+AI void qtile(const int R, const int C, const int BITS, const qw_t* w, const float* x, long ldx, const float* xs,
               float* y, long ldy, const float* bias, long O, long b) {
   __m256 blk[6][4][2], acc[6][4][2];
   for (int r = 0; r < R; r++)
     for (int c = 0; c < C; c++) acc[r][c][0] = acc[r][c][1] = _mm256_setzero_ps();
-  const int8_t* Q = (const int8_t*)Qv;
-  for (long g = 0; g < NG; g++) {
+  const long G = w->G, qs = w->qs;
+  const int8_t* Q = (const int8_t*)w->Q + b * qs;
+  for (long g = 0; g < w->NG; g++) {
     for (int r = 0; r < R; r++)
       for (int c = 0; c < C; c++) blk[r][c][0] = blk[r][c][1] = _mm256_setzero_ps();
     long i0 = g * G;
@@ -120,7 +152,7 @@ AI void qtile(const int R, const int C, const int BITS, const float* x, long ldx
     for (int c = 0; c < C; c++) {
       __m256 bc[6][2], ac[6][2];
       for (int r = 0; r < R; r++) { bc[r][0] = blk[r][c][0]; bc[r][1] = blk[r][c][1]; ac[r][0] = acc[r][c][0]; ac[r][1] = acc[r][c][1]; }
-      group_end(R, bc, ac, S + c * ss + g * 16, M ? M + c * ss + g * 16 : 0, xs ? xs + g : 0, NG);
+      group_end(R, bc, ac, w, b + c, g, xs);
       for (int r = 0; r < R; r++) { acc[r][c][0] = ac[r][0]; acc[r][c][1] = ac[r][1]; }
     }
   }
@@ -132,59 +164,56 @@ AI void qtile(const int R, const int C, const int BITS, const float* x, long ldx
 }
 
 #define QT(R, C, BITS) \
-static void qt_##R##_##C##_##BITS(const float* x, long ldx, const void* Q, long qs, const float* S, const float* M, \
-                                  long ss, const float* xs, long NG, long I, long G, float* y, long ldy, \
+static void qt_##R##_##C##_##BITS(const qw_t* w, const float* x, long ldx, const float* xs, float* y, long ldy, \
                                   const float* bias, long O, long b) { \
-  qtile(R, C, BITS, x, ldx, Q, qs, S, M, ss, xs, NG, I, G, y, ldy, bias, O, b); \
+  qtile(R, C, BITS, w, x, ldx, xs, y, ldy, bias, O, b); \
 }
-typedef void (*qt_fn)(const float*, long, const void*, long, const float*, const float*, long, const float*, long,
-                      long, long, float*, long, const float*, long, long);
+typedef void (*qt_fn)(const qw_t*, const float*, long, const float*, float*, long, const float*, long, long);
 QT(1, 4, 8) QT(1, 4, 4) QT(2, 2, 8) QT(2, 2, 4) QT(1, 1, 8) QT(1, 1, 4) QT(2, 1, 8) QT(2, 1, 4)
 QT(3, 1, 8) QT(3, 1, 4) QT(4, 1, 8) QT(4, 1, 4) QT(5, 1, 8) QT(5, 1, 4) QT(6, 1, 8) QT(6, 1, 4)
 static const qt_fn one_panel[2][7] = {
   {0, qt_1_1_4, qt_2_1_4, qt_3_1_4, qt_4_1_4, qt_5_1_4, qt_6_1_4},
   {0, qt_1_1_8, qt_2_1_8, qt_3_1_8, qt_4_1_8, qt_5_1_8, qt_6_1_8}};
 
-// Large n: R rows x 16 columns over one dequantized chunk P [kc][16] (floats of q) starting at column k0;
-// acc [R][16] in memory carries each row's sum between groups and chunks.
-AI void btile(const int R, const float* x, long ldx, const float* P, long kc, long G, const float* s,
-              const float* m, const float* xs, long NG, float* accm) {
+// Large n: R rows x 16 columns of panel p over one dequantized chunk P [kc][16] (floats of q) that starts
+// at column k0; accm [R][16] carries each row's sum between groups and chunks.
+AI void btile(const int R, const qw_t* w, long p, const float* x, long ldx, const float* P, long k0, long kc,
+              const float* xs, float* accm) {
+  const long G = w->G;
   for (long g0 = 0; g0 < kc; g0 += G) {
     __m256 blk[6][2], acc[6][2];
     for (int r = 0; r < R; r++) blk[r][0] = blk[r][1] = _mm256_setzero_ps();
     for (long i = g0; i < g0 + G; i++) {
       __m256 w0 = _mm256_load_ps(P + i * 16), w1 = _mm256_load_ps(P + i * 16 + 8);
       for (int r = 0; r < R; r++) {
-        __m256 xv = _mm256_broadcast_ss(x + r * ldx + i);
+        __m256 xv = _mm256_broadcast_ss(x + r * ldx + k0 + i);
         blk[r][0] = _mm256_fmadd_ps(xv, w0, blk[r][0]);
         blk[r][1] = _mm256_fmadd_ps(xv, w1, blk[r][1]);
       }
     }
     for (int r = 0; r < R; r++) { acc[r][0] = _mm256_loadu_ps(accm + r * 16); acc[r][1] = _mm256_loadu_ps(accm + r * 16 + 8); }
-    long g = g0 / G;
-    group_end(R, blk, acc, s + g * 16, m ? m + g * 16 : 0, xs ? xs + g : 0, NG);
+    group_end(R, blk, acc, w, p, (k0 + g0) / G, xs);
     for (int r = 0; r < R; r++) { _mm256_storeu_ps(accm + r * 16, acc[r][0]); _mm256_storeu_ps(accm + r * 16 + 8, acc[r][1]); }
   }
 }
 
 #define BT(R) \
-static void bt_##R(const float* x, long ldx, const float* P, long kc, long G, const float* s, const float* m, \
-                   const float* xs, long NG, float* accm) { btile(R, x, ldx, P, kc, G, s, m, xs, NG, accm); }
+static void bt_##R(const qw_t* w, long p, const float* x, long ldx, const float* P, long k0, long kc, \
+                   const float* xs, float* accm) { btile(R, w, p, x, ldx, P, k0, kc, xs, accm); }
 BT(1) BT(2) BT(3) BT(4) BT(5) BT(6)
-typedef void (*bt_fn)(const float*, long, const float*, long, long, const float*, const float*, const float*, long,
-                      float*);
+typedef void (*bt_fn)(const qw_t*, long, const float*, long, const float*, long, long, const float*, float*);
 static const bt_fn btiles[7] = {0, bt_1, bt_2, bt_3, bt_4, bt_5, bt_6};
 
-// Columns [k0, k0 + kc) of one panel, dequantized to floats (exact small integers) in P [kc][16].
-static void dequant_chunk(int bits, const void* Qb, long k0, long kc, float* P) {
-  if (bits == 8) {
-    const int8_t* q = (const int8_t*)Qb + k0 * 16;
+// Columns [k0, k0 + kc) of panel p, dequantized to floats (exact small integers) in P [kc][16].
+static void dequant_chunk(const qw_t* w, long p, long k0, long kc, float* P) {
+  if (w->bits == 8) {
+    const int8_t* q = (const int8_t*)w->Q + p * w->qs + k0 * 16;
     for (long i = 0; i < kc; i++) {
       __m256 w0, w1; deq8(q + i * 16, &w0, &w1);
       _mm256_store_ps(P + i * 16, w0); _mm256_store_ps(P + i * 16 + 8, w1);
     }
   } else {
-    const uint8_t* q = (const uint8_t*)Qb + (k0 / 2) * 16;
+    const uint8_t* q = (const uint8_t*)w->Q + p * w->qs + (k0 / 2) * 16;
     for (long i = 0; i < kc; i += 2) {
       __m256 l0, l1, h0, h1; deq4(q + (i / 2) * 16, &l0, &l1, &h0, &h1);
       _mm256_store_ps(P + i * 16, l0); _mm256_store_ps(P + i * 16 + 8, l1);
@@ -193,10 +222,13 @@ static void dequant_chunk(int bits, const void* Qb, long k0, long kc, float* P) 
   }
 }
 
-// bits: 8 or 4 (see the layouts above). xs: NULL, or when M is given, scratch is computed here.
-void dw_qlinear(const float* x, long n, long I, const void* Q, int bits, const float* S, const float* M, long G,
-                const float* bias_padded, long O, float* y) {
-  long OB = (O + 15) / 16, NG = I / G, qs = bits == 8 ? I * 16 : I * 8, ss = NG * 16;
+// y[n, O] = x[n, I] @ W^T (+ bias). Q: values (bits 8 or 4); fmt, S, SC, M, MC: scales and offsets (the
+// forms above; M NULL: none; SC/MC only for fmt 2 with per groups per super); G: group size.
+void dw_qlinear(const float* x, long n, long I, const void* Q, int bits, int fmt, const void* S, const int8_t* SC,
+                const void* M, const int8_t* MC, long G, long per, const float* bias_padded, long O, float* y) {
+  long OB = (O + 15) / 16, NG = I / G;
+  qw_t w = {Q, bits, fmt, S, M, SC, MC, G, NG, per > 0 ? per : 1, bits == 8 ? I * 16 : I * 8,
+            fmt == 2 ? (NG / (per > 0 ? per : 1)) * 16 : NG * 16, NG * 16};
   float* xs = 0;
   if (M) {                           // per row and group: sum of x in order (the offsets' factor)
     xs = (float*)malloc(sizeof(float) * n * NG);
@@ -207,7 +239,6 @@ void dw_qlinear(const float* x, long n, long I, const void* Q, int bits, const f
         xs[r * NG + g] = t;
       }
   }
-  const char* Qc = (const char*)Q;
   int bi = bits == 8;
   if (n <= 2) {                      // wide tiles: 4 panels for one row, 2 panels for two rows
     const int C = n == 1 ? 4 : 2;
@@ -216,20 +247,17 @@ void dw_qlinear(const float* x, long n, long I, const void* Q, int bits, const f
     #pragma omp parallel for schedule(static)
     for (long p = 0; p < groups; p++) {
       long b = p * C;
-      const float* bb = bias_padded ? bias_padded + b * 16 : 0;
       if (b + C <= OB)
-        wide(x, I, Qc + b * qs, qs, S + b * ss, M ? M + b * ss : 0, ss, xs, NG, I, G, y + b * 16, O, bb, O, b);
+        wide(&w, x, I, xs, y + b * 16, O, bias_padded ? bias_padded + b * 16 : 0, O, b);
       else
         for (long c = b; c < OB; c++)
-          one_panel[bi][n](x, I, Qc + c * qs, qs, S + c * ss, M ? M + c * ss : 0, ss, xs, NG, I, G, y + c * 16, O,
-                           bias_padded ? bias_padded + c * 16 : 0, O, c);
+          one_panel[bi][n](&w, x, I, xs, y + c * 16, O, bias_padded ? bias_padded + c * 16 : 0, O, c);
     }
   } else if (n < DW_QBIG) {          // row tiles of up to 6 dequantize in registers as they go
     #pragma omp parallel for schedule(static)
     for (long b = 0; b < OB; b++)
       for (long j = 0; j < n; j += 6)
-        one_panel[bi][n - j < 6 ? n - j : 6](x + j * I, I, Qc + b * qs, qs, S + b * ss, M ? M + b * ss : 0, ss,
-                                             xs ? xs + j * NG : 0, NG, I, G, y + j * O + b * 16, O,
+        one_panel[bi][n - j < 6 ? n - j : 6](&w, x + j * I, I, xs ? xs + j * NG : 0, y + j * O + b * 16, O,
                                              bias_padded ? bias_padded + b * 16 : 0, O, b);
   } else {                           // more rows: chunks dequantized once into L1, row tiles of 6 over them
     #pragma omp parallel
@@ -239,14 +267,12 @@ void dw_qlinear(const float* x, long n, long I, const void* Q, int bits, const f
       #pragma omp for schedule(static)
       for (long b = 0; b < OB; b++) {
         memset(accm, 0, n * 16 * sizeof(float));
-        const float* Sb = S + b * ss;
-        const float* Mb = M ? M + b * ss : 0;
         for (long k0 = 0; k0 < I; k0 += DW_QKC) {
           long kc = I - k0 < DW_QKC ? I - k0 : DW_QKC;
-          dequant_chunk(bits, Qc + b * qs, k0, kc, P);
+          dequant_chunk(&w, b, k0, kc, P);
           for (long j = 0; j < n; j += 6)
-            btiles[n - j < 6 ? n - j : 6](x + j * I + k0, I, P, kc, G, Sb + (k0 / G) * 16, Mb ? Mb + (k0 / G) * 16 : 0,
-                                          xs ? xs + j * NG + k0 / G : 0, NG, accm + j * 16);
+            btiles[n - j < 6 ? n - j : 6](&w, b, x + j * I, I, P, k0, kc, xs ? xs + j * NG : 0,
+                                          accm + j * 16);
         }
         int valid = (int)((O - b * 16) < 16 ? (O - b * 16) : 16);
         for (long j = 0; j < n; j++)

@@ -65,33 +65,34 @@ class Linear:
 
 
 class QLinear:
-    """y = x W^T + b with W kept in a GGUF file's quantized blocks (draftwise.quant.QWeight: int8 q,
-    fp32 scale/offset per group), run by the block kernel (kernels/qgemm.c) in fp32 arithmetic."""
+    """y = x W^T + b with W kept in a GGUF file's quantized blocks (draftwise.quant.QWeight), run by the
+    block kernel (kernels/qgemm.c) in fp32 arithmetic. Attributes: kernels.pack_quant's layout."""
 
     packed = weight = None
 
     def __init__(self, w, bias: torch.Tensor | None):
         self.out_features, self.in_features = w.shape
         self.group, self.kind = w.group, w.kind
-        self.Q, self.bits, self.S, self.M = kernels.pack_quant(w.q, w.scale, w.offset)
+        p = kernels.pack_quant(w)
+        self.Q, self.bits, self.fmt, self.S, self.SC, self.M, self.MC, self.per = (
+            p[k] for k in ("Q", "bits", "fmt", "S", "SC", "M", "MC", "per"))
         self.bias = kernels.pad_bias(bias) if bias is not None else None
 
+    def _layout(self) -> dict:
+        return dict(Q=self.Q, bits=self.bits, fmt=self.fmt, S=self.S, SC=self.SC, M=self.M, MC=self.MC, per=self.per,
+                    kind=self.kind)
+
     def __call__(self, x: torch.Tensor) -> torch.Tensor:   # [n, in] -> [n, out]
-        return kernels.qlinear(x.contiguous(), self.Q, self.bits, self.S, self.M, self.group, self.bias,
-                               self.out_features)
+        return kernels.qlinear(x.contiguous(), self._layout(), self.group, self.bias, self.out_features)
 
     def tensors(self) -> tuple:
-        return self.Q, self.S, self.M, self.bias
+        return self.Q, self.S, self.SC, self.M, self.MC, self.bias
 
     def rows(self, ids: torch.Tensor) -> "QLinear":
         """A QLinear computing only the output rows ``ids`` (a vocabulary-subset LM head)."""
-        from draftwise.quant import QWeight
-
         ids = ids.to(self.Q.device)
-        pick = lambda t: None if t is None else t[ids // 16, :, ids % 16].contiguous()   # noqa: E731
         bias = None if self.bias is None else self.bias[ids]
-        q = pick(self.Q) if self.bits == 8 else kernels.unpack_nibbles(pick(self.Q).T.unsqueeze(0))[0].T
-        return QLinear(QWeight(q.contiguous(), pick(self.S), pick(self.M), self.group, self.kind), bias)
+        return QLinear(kernels.unpack_quant(self._layout(), ids), bias)
 
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
@@ -208,7 +209,7 @@ class Transformer:
         on transparent huge pages (kernels.huge_page_copies); returns the mapping to keep alive."""
         slots = []
         for lin in [self.lm_head] + [lin for L in self.layers for lin in (L.qkv, L.o, L.gate_up, L.down)]:
-            for attr in ("packed", "Q", "S", "M"):
+            for attr in ("packed", "Q", "S", "SC", "M", "MC"):
                 if isinstance(getattr(lin, attr, None), torch.Tensor):
                     slots.append((lin, attr))
         copies, arena = kernels.huge_page_copies([getattr(lin, a) for lin, a in slots])
