@@ -19,9 +19,9 @@
 //   Q8_0/Q5_0/Q4_1 scales are);  2: base fp32 [ceil(O/16)][I/G/per][16] times int8 [ceil(O/16)][I/G][16]
 //   (the k-quants: fp16 d or -dmin per 256 weights times a small integer per group; their fp32 product,
 //   computed here, is exactly the value gguf's dequantization uses).
-// n < 12: register tiles (1 row x 64 columns, 2 x 32, up to 6 x 16) dequantize in registers as the
-// panel streams (read once per call); n >= 12: each panel is dequantized chunk by chunk into L1 as
-// floats and all row tiles of 6 pass over the chunk.
+// n < 40: register tiles (1 row x 64 columns; from 2 rows, up to 6 x 16: measured faster than 2 x 32,
+// whose 16 accumulators spill) dequantize in registers as the panel streams (read once per call);
+// n >= 40: each panel is dequantized chunk by chunk into L1 as floats and row tiles of 6 pass over it.
 #include <immintrin.h>
 #include "common.h"
 #include <omp.h>
@@ -169,7 +169,7 @@ static void qt_##R##_##C##_##BITS(const qw_t* w, const float* x, long ldx, const
   qtile(R, C, BITS, w, x, ldx, xs, y, ldy, bias, O, b); \
 }
 typedef void (*qt_fn)(const qw_t*, const float*, long, const float*, float*, long, const float*, long, long);
-QT(1, 4, 8) QT(1, 4, 4) QT(2, 2, 8) QT(2, 2, 4) QT(1, 1, 8) QT(1, 1, 4) QT(2, 1, 8) QT(2, 1, 4)
+QT(1, 4, 8) QT(1, 4, 4) QT(1, 1, 8) QT(1, 1, 4) QT(2, 1, 8) QT(2, 1, 4)
 QT(3, 1, 8) QT(3, 1, 4) QT(4, 1, 8) QT(4, 1, 4) QT(5, 1, 8) QT(5, 1, 4) QT(6, 1, 8) QT(6, 1, 4)
 static const qt_fn one_panel[2][7] = {
   {0, qt_1_1_4, qt_2_1_4, qt_3_1_4, qt_4_1_4, qt_5_1_4, qt_6_1_4},
@@ -240,18 +240,16 @@ void dw_qlinear(const float* x, long n, long I, const void* Q, int bits, int fmt
       }
   }
   int bi = bits == 8;
-  if (n <= 2) {                      // wide tiles: 4 panels for one row, 2 panels for two rows
-    const int C = n == 1 ? 4 : 2;
-    qt_fn wide = n == 1 ? (bi ? qt_1_4_8 : qt_1_4_4) : (bi ? qt_2_2_8 : qt_2_2_4);
-    long groups = (OB + C - 1) / C;
+  if (n == 1) {                      // wide tiles: 4 panels at once (8 independent FMA chains)
+    long groups = (OB + 3) / 4;
     #pragma omp parallel for schedule(static)
     for (long p = 0; p < groups; p++) {
-      long b = p * C;
-      if (b + C <= OB)
-        wide(&w, x, I, xs, y + b * 16, O, bias_padded ? bias_padded + b * 16 : 0, O, b);
+      long b = p * 4;
+      if (b + 4 <= OB)
+        (bi ? qt_1_4_8 : qt_1_4_4)(&w, x, I, xs, y + b * 16, O, bias_padded ? bias_padded + b * 16 : 0, O, b);
       else
         for (long c = b; c < OB; c++)
-          one_panel[bi][n](&w, x, I, xs, y + c * 16, O, bias_padded ? bias_padded + c * 16 : 0, O, c);
+          one_panel[bi][1](&w, x, I, xs, y + c * 16, O, bias_padded ? bias_padded + c * 16 : 0, O, c);
     }
   } else if (n < DW_QBIG) {          // row tiles of up to 6 dequantize in registers as they go
     #pragma omp parallel for schedule(static)

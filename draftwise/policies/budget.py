@@ -204,32 +204,37 @@ def curve_key(model_id: str, model) -> str:
         kind += f"-{model.weights}"
     if getattr(model, "graphs", "off") != "off":
         kind += f"-graphs{model.graphs}"
-    return f"{safe}-{model.device.type}-{str(model.dtype).split('.')[-1]}-{kind}-t{torch.get_num_threads()}"
+    return f"{safe}-{model.device.type}-{str(model.dtype).split('.')[-1]}-{kind}-t{torch.get_num_threads()}-m{MEASURE_VERSION}"
+
+
+MEASURE_VERSION = 2        # part of the cache key: curves measured the older way are measured again
 
 
 @torch.inference_mode()
-def measure(model, ns=BENCH_NS, reps: int = 5, context: int = 128, context_long: int | None = 1024,
+def measure(model, ns=BENCH_NS, reps: int = 7, context: int = 128, context_long: int | None = 1024,
             progress: bool = False) -> CostCurve:
     """Median time of one forward of n new tokens (chain mask) after `context` tokens, and again
-    after `context_long` tokens (None: skip)."""
+    after `context_long` tokens (None: skip). The node counts are measured round-robin (every round
+    times each n once), so a slow phase of the machine (shared hosts drift by 10-50% for seconds at a
+    time) lands on all n alike and the ratios between them hold; a curve is made non-decreasing in n."""
     from tqdm import tqdm
 
     contexts = [c for c in (context, context_long) if c is not None and c + max(ns) + 1 <= model.max_len]
-    bar = tqdm(total=len(ns) * len(contexts), desc="bench-forward", disable=not progress)
+    warm = 2 if getattr(model, "graphs", "off") == "on" else 1       # a graph is captured on the second run
+    bar = tqdm(total=(reps + warm) * len(contexts), desc="bench-forward", disable=not progress)
     curves = []
     for ctx_len in contexts:
         cache = model.new_cache(ctx_len + max(ns) + 1)
         ctx = torch.randint(0, model.cfg.vocab_size, (ctx_len,), device=model.device)
         model.forward(ctx, torch.arange(ctx_len, device=model.device), cache, logits_rows=slice(ctx_len - 1, ctx_len))
         cache.commit(ctx_len)
-        out = []
-        for n in ns:
-            toks = torch.randint(0, model.cfg.vocab_size, (n,), device=model.device)
-            pos = torch.arange(ctx_len, ctx_len + n, device=model.device)
-            mask = torch.ones(n, n, dtype=torch.bool, device=model.device).tril_()
-            times = []
-            warm = 2 if getattr(model, "graphs", "off") == "on" else 1   # a graph is captured on the second run
-            for r in range(reps + warm):
+        inputs = {n: (torch.randint(0, model.cfg.vocab_size, (n,), device=model.device),
+                      torch.arange(ctx_len, ctx_len + n, device=model.device),
+                      torch.ones(n, n, dtype=torch.bool, device=model.device).tril_()) for n in ns}
+        times: dict[int, list[float]] = {n: [] for n in ns}
+        for r in range(reps + warm):
+            for n in ns:
+                toks, pos, mask = inputs[n]
                 if model.device.type == "cuda":
                     torch.cuda.synchronize()
                 t0 = time.perf_counter()
@@ -237,10 +242,9 @@ def measure(model, ns=BENCH_NS, reps: int = 5, context: int = 128, context_long:
                 if model.device.type == "cuda":
                     torch.cuda.synchronize()
                 if r >= warm:
-                    times.append((time.perf_counter() - t0) * 1e3)
-            out.append(float(np.median(times)))
+                    times[n].append((time.perf_counter() - t0) * 1e3)
             bar.update(1)
-        curves.append(tuple(out))
+        curves.append(tuple(np.maximum.accumulate([float(np.median(times[n])) for n in ns]).tolist()))
     bar.close()
     if len(curves) == 2:
         return CostCurve(tuple(ns), curves[0], context, curves[1], context_long)
