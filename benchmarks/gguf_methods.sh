@@ -9,7 +9,17 @@ OUT=${OUT:-benchmarks/results/gguf-cpu}
 OPTS="{\"eagle/k1\": {\"head\": \"$DIR/heads/qwen2.5-coder-0.5b-eagle.safetensors\", \"length\": \"fixed:1\"},
        \"early-exit\": {\"exit\": \"$DIR/exits/qwen2.5-coder-0.5b-L3.safetensors\"}}"
 M=${METHODS:-ar,recycling,lookup,eagle/k1,early-exit,llamacpp,llamacpp-lookup}
-draftwise bench --model $MODEL --weights gguf --threads 2 --max-turns 1 --max-new-tokens 128 --limit ${N_HE:-20} \
+[ "${PAIR_ONLY:-0}" = 1 ] || draftwise bench --model $MODEL --weights gguf --threads 2 --max-turns 1 --max-new-tokens 128 --limit ${N_HE:-20} \
   --methods "$M" --method-opts "$OPTS" --dataset humaneval --out "$OUT/0.5b-humaneval"
-draftwise bench --model $MODEL --weights gguf --threads 2 --max-turns 1 --max-new-tokens 128 --limit ${N_MT:-10} \
+[ "${PAIR_ONLY:-0}" = 1 ] || draftwise bench --model $MODEL --weights gguf --threads 2 --max-turns 1 --max-new-tokens 128 --limit ${N_MT:-10} \
   --methods "$M" --method-opts "$OPTS" --dataset mtbench --out "$OUT/0.5b-mtbench"
+# PAIR=1: the 1.5B on its GGUF blocks, with the train-free methods and the 0.5B (also GGUF blocks) as its
+# draft model (chain and OPT-Tree), next to llama.cpp; N_PAIR prompts of each dataset (default 10).
+if [ "${PAIR:-0}" = 1 ]; then
+  P_OPTS='{"draft-model/chain": {"tree": "chain"}}'
+  for ds in humaneval mtbench; do
+    draftwise bench --model qwen2.5-coder-1.5b-instruct --draft qwen2.5-coder-0.5b-instruct --weights gguf --threads 2 \
+      --max-turns 1 --max-new-tokens 128 --limit ${N_PAIR:-10} --method-opts "$P_OPTS" --dataset $ds \
+      --methods ar,recycling,lookup,draft-model,draft-model/chain,llamacpp --out "$OUT/1.5b-$ds"
+  done
+fi
