@@ -128,9 +128,9 @@ def test_block_kernel_matches_float64_and_rows_do_not_depend_on_n(rows, cols, gr
 def test_nibble_packing_round_trips():
     q = torch.randint(0, 16, (35, 64), dtype=torch.int8)
     p = kernels.pack_quant(QWeight(q, torch.ones(35, 2), None, 32, "t"))
-    assert p["bits"] == 4 and p["Q"].dtype == torch.uint8 and p["Q"].shape == (3, 32, 16)
-    assert torch.equal(kernels.unpack_nibbles(p["Q"]), kernels.pack_weight(q))
-    assert kernels.pack_quant(QWeight(q - 1, torch.ones(35, 2), None, 32, "t"))["bits"] == 8   # -1: no nibble
+    assert p.bits == 4 and p.Q.dtype == torch.uint8 and p.Q.shape == (3, 32, 16)
+    assert torch.equal(kernels.unpack_nibbles(p.Q), kernels.pack_weight(q))
+    assert kernels.pack_quant(QWeight(q - 1, torch.ones(35, 2), None, 32, "t")).bits == 8   # -1: no nibble
 
 
 @needs_kernels

@@ -23,6 +23,7 @@ import subprocess
 import tempfile
 import threading
 from pathlib import Path
+from types import SimpleNamespace
 
 import torch
 
@@ -180,7 +181,7 @@ def linear(x: torch.Tensor, packed: torch.Tensor, bias_padded: torch.Tensor | No
     return out
 
 
-def pack_quant(w) -> dict:
+def pack_quant(w) -> SimpleNamespace:
     """A draftwise.quant.QWeight -> the qgemm layout, as QLinear's attributes: Q (values), bits, fmt,
     S, SC, M, MC (scales, offsets), per. 4-bit values (all q in 0..15, as Q4_K and Q4_1 hold) are
     nibble-packed, Q uint8 [ceil(O/16), I/2, 16] with columns 2j and 2j + 1 in the low and high nibble;
@@ -192,34 +193,33 @@ def pack_quant(w) -> dict:
     if q.shape[1] % 2 == 0 and q.numel() and int(q.min()) >= 0 and int(q.max()) <= 15:
         u = Q.to(torch.uint8)
         Q, bits = (u[:, 0::2, :] | (u[:, 1::2, :] << 4)).contiguous(), 4
-    out = dict(Q=Q, bits=bits, SC=None, MC=None, per=1)
     if w.scale_f is not None and (offset is None) == (w.offset_f is None):
-        out.update(fmt=2, S=pack_weight(w.scale_f.base), SC=pack_weight(w.scale_f.ints),
-                   per=w.scale_f.ints.shape[1] // w.scale_f.base.shape[1], M=None)
-        if w.offset_f is not None:
-            out.update(M=pack_weight(w.offset_f.base), MC=pack_weight(w.offset_f.ints))
-        return out
+        f = w.offset_f
+        return SimpleNamespace(Q=Q, bits=bits, fmt=2, S=pack_weight(w.scale_f.base), SC=pack_weight(w.scale_f.ints),
+                               M=None if f is None else pack_weight(f.base), MC=None if f is None else pack_weight(f.ints),
+                               per=w.scale_f.ints.shape[1] // w.scale_f.base.shape[1])
     exact16 = all(t is None or torch.equal(t.half().float(), t) for t in (scale, offset))
     cast = (lambda t: t.half()) if exact16 else (lambda t: t)      # noqa: E731
-    out.update(fmt=1 if exact16 else 0, S=pack_weight(cast(scale)), M=None if offset is None else pack_weight(cast(offset)))
-    return out
+    return SimpleNamespace(Q=Q, bits=bits, fmt=1 if exact16 else 0, S=pack_weight(cast(scale)), SC=None,
+                           M=None if offset is None else pack_weight(cast(offset)), MC=None, per=1)
 
 
-def unpack_quant(p: dict, ids: torch.Tensor):
-    """The QWeight of output rows ``ids`` of a pack_quant layout (a vocabulary-subset head)."""
+def unpack_quant(p, ids: torch.Tensor):
+    """The QWeight of output rows ``ids`` of a pack_quant layout (any object with its attributes, e.g. a
+    QLinear: a vocabulary-subset head)."""
     from draftwise.quant import Factors, QWeight
 
     pick = lambda t: None if t is None else t[ids // 16, :, ids % 16].contiguous()   # noqa: E731
-    q = pick(p["Q"]) if p["bits"] == 8 else unpack_nibbles(pick(p["Q"]).T.unsqueeze(0))[0].T.contiguous()
+    q = pick(p.Q) if p.bits == 8 else unpack_nibbles(pick(p.Q).T.unsqueeze(0))[0].T.contiguous()
     sf = of = None
-    if p["fmt"] == 2:
-        sf = Factors(pick(p["S"]), pick(p["SC"]))
-        of = None if p["M"] is None else Factors(pick(p["M"]), pick(p["MC"]))
+    if p.fmt == 2:
+        sf = Factors(pick(p.S), pick(p.SC))
+        of = None if p.M is None else Factors(pick(p.M), pick(p.MC))
         scale, offset = sf.value(), None if of is None else of.value()
     else:
-        scale, offset = pick(p["S"]).float(), None if p["M"] is None else pick(p["M"]).float()
+        scale, offset = pick(p.S).float(), None if p.M is None else pick(p.M).float()
     group = q.shape[1] // scale.shape[1]
-    return QWeight(q, scale, offset, group, p.get("kind", "subset"), sf, of)
+    return QWeight(q, scale, offset, group, getattr(p, "kind", "subset"), sf, of)
 
 
 def unpack_nibbles(Q: torch.Tensor) -> torch.Tensor:
@@ -228,17 +228,18 @@ def unpack_nibbles(Q: torch.Tensor) -> torch.Tensor:
     return torch.stack([lo, hi], dim=-2).flatten(-3, -2)
 
 
-def qlinear(x: torch.Tensor, p: dict, group: int, bias_padded: torch.Tensor | None, out_features: int,
+def qlinear(x: torch.Tensor, p, group: int, bias_padded: torch.Tensor | None, out_features: int,
             out: torch.Tensor | None = None) -> torch.Tensor:
-    """y = x @ W^T (+ b) with a pack_quant layout (see qgemm.c). x: [n, I] fp32 on CPU."""
+    """y = x @ W^T (+ b) with a pack_quant layout (p: any object with its attributes, e.g. a QLinear;
+    see qgemm.c). x: [n, I] fp32 on CPU."""
     lib = library()
     assert lib is not None
     n, in_features = x.shape
     if out is None:
         out = torch.empty(n, out_features, dtype=x.dtype)
     ptr = lambda t: None if t is None else t.data_ptr()     # noqa: E731
-    lib.dw_qlinear(x.data_ptr(), n, in_features, p["Q"].data_ptr(), p["bits"], p["fmt"], ptr(p["S"]), ptr(p["SC"]),
-                   ptr(p["M"]), ptr(p["MC"]), group, p["per"], ptr(bias_padded), out_features, out.data_ptr())
+    lib.dw_qlinear(x.data_ptr(), n, in_features, p.Q.data_ptr(), p.bits, p.fmt, ptr(p.S), ptr(p.SC), ptr(p.M),
+                   ptr(p.MC), group, p.per, ptr(bias_padded), out_features, out.data_ptr())
     return out
 
 

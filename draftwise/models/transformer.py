@@ -73,17 +73,11 @@ class QLinear:
     def __init__(self, w, bias: torch.Tensor | None):
         self.out_features, self.in_features = w.shape
         self.group, self.kind = w.group, w.kind
-        p = kernels.pack_quant(w)
-        self.Q, self.bits, self.fmt, self.S, self.SC, self.M, self.MC, self.per = (
-            p[k] for k in ("Q", "bits", "fmt", "S", "SC", "M", "MC", "per"))
+        self.__dict__.update(vars(kernels.pack_quant(w)))    # Q, bits, fmt, S, SC, M, MC, per
         self.bias = kernels.pad_bias(bias) if bias is not None else None
 
-    def _layout(self) -> dict:
-        return dict(Q=self.Q, bits=self.bits, fmt=self.fmt, S=self.S, SC=self.SC, M=self.M, MC=self.MC, per=self.per,
-                    kind=self.kind)
-
     def __call__(self, x: torch.Tensor) -> torch.Tensor:   # [n, in] -> [n, out]
-        return kernels.qlinear(x.contiguous(), self._layout(), self.group, self.bias, self.out_features)
+        return kernels.qlinear(x.contiguous(), self, self.group, self.bias, self.out_features)
 
     def tensors(self) -> tuple:
         return self.Q, self.S, self.SC, self.M, self.MC, self.bias
@@ -92,7 +86,7 @@ class QLinear:
         """A QLinear computing only the output rows ``ids`` (a vocabulary-subset LM head)."""
         ids = ids.to(self.Q.device)
         bias = None if self.bias is None else self.bias[ids]
-        return QLinear(kernels.unpack_quant(self._layout(), ids), bias)
+        return QLinear(kernels.unpack_quant(self, ids), bias)
 
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
