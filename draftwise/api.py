@@ -52,7 +52,10 @@ class Engine:
     def load(cls, model: str = registry.DEFAULT_MODEL, device: str = "cpu", dtype: torch.dtype | str | None = None,
              max_len: int | None = None, threads: int | None = None, fast: bool = True,
              progress: bool = True, draft: str | None = None, graphs: str = "auto", compile: str = "off",
-             weights: str = "auto") -> "Engine":
+             weights: str = "auto", draft_weights: str = "auto") -> "Engine":
+        """weights: the target's ("auto": the GGUF blocks on CPU when the model came from a GGUF, else fp32).
+        draft_weights: the draft model's, chosen on their own ("auto" likewise): a draft's weights
+        change only how fast it proposes, never the output, so an fp32 target may draft from blocks."""
         from transformers import AutoTokenizer
 
         if threads is not None:
@@ -71,7 +74,7 @@ class Engine:
             dpath = resolve(draft, progress=progress)
             _check_same_tokenizer(tok, AutoTokenizer.from_pretrained(str(dpath)), model, draft)
             draft_net = Transformer.from_pretrained(dpath, device=device, dtype=dtype, max_len=net.max_len, fast=fast,
-                                                   graphs=graphs, compile=compile, weights=weights)
+                                                   graphs=graphs, compile=compile, weights=draft_weights)
             if draft_net.cfg.vocab_size != net.cfg.vocab_size:
                 raise ConfigError(f"draft model {draft!r} has a vocabulary of {draft_net.cfg.vocab_size} rows, "
                                   f"the target {net.cfg.vocab_size}: they must match")

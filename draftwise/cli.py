@@ -27,6 +27,17 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--compile", default="off", choices=["off", "glue", "layer"],
                    help="torch.compile the non-matmul steps ('glue') or whole layers with the kernel as a custom op "
                         "('layer'); off by default: both measured slower than eager on a 2-core CPU")
+    p.add_argument("--draft-weights", default="auto", choices=["auto", "gguf", "fp32"],
+                   help="the draft model's weights (with --draft), chosen apart from the target's: they change only "
+                        "its speed, never the output (auto: gguf on CPU fp32 when the draft's .gguf is there)")
+
+
+def _load(a):
+    """The engine of a command that may take a draft model (--draft)."""
+    import draftwise
+
+    return draftwise.load(a.model, device=a.device, dtype=a.dtype, threads=a.threads, draft=a.draft, graphs=a.graphs,
+                          compile=a.compile, weights=a.weights, draft_weights=a.draft_weights)
 
 
 def _method_help() -> str:
@@ -43,14 +54,13 @@ def cmd_methods(a) -> int:
 
 
 def cmd_generate(a) -> int:
-    import draftwise
     from draftwise import methods
 
     opts = methods.parse_opts(a.method_opts)
     if a.max_nodes is not None:
         opts["max_nodes"] = a.max_nodes
     methods.get(a.method).validate(opts)          # a bad method or option fails before any model loads
-    eng = draftwise.load(a.model, device=a.device, dtype=a.dtype, threads=a.threads, draft=a.draft, graphs=a.graphs, compile=a.compile, weights=a.weights)
+    eng = _load(a)
     kw = dict(max_new_tokens=a.max_new_tokens, temperature=a.temperature, top_k=a.top_k, top_p=a.top_p,
               seed=a.seed, chat=a.chat, stop=a.stop or None)
     from draftwise.decoding import Stats
@@ -74,12 +84,11 @@ def cmd_generate(a) -> int:
 
 
 def _load_for_serving(a):
-    import draftwise
     from draftwise import methods
 
     opts = methods.parse_opts(a.method_opts) or None
     methods.get(a.method).validate(opts)          # a bad method or option fails before any model loads
-    eng = draftwise.load(a.model, device=a.device, dtype=a.dtype, threads=a.threads, draft=a.draft, graphs=a.graphs, compile=a.compile, weights=a.weights)
+    eng = _load(a)
     eng.drafter(a.method, opts)                   # build it now (cost curves, subsets): the first request stays fast
     return eng, opts
 
@@ -259,7 +268,6 @@ def cmd_bench_forward(a) -> int:
 def cmd_bench(a) -> int:
     from pathlib import Path
 
-    import draftwise
     from draftwise.bench import datasets
     from draftwise.bench.runner import Runner
 
@@ -268,7 +276,7 @@ def cmd_bench(a) -> int:
     opts = registry.parse_opts(a.method_opts)
     if any(not isinstance(v, dict) for v in opts.values()):
         raise DraftwiseError('bench --method-opts maps method names to options: \'{"recycling": {"max_nodes": 8}}\'')
-    eng = draftwise.load(a.model, device=a.device, dtype=a.dtype, threads=a.threads, draft=a.draft, graphs=a.graphs, compile=a.compile, weights=a.weights)
+    eng = _load(a)
     if a.max_turns is not None and a.max_turns < 1:
         raise DraftwiseError(f"--max-turns must be >= 1, got {a.max_turns}")
     qs = datasets.balanced(datasets.load(a.dataset), a.limit)

@@ -145,6 +145,8 @@ class Runner:
                        "temperature": temperature, "threads": torch.get_num_threads(),
                        "device": str(engine.model.device), "dtype": str(engine.model.dtype).split(".")[-1],
                        "kernels": engine.model.fast, "weights": engine.model.weights, "method_opts": self.method_opts,
+                       **({"draft_weights": engine.draft_model.weights}
+                          if getattr(engine, "draft_model", None) is not None else {}),
                        **({"early_exit_layer": self.baselines.early_exit_layer} if "hf-early-exit" in methods else {}),
                        "torch": torch.__version__, "python": platform.python_version(),
                        "machine": platform.machine(), "processor": _cpu_name(), **(config or {})}

@@ -212,7 +212,11 @@ class DraftModel(ModelDrafter):
             m = self.planner.size(p_hat.numpy())
         keep = top_nodes(tree, m)
         self._info = (top1[keep[1:]], p[keep[1:]])
-        self.dists.update({j: grown[int(i)] for j, i in enumerate(keep.tolist()) if int(i) in grown})
+        new_index = {int(i): j for j, i in enumerate(keep.tolist())}
+        self.dists.update({new_index[i]: d for i, d in grown.items() if i in new_index})
+        # the pending rows were fed under the grown tree's numbering; the verified tree renumbers
+        # its nodes, so each row takes its node's new number (a dropped node: one no path holds)
+        self.fed = [new_index.get(i, -1 - i) for i in self.fed]
         return tree.select(keep).to(ctx.device)
 
     # ------------------------------------------------------------------ feedback
