@@ -58,6 +58,9 @@ class Engine:
         change only how fast it proposes, never the output, so an fp32 target may draft from blocks."""
         from transformers import AutoTokenizer
 
+        for name, kind in (("weights", weights), ("draft_weights", draft_weights)):
+            if kind not in ("auto", "gguf", "fp32"):
+                raise ConfigError(f"{name} must be auto, gguf or fp32, got {kind!r}")
         if threads is not None:
             if threads < 1:
                 raise ConfigError("threads must be >= 1")

@@ -554,4 +554,4 @@ def test_draft_weights_are_chosen_apart_from_the_target():
         assert r.stats.tau > 1.5
     with pytest.raises(DraftwiseError) as e:
         draftwise.load("smollm2-135m-instruct", draft="smollm2-135m-instruct", draft_weights="int4", progress=False)
-    assert "weights" in str(e.value) and "\n" not in str(e.value)
+    assert "draft_weights" in str(e.value) and "int4" in str(e.value) and "\n" not in str(e.value)
