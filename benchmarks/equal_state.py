@@ -20,7 +20,7 @@ from draftwise.bench.datasets import balanced, load
 from draftwise.drafters.base import Context
 from draftwise.drafters.draft_model import DraftModel
 from draftwise.sampling import Sampling
-from draftwise.tree import DraftTree, tried_nodes
+from draftwise.tree import DraftTree
 
 SHAPES = {"chain": {"tree": "chain"}, "static": {"tree": "static"}, "opt-tree": {"tree": "opt-tree"}}
 
@@ -75,11 +75,7 @@ def main() -> None:
                 st["accepted"] += len(path) - 1
                 st["nodes"] += tree.size - 1
                 st["sum_p_hat"] += float(tree.scores[1:].sum()) if tree.scores is not None else 0.0
-                if dm.calib is not None and dm._info is not None and tree.size > 1:
-                    tried, hit = tried_nodes(tree, path)
-                    n = min(tree.size - 1, dm._info[0].numel())
-                    dm.calib.update(dm._info[0][:n][tried[:n]], dm._info[1][:n][tried[:n]], hit[:n][tried[:n]])
-                dm._info = None
+                dm.learn(tree, path)              # calibration only: the cache is not advanced
                 dm.cache.discard()
                 dm.fed = []
         print(q["question_id"], {k: round(1 + v["accepted"] / v["positions"], 3) for k, v in stats.items()}, flush=True)

@@ -212,12 +212,8 @@ class DraftModel(ModelDrafter):
             m = self.planner.size(p_hat.numpy())
         keep = top_nodes(tree, m)
         self._info = (top1[keep[1:]], p[keep[1:]])
-        new_index = {int(i): j for j, i in enumerate(keep.tolist())}
-        self.dists.update({new_index[i]: d for i, d in grown.items() if i in new_index})
-        # the pending rows were fed under the grown tree's numbering; the verified tree renumbers
-        # its nodes, so each row takes its node's new number (a dropped node: one no path holds)
-        self.fed = [new_index.get(i, -1 - i) for i in self.fed]
-        return tree.select(keep).to(ctx.device)
+        self.dists.update({j: grown[int(i)] for j, i in enumerate(keep.tolist()) if int(i) in grown})
+        return self.select(tree, keep).to(ctx.device)          # renumbers the pending rows too
 
     # ------------------------------------------------------------------ feedback
     def observe(self, tree, out, accepted, ctx) -> None:
@@ -230,14 +226,18 @@ class DraftModel(ModelDrafter):
             self.control.update(self._tops if tree.size > 1 else [], len(accepted.path) - 1)
             self._tops = []
         super().observe(tree, out, accepted, ctx)
+        self.learn(tree, accepted.path)
+        if self.planner is not None and ctx.last_pass is not None:
+            self.planner.target_cost.observe(*ctx.last_pass, context=len(ctx.tokens))
+
+    def learn(self, tree: DraftTree, path: list[int]) -> None:
+        """Update the calibration from the verdict on the proposed tree (path: accepted nodes, root first)."""
         if self.calib is not None and self._info is not None and tree.size > 1:
-            tried, hit = tried_nodes(tree, accepted.path)
+            tried, hit = tried_nodes(tree, path)
             n = min(tree.size - 1, self._info[0].numel())
             t = tried[:n]
             self.calib.update(self._info[0][:n][t], self._info[1][:n][t], hit[:n][t])
         self._info = None
-        if self.planner is not None and ctx.last_pass is not None:
-            self.planner.target_cost.observe(*ctx.last_pass, context=len(ctx.tokens))
 
     def describe(self) -> dict:
         return {"method": self.name, "tree": self.shape, "max_nodes": self.max_nodes, "max_depth": self.max_depth,

@@ -84,6 +84,13 @@ class ModelDrafter(Drafter, metaclass=abc.ABCMeta):
         self.fed.extend(nodes)
         return out
 
+    def select(self, tree: DraftTree, keep: torch.Tensor) -> DraftTree:
+        """tree.select(keep) for a tree whose nodes were fed: the pending rows take the kept nodes'
+        new numbers (a dropped node's row gets one no path holds), so ``observe`` commits the right rows."""
+        new = {int(i): j for j, i in enumerate(keep.tolist())}
+        self.fed = [new.get(i, -1 - i) for i in self.fed]
+        return tree.select(keep)
+
     def propose(self, ctx: Context) -> DraftTree | Proposal:
         first = self.catch_up(ctx)
         return self.draft(ctx, first)
