@@ -30,6 +30,7 @@ import torch
 _SRC = Path(__file__).with_name("gemm.c")
 _QSRC = Path(__file__).with_name("qgemm.c")
 _OSRC = Path(__file__).with_name("ops.c")
+_LSRC = Path(__file__).with_name("layer.c")
 # -ffp-contract=off: no multiply-add the source does not spell out is fused (results must not depend on
 # the compiler's choices); the explicit FMAs are FMAs either way
 _FLAGS = ("-O3", "-mavx2", "-mfma", "-mf16c", "-ffp-contract=off", "-fopenmp", "-shared", "-fPIC")
@@ -54,7 +55,7 @@ def _cpu_has_avx2_fma() -> bool:          # and F16C (fp16 scales), which every 
 
 def version() -> str:
     """A short hash of the kernel source: cached measurements (cost curves) are keyed by it."""
-    srcs = b"".join(p.read_bytes() for p in (_SRC, _QSRC, _OSRC, _SRC.with_name("common.h")))
+    srcs = b"".join(p.read_bytes() for p in (_SRC, _QSRC, _OSRC, _LSRC, _SRC.with_name("common.h")))
     return hashlib.sha256(srcs + " ".join(_FLAGS).encode()).hexdigest()[:16]
 
 
@@ -70,7 +71,7 @@ def _build() -> ctypes.CDLL:
         os.close(fd)
         try:
             subprocess.run(
-                [cc, *_FLAGS, str(_SRC), str(_QSRC), str(_OSRC), "-lm", "-o", tmp],
+                [cc, *_FLAGS, str(_SRC), str(_QSRC), str(_OSRC), str(_LSRC), "-lm", "-o", tmp],
                 check=True, capture_output=True, text=True,
             )
             os.replace(tmp, out)
@@ -88,7 +89,10 @@ def _build() -> ctypes.CDLL:
     lib.dw_rms_norm.argtypes = [P, L, L, P, F, P]
     lib.dw_add_rms_norm.argtypes = [P, P, L, L, P, F, P, P]
     lib.dw_rope.argtypes = [P, L, L, L, L, P, P]
-    for f in (lib.dw_rms_norm, lib.dw_add_rms_norm, lib.dw_rope):
+    lib.dw_attention.argtypes = [P, L, L, L, L, L, P, P, L, L, P, L, F, P]
+    lib.dw_swiglu.argtypes = [P, L, L, P]
+    lib.dw_layer.argtypes = [P, P, L, P, P, P, P, L, L, P, L, P]
+    for f in (lib.dw_rms_norm, lib.dw_add_rms_norm, lib.dw_rope, lib.dw_attention, lib.dw_swiglu, lib.dw_layer):
         f.restype = None
     return lib
 
@@ -269,3 +273,83 @@ def rope_(qkv: torch.Tensor, start: int, heads: int, head_dim: int, cos: torch.T
     n, C = qkv.shape
     library().dw_rope(qkv.data_ptr() + start * qkv.element_size(), n, C, heads, head_dim, cos.data_ptr(),
                       sin.data_ptr())
+
+
+def attention(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, mask: torch.Tensor | None,
+              scale: float) -> torch.Tensor | None:
+    """Softmax attention of q [n, H, Dh] over keys/values [Hkv, T, Dh] (grouped heads) with an additive
+    mask [>= n, T] (its first n rows are used; None: all visible) -> [n, H * Dh]; see ops.c. None when
+    the tensors are not laid out for the kernel (the caller falls back to ATen)."""
+    n, H, Dh = q.shape
+    Hkv, T, _ = keys.shape
+    f32 = torch.float32
+    if (q.dtype != f32 or keys.dtype != f32 or values.dtype != f32 or q.stride(2) != 1 or q.stride(1) != Dh
+            or keys.stride()[1:] != (Dh, 1) or values.stride() != keys.stride() or H % Hkv
+            or (mask is not None and (mask.dtype != f32 or mask.stride(1) != 1 or mask.shape[1] != T))):
+        return None
+    out = torch.empty(n, H * Dh, dtype=f32)
+    library().dw_attention(q.data_ptr(), n, q.stride(0), H, Hkv, Dh, keys.data_ptr(), values.data_ptr(),
+                           keys.stride(0), T, None if mask is None else mask.data_ptr(),
+                           0 if mask is None else mask.stride(0), scale, out.data_ptr())
+    return out
+
+
+def swiglu(gate_up: torch.Tensor) -> torch.Tensor:
+    """[n, 2I] -> silu(gate) * up [n, I] in one pass (ops.c)."""
+    gate_up = gate_up.contiguous()
+    n, two = gate_up.shape
+    out = torch.empty(n, two // 2, dtype=gate_up.dtype)
+    library().dw_swiglu(gate_up.data_ptr(), n, two // 2, out.data_ptr())
+    return out
+
+
+class _Lin(ctypes.Structure):
+    _fields_ = [(f, ctypes.c_long) for f in ("bits", "fmt", "G", "per", "I", "O")] + \
+               [(f, ctypes.c_void_p) for f in ("Q", "S", "M", "SC", "MC", "bias")]
+
+
+class _Layer(ctypes.Structure):
+    _fields_ = [(f, ctypes.c_long) for f in ("D", "H", "Hkv", "Dh", "F")] + \
+               [("eps", ctypes.c_float), ("scale", ctypes.c_float), ("attn_norm", ctypes.c_void_p),
+                ("mlp_norm", ctypes.c_void_p), ("qkv", _Lin), ("o", _Lin), ("gate_up", _Lin), ("down", _Lin)]
+
+
+def _lin_struct(lin) -> _Lin | None:
+    ptr = lambda t: None if t is None else t.data_ptr()     # noqa: E731
+    bias = ptr(lin.bias)
+    if getattr(lin, "packed", None) is not None:            # prepacked fp32 (models.transformer.Linear)
+        return _Lin(32, 0, 0, 0, lin.in_features, lin.out_features, lin.packed.data_ptr(), None, None, None, None, bias)
+    if getattr(lin, "Q", None) is not None:                 # GGUF blocks (QLinear)
+        return _Lin(lin.bits, lin.fmt, lin.group, lin.per, lin.in_features, lin.out_features, lin.Q.data_ptr(),
+                    ptr(lin.S), ptr(lin.M), ptr(lin.SC), ptr(lin.MC), bias)
+    return None
+
+
+def layer_plan(L, heads: tuple[int, int, int], eps: float):
+    """The C description of a decoder layer (models.transformer.Layer) for :func:`layer`, or None where
+    the layer is not all kernel-backed fp32 CPU tensors or has q/k norms (those run in Python). The plan
+    points at the layer's tensors: build it after they are in their final place."""
+    H, Hkv, Dh = heads
+    if L.q_norm is not None or L.k_norm is not None:
+        return None
+    lins = [_lin_struct(x) for x in (L.qkv, L.o, L.gate_up, L.down)]
+    norms = [t for t in (L.attn_norm, L.mlp_norm) if t is not None]
+    if any(x is None for x in lins) or any(t.dtype != torch.float32 or not t.is_contiguous() for t in norms):
+        return None
+    return _Layer(lins[0].I, H, Hkv, Dh, lins[3].I, eps, 1.0 / Dh ** 0.5,
+                  None if L.attn_norm is None else L.attn_norm.data_ptr(), L.mlp_norm.data_ptr(), *lins)
+
+
+def layer(plan, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, k_all: torch.Tensor, v_all: torch.Tensor,
+          start: int, mask: torch.Tensor | None) -> torch.Tensor:
+    """One decoder layer (layer.c) on x [n, D]: keys/values written to k_all/v_all [Hkv, T, Dh] at slots
+    [start, start + n), attention over [0, start + n) with mask [>= n, start + n] (additive; first n rows
+    used) or None; cos/sin [n, Dh]. Returns the new [n, D]."""
+    x, cos, sin = x.contiguous(), cos.contiguous(), sin.contiguous()
+    n = x.shape[0]
+    out = torch.empty_like(x)
+    m = None if mask is None else mask.data_ptr()
+    library().dw_layer(ctypes.addressof(plan), x.data_ptr(), n, cos.data_ptr(), sin.data_ptr(), k_all.data_ptr(),
+                       v_all.data_ptr(), k_all.stride(0), start, m, 0 if mask is None else mask.stride(0),
+                       out.data_ptr())
+    return out

@@ -197,6 +197,11 @@ class Transformer:
         self.compile = compile      # opt-in: measured slower than eager on the 2-core CPU (README)
         self.glue = compiled_glue() if compile == "glue" else NATIVE if self.fast and native_ops else EAGER
         self._cached_layer = torch.compile(cached_layer, dynamic=True) if compile == "layer" else cached_layer
+        # each layer in one native call (kernels/layer.c: the NATIVE glue's kernels in its order), where
+        # the layer allows it; built here, after the weights found their final place (huge pages)
+        native = self.glue is NATIVE and compile == "off"
+        heads = (cfg.num_heads, cfg.num_kv_heads, cfg.head_dim)
+        self._plans = [kernels.layer_plan(L, heads, cfg.rms_norm_eps) if native else None for L in self.layers]
 
     def _weights_on_huge_pages(self):
         """Re-home the kernels' streamed weights (prepacked fp32 or quantized blocks) in one mapping
@@ -342,6 +347,8 @@ class Transformer:
         return mask.repeat(self.cfg.num_heads // self.cfg.num_kv_heads, 1)
 
     def _layer(self, i: int, x: torch.Tensor, cos, sin, cache: KVCache, start: int, mask) -> torch.Tensor:
+        if self._plans[i] is not None:
+            return kernels.layer(self._plans[i], x, cos, sin, cache.k[i], cache.v[i], start, mask)
         return self._cached_layer(self.cfg, self.layers[i], x, cos, sin, cache.k[i], cache.v[i], start, mask, self.glue)
 
 
@@ -426,6 +433,24 @@ def native_qkv_rope(qkv: torch.Tensor, cos, sin, q_norm, k_norm, heads: tuple[in
     return q.view(n, H, Dh), k.view(n, Hkv, Dh), v.view(n, Hkv, Dh)
 
 
+def attention(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, mask) -> torch.Tensor:
+    """q [n, H, Dh] against keys/values [Hkv, T, Dh] (grouped-query heads), additive mask [g n, T]
+    (see Transformer._attn_mask) or None -> [n, H Dh]."""
+    n, H, Dh = q.shape
+    Hkv = keys.shape[0]
+    g = H // Hkv
+    qg = q.view(n, Hkv, g, Dh).permute(1, 2, 0, 3).reshape(1, Hkv, g * n, Dh)    # [1, Hkv, g n, Dh]
+    attn = F.scaled_dot_product_attention(qg, keys.unsqueeze(0), values.unsqueeze(0), attn_mask=mask)
+    return attn.view(Hkv, g, n, Dh).permute(2, 0, 1, 3).reshape(n, H * Dh)       # [n, H Dh]
+
+
+def native_attention(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, mask) -> torch.Tensor:
+    """attention through ops.c (each (row, head) on its own, in slot order: a tree node gets the bits of
+    the one-token step at its place); ATen where the layout does not fit the kernel."""
+    out = kernels.attention(q, keys, values, mask, 1.0 / math.sqrt(q.shape[-1]))
+    return attention(q, keys, values, mask) if out is None else out
+
+
 @dataclass(frozen=True)
 class Glue:
     """A layer's non-matmul steps as free functions: eager (``EAGER``), fused by hand in ops.c
@@ -434,10 +459,11 @@ class Glue:
     add_norm: object = add_norm
     swiglu: object = swiglu
     norm: object = rms_norm
+    attention: object = attention
 
 
 EAGER = Glue()
-NATIVE = Glue(native_qkv_rope, kernels.add_rms_norm, swiglu, kernels.rms_norm)
+NATIVE = Glue(native_qkv_rope, kernels.add_rms_norm, kernels.swiglu, kernels.rms_norm, native_attention)
 
 
 def compiled_glue() -> Glue:
@@ -450,14 +476,11 @@ def layer_forward(cfg: ModelConfig, L: Layer, x: torch.Tensor, cos, sin, kv, mas
     """One decoder layer on x [n, D]. ``kv(k, v)`` takes this pass's keys/values [Hkv, n, Dh] and
     returns every key/value the queries attend to [Hkv, T, Dh] (a cache write, or k, v themselves
     for a cache-free training pass); mask: additive [g n, T] (see _attn_mask) or None."""
-    n, H, Hkv, Dh = x.shape[0], cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
+    H, Hkv, Dh = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
     h = x if L.attn_norm is None else glue.norm(x, L.attn_norm, cfg.rms_norm_eps)
     q, k, v = glue.qkv_rope(L.qkv(h), cos, sin, L.q_norm, L.k_norm, (H, Hkv, Dh), cfg.rms_norm_eps)
     keys, values = kv(k.transpose(0, 1), v.transpose(0, 1))            # [Hkv, T, Dh]
-    g = H // Hkv
-    qg = q.view(n, Hkv, g, Dh).permute(1, 2, 0, 3).reshape(1, Hkv, g * n, Dh)    # [1, Hkv, g n, Dh]
-    attn = F.scaled_dot_product_attention(qg, keys.unsqueeze(0), values.unsqueeze(0), attn_mask=mask)
-    attn = attn.view(Hkv, g, n, Dh).permute(2, 0, 1, 3).reshape(n, H * Dh)       # [n, H Dh]
+    attn = glue.attention(q, keys, values, mask)                       # [n, H Dh]
     x, h = glue.add_norm(x, L.o(attn), L.mlp_norm, cfg.rms_norm_eps)
     return x + L.down(glue.swiglu(L.gate_up(h)))
 
