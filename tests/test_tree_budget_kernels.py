@@ -153,3 +153,53 @@ def test_online_cost_learns_the_real_pass_times_and_probes_one_node_passes():
     assert c.probe_due()                                       # 5 passes without a one-node pass
     c.observe(1, 8.0)
     assert not c.probe_due()
+
+
+@pytest.mark.skipif(not kernels.available(), reason=f"kernels unavailable: {kernels.why_unavailable()}")
+@pytest.mark.parametrize("n,H,Hkv,Dh,T", [(1, 14, 2, 64, 37), (6, 12, 2, 128, 90), (3, 9, 3, 20, 11)])
+def test_native_attention_matches_sdpa_and_each_row_stands_alone(n, H, Hkv, Dh, T):
+    from draftwise.models.transformer import attention, native_attention
+
+    g = torch.Generator().manual_seed(n * 100 + T)
+    q = torch.randn(n, H, Dh, generator=g)
+    k_all, v_all = torch.randn(Hkv, T + 9, Dh, generator=g), torch.randn(Hkv, T + 9, Dh, generator=g)
+    keys, values = k_all[:, :T], v_all[:, :T]                         # a cache view: strided heads
+    vis = torch.rand(n, T, generator=g) > 0.4
+    vis[:, 0] = True
+    mask = torch.zeros(n, T).masked_fill_(~vis, float("-inf")).repeat(H // Hkv, 1)
+    for m in (None, mask):
+        torch.testing.assert_close(native_attention(q, keys, values, m), attention(q, keys, values, m),
+                                   rtol=1e-5, atol=2e-6)
+    whole = native_attention(q, keys, values, mask)
+    for r in range(n):        # alone, over its visible prefix only: the same bits (what a tree node relies on)
+        last = int(vis[r].nonzero().max()) + 1
+        alone = native_attention(q[r:r + 1], keys[:, :last], values[:, :last], mask[r:r + 1, :last].contiguous())
+        assert torch.equal(alone[0], whole[r])
+    gu = torch.randn(3, 2 * 40, generator=g) * 8
+    torch.testing.assert_close(kernels.swiglu(gu), torch.nn.functional.silu(gu[:, :40]) * gu[:, 40:],
+                               rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.skipif(not kernels.available(), reason=f"kernels unavailable: {kernels.why_unavailable()}")
+@pytest.mark.parametrize("arch", ["qwen2", "llama", "qwen3"])
+def test_whole_layer_calls_equal_the_per_op_path(tmp_path, arch):
+    """kernels/layer.c runs a layer in one call: the same bits as the NATIVE glue op by op, caches included
+    (qwen3's q/k norms keep the per-op path)."""
+    from draftwise.models.transformer import Transformer, prefill
+    from tests.conftest import make_tiny_hf
+
+    make_tiny_hf(arch, tmp_path / arch, seed=3)
+    m = Transformer.from_pretrained(tmp_path / arch, dtype=torch.float32, max_len=64)
+    assert all((p is None) == (arch == "qwen3") for p in m._plans)
+    toks = torch.randint(1, 90, (24,), generator=torch.Generator().manual_seed(0))
+    tree = torch.tensor([[1, 0, 0, 0, 0], [1, 1, 0, 0, 0], [1, 0, 1, 0, 0], [1, 1, 0, 1, 0], [0, 0, 0, 0, 1]],
+                        dtype=torch.bool)
+    runs = []
+    for plans in (m._plans, [None] * len(m._plans)):
+        m._plans = plans
+        c = m.new_cache()
+        first = prefill(m, c, toks[:19]).logits
+        out = m.forward(toks[19:], torch.tensor([19, 20, 20, 21, 19]), c, tree_mask=tree)
+        runs.append((first, out.logits, c.k[:, :, :24].clone(), c.v[:, :, :24].clone()))
+    for a, b in zip(*runs):
+        assert torch.equal(a, b)

@@ -107,7 +107,27 @@ void dw_attention(const float* q, long n, long ldq, long H, long Hkv, long Dh, c
       const float* Vh = V + (h / g) * hs;
       const float* mr = mask ? mask + r * ldm : 0;
       float mx = -INFINITY;
-      for (long t = 0; t < T; t++) {
+      long t = 0;
+      for (; t + 4 <= T; t += 4) {   // 4 keys at a time: independent chains, each key's own order
+        const float* k0 = Kh + t * Dh;
+        __m256 a0 = _mm256_setzero_ps(), a1 = a0, a2 = a0, a3 = a0;
+        long d = 0;
+        for (; d + 8 <= Dh; d += 8) {
+          __m256 qd = _mm256_loadu_ps(qv + d);
+          a0 = _mm256_fmadd_ps(qd, _mm256_loadu_ps(k0 + d), a0);
+          a1 = _mm256_fmadd_ps(qd, _mm256_loadu_ps(k0 + Dh + d), a1);
+          a2 = _mm256_fmadd_ps(qd, _mm256_loadu_ps(k0 + 2 * Dh + d), a2);
+          a3 = _mm256_fmadd_ps(qd, _mm256_loadu_ps(k0 + 3 * Dh + d), a3);
+        }
+        float dots[4] = {hsum8(a0), hsum8(a1), hsum8(a2), hsum8(a3)};
+        for (int j = 0; j < 4; j++) {
+          for (long e = d; e < Dh; e++) dots[j] += qv[e] * k0[j * Dh + e];
+          float st = dots[j] * scale + (mr ? mr[t + j] : 0.0f);
+          s[t + j] = st;
+          if (st > mx) mx = st;
+        }
+      }
+      for (; t < T; t++) {
         const float* kt = Kh + t * Dh;
         __m256 a = _mm256_setzero_ps();
         long d = 0;
@@ -118,31 +138,35 @@ void dw_attention(const float* q, long n, long ldq, long H, long Hkv, long Dh, c
         s[t] = st;
         if (st > mx) mx = st;
       }
-      for (long t = T; t < Tp; t++) s[t] = -INFINITY;
+      for (t = T; t < Tp; t++) s[t] = -INFINITY;
       __m256 m8 = _mm256_set1_ps(mx), l8 = _mm256_setzero_ps();
-      for (long t = 0; t < Tp; t += 8) {
+      for (t = 0; t < Tp; t += 8) {
         __m256 p = exp8(_mm256_sub_ps(_mm256_load_ps(s + t), m8));
         _mm256_store_ps(s + t, p);
         l8 = _mm256_add_ps(l8, p);
       }
-      float inv = 1.0f / hsum8(l8);
+      __m256 iv = _mm256_set1_ps(1.0f / hsum8(l8));
       float* o = out + r * H * Dh + h * Dh;
       long d = 0;
-      for (; d + 16 <= Dh; d += 16) {
-        __m256 a0 = _mm256_setzero_ps(), a1 = _mm256_setzero_ps();
-        for (long t = 0; t < T; t++) {
+      for (; d + 64 <= Dh; d += 64) {  // 64 values at a time: 8 chains over t
+        __m256 a[8];
+        for (int k = 0; k < 8; k++) a[k] = _mm256_setzero_ps();
+        for (t = 0; t < T; t++) {
           __m256 p = _mm256_broadcast_ss(s + t);
-          a0 = _mm256_fmadd_ps(p, _mm256_loadu_ps(Vh + t * Dh + d), a0);
-          a1 = _mm256_fmadd_ps(p, _mm256_loadu_ps(Vh + t * Dh + d + 8), a1);
+          const float* vt = Vh + t * Dh + d;
+          for (int k = 0; k < 8; k++) a[k] = _mm256_fmadd_ps(p, _mm256_loadu_ps(vt + 8 * k), a[k]);
         }
-        __m256 iv = _mm256_set1_ps(inv);
-        _mm256_storeu_ps(o + d, _mm256_mul_ps(a0, iv));
-        _mm256_storeu_ps(o + d + 8, _mm256_mul_ps(a1, iv));
+        for (int k = 0; k < 8; k++) _mm256_storeu_ps(o + d + 8 * k, _mm256_mul_ps(a[k], iv));
+      }
+      for (; d + 8 <= Dh; d += 8) {
+        __m256 a = _mm256_setzero_ps();
+        for (t = 0; t < T; t++) a = _mm256_fmadd_ps(_mm256_broadcast_ss(s + t), _mm256_loadu_ps(Vh + t * Dh + d), a);
+        _mm256_storeu_ps(o + d, _mm256_mul_ps(a, iv));
       }
       for (; d < Dh; d++) {
         float a = 0.0f;
-        for (long t = 0; t < T; t++) a = fmaf(s[t], Vh[t * Dh + d], a);
-        o[d] = a * inv;
+        for (t = 0; t < T; t++) a = fmaf(s[t], Vh[t * Dh + d], a);
+        o[d] = a * _mm256_cvtss_f32(iv);
       }
     }
     free(s);
