@@ -32,8 +32,9 @@ _QSRC = Path(__file__).with_name("qgemm.c")
 _OSRC = Path(__file__).with_name("ops.c")
 _LSRC = Path(__file__).with_name("layer.c")
 # -ffp-contract=off: no multiply-add the source does not spell out is fused (results must not depend on
-# the compiler's choices); the explicit FMAs are FMAs either way
-_FLAGS = ("-O3", "-mavx2", "-mfma", "-mf16c", "-ffp-contract=off", "-fopenmp", "-shared", "-fPIC")
+# the compiler's choices); the explicit FMAs are FMAs either way. -falign-loops=64: the inner loops' speed
+# moved by up to 20% with where they happened to fall against 64-byte fetch blocks; aligned, it holds
+_FLAGS = ("-O3", "-mavx2", "-mfma", "-mf16c", "-ffp-contract=off", "-falign-loops=64", "-fopenmp", "-shared", "-fPIC")
 _lock = threading.Lock()
 _lib: ctypes.CDLL | None = None
 _failed: str | None = None
