@@ -93,8 +93,9 @@ def _build() -> ctypes.CDLL:
     lib.dw_attention.argtypes = [P, L, L, L, L, L, P, P, L, L, P, L, F, P]
     lib.dw_swiglu.argtypes = [P, L, L, P]
     lib.dw_layer.argtypes = [P, P, L, P, P, P, P, L, L, P, L, P]
-    for f in (lib.dw_rms_norm, lib.dw_add_rms_norm, lib.dw_rope, lib.dw_attention, lib.dw_swiglu, lib.dw_layer):
+    for f in (lib.dw_rms_norm, lib.dw_add_rms_norm, lib.dw_rope, lib.dw_swiglu):
         f.restype = None
+    lib.dw_attention.restype = lib.dw_layer.restype = ctypes.c_int
     return lib
 
 
@@ -289,9 +290,10 @@ def attention(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, mask: t
             or (mask is not None and (mask.dtype != f32 or mask.stride(1) != 1 or mask.shape[1] != T))):
         return None
     out = torch.empty(n, H * Dh, dtype=f32)
-    library().dw_attention(q.data_ptr(), n, q.stride(0), H, Hkv, Dh, keys.data_ptr(), values.data_ptr(),
-                           keys.stride(0), T, None if mask is None else mask.data_ptr(),
-                           0 if mask is None else mask.stride(0), scale, out.data_ptr())
+    if library().dw_attention(q.data_ptr(), n, q.stride(0), H, Hkv, Dh, keys.data_ptr(), values.data_ptr(),
+                              keys.stride(0), T, None if mask is None else mask.data_ptr(),
+                              0 if mask is None else mask.stride(0), scale, out.data_ptr()):
+        raise MemoryError(f"attention over {T} positions: out of memory for its scores")
     return out
 
 
@@ -350,7 +352,8 @@ def layer(plan, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, k_all: to
     n = x.shape[0]
     out = torch.empty_like(x)
     m = None if mask is None else mask.data_ptr()
-    library().dw_layer(ctypes.addressof(plan), x.data_ptr(), n, cos.data_ptr(), sin.data_ptr(), k_all.data_ptr(),
-                       v_all.data_ptr(), k_all.stride(0), start, m, 0 if mask is None else mask.stride(0),
-                       out.data_ptr())
+    if library().dw_layer(ctypes.addressof(plan), x.data_ptr(), n, cos.data_ptr(), sin.data_ptr(), k_all.data_ptr(),
+                          v_all.data_ptr(), k_all.stride(0), start, m, 0 if mask is None else mask.stride(0),
+                          out.data_ptr()):
+        raise MemoryError(f"a decoder layer over {n} tokens: out of memory for its scratch")
     return out

@@ -13,8 +13,8 @@ void dw_qlinear(const float* x, long n, long I, const void* Q, int bits, int fmt
 void dw_rms_norm(const float* x, long rows, long D, const float* w, float eps, float* y);
 void dw_add_rms_norm(const float* x, const float* y, long rows, long D, const float* w, float eps, float* xo, float* h);
 void dw_rope(float* x, long rows, long ld, long heads, long Dh, const float* cos_, const float* sin_);
-void dw_attention(const float* q, long n, long ldq, long H, long Hkv, long Dh, const float* K, const float* V,
-                  long hs, long T, const float* mask, long ldm, float scale, float* out);
+int dw_attention(const float* q, long n, long ldq, long H, long Hkv, long Dh, const float* K, const float* V,
+                 long hs, long T, const float* mask, long ldm, float scale, float* out);
 void dw_swiglu(const float* gu, long n, long I, float* out);
 
 typedef struct {                     // one linear: prepacked fp32 (bits 32) or GGUF blocks (bits 8, 4)
@@ -40,8 +40,9 @@ static void lin(const dw_lin_t* l, const float* x, long n, float* y) {
 // xo [n, D] = layer(x [n, D]); cos/sin [n, Dh] (the rows' positions); K/V: this layer's cache, kv head j,
 // slot t at K[j * hs + t * Dh]; this pass's keys/values go to slots [start, start + n) and the queries
 // attend to slots [0, start + n) under mask (additive [n, start + n], rows ldm apart; NULL: all visible).
-void dw_layer(const dw_layer_t* L, const float* x, long n, const float* cos_, const float* sin_, float* K, float* V,
-              long hs, long start, const float* mask, long ldm, float* xo) {
+// Returns 0, or 1 when its scratch could not be allocated (nothing written then).
+int dw_layer(const dw_layer_t* L, const float* x, long n, const float* cos_, const float* sin_, float* K, float* V,
+             long hs, long start, const float* mask, long ldm, float* xo) {
   long D = L->D, H = L->H, Hkv = L->Hkv, Dh = L->Dh, F = L->F, C = (H + 2 * Hkv) * Dh;
   float* h = (float*)malloc(sizeof(float) * n * D);
   float* qkv = (float*)malloc(sizeof(float) * n * C);
@@ -49,6 +50,10 @@ void dw_layer(const dw_layer_t* L, const float* x, long n, const float* cos_, co
   float* t = (float*)malloc(sizeof(float) * n * D);
   float* gu = (float*)malloc(sizeof(float) * n * 2 * F);
   float* act = (float*)malloc(sizeof(float) * n * F);
+  if (!h || !qkv || !att || !t || !gu || !act) {
+    free(act); free(gu); free(t); free(att); free(qkv); free(h);
+    return 1;
+  }
   if (L->attn_norm) dw_rms_norm(x, n, D, L->attn_norm, L->eps, h);
   else memcpy(h, x, sizeof(float) * n * D);
   lin(&L->qkv, h, n, qkv);
@@ -59,7 +64,10 @@ void dw_layer(const dw_layer_t* L, const float* x, long n, const float* cos_, co
       memcpy(K + j * hs + (start + r) * Dh, qkv + r * C + (H + j) * Dh, sizeof(float) * Dh);
       memcpy(V + j * hs + (start + r) * Dh, qkv + r * C + (H + Hkv + j) * Dh, sizeof(float) * Dh);
     }
-  dw_attention(qkv, n, C, H, Hkv, Dh, K, V, hs, start + n, mask, ldm, L->scale, att);
+  if (dw_attention(qkv, n, C, H, Hkv, Dh, K, V, hs, start + n, mask, ldm, L->scale, att)) {
+    free(act); free(gu); free(t); free(att); free(qkv); free(h);
+    return 1;
+  }
   lin(&L->o, att, n, t);
   dw_add_rms_norm(x, t, n, D, L->mlp_norm, L->eps, xo, h);
   lin(&L->gate_up, h, n, gu);
@@ -67,4 +75,5 @@ void dw_layer(const dw_layer_t* L, const float* x, long n, const float* cos_, co
   lin(&L->down, act, n, t);
   for (long i = 0; i < n * D; i++) xo[i] = xo[i] + t[i];
   free(act); free(gu); free(t); free(att); free(qkv); free(h);
+  return 0;
 }

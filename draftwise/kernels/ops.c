@@ -93,14 +93,21 @@ static inline float hsum8(__m256 v) {      // lanes added in order 0..7
 // with every sum in slot order (the sum of p in 8 lanes by t mod 8) and one thread per (row, head): a
 // masked slot adds exact zeros, so a row's result is the same whatever T beyond its visible slots, n,
 // or the other rows are (a tree pass gives a node the bits of the one-token step at its place).
-void dw_attention(const float* q, long n, long ldq, long H, long Hkv, long Dh, const float* K, const float* V,
-                  long hs, long T, const float* mask, long ldm, float scale, float* out) {
+// Returns 0, or 1 when a thread's score row could not be allocated.
+int dw_attention(const float* q, long n, long ldq, long H, long Hkv, long Dh, const float* K, const float* V,
+                 long hs, long T, const float* mask, long ldm, float scale, float* out) {
   long g = H / Hkv, Tp = (T + 7) / 8 * 8;
+  int failed = 0;
   #pragma omp parallel
   {
     float* s = (float*)aligned_alloc(32, sizeof(float) * Tp);
+    if (!s) {
+      #pragma omp atomic write
+      failed = 1;
+    }
     #pragma omp for schedule(static)
     for (long rh = 0; rh < n * H; rh++) {
+      if (!s) continue;
       long r = rh / H, h = rh % H;
       const float* qv = q + r * ldq + h * Dh;
       const float* Kh = K + (h / g) * hs;
@@ -171,6 +178,7 @@ void dw_attention(const float* q, long n, long ldq, long H, long Hkv, long Dh, c
     }
     free(s);
   }
+  return failed;
 }
 
 // out[r, i] = silu(gate[r, i]) * up[r, i] with gate_up [n, 2 I] (gate first), silu(x) = x / (1 + exp(-x)).
