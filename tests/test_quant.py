@@ -203,6 +203,7 @@ def test_gguf_path_matches_fp32_path_and_every_method_is_lossless_on_it(tmp_path
     qm, fm = _quantized_tiny(tmp_path)
     assert qm.weights == "gguf" and fm.weights == "fp32" and qm.weight_bytes() < fm.weight_bytes() / 2
     assert {L.gate_up.bits for L in qm.layers} == {4} and {L.qkv.bits for L in qm.layers} == {8}
+    assert all(p is not None for p in qm._plans + fm._plans)    # both run a layer per C call (layer.c)
     prompt = [(i * 5) % 90 + 1 for i in range(24)]
     with torch.inference_mode():
         a = qm.forward(torch.tensor(prompt), torch.arange(24), qm.new_cache(64)).logits
