@@ -86,95 +86,182 @@ static inline float hsum8(__m256 v) {      // lanes added in order 0..7
   return s;
 }
 
+// Scores of query qv against keys [t0, t1) of Kh into s (dot * scale + mask), 4 keys per pass (each key
+// its own chain over d in order, lanes summed in order, then the tail); returns their max.
+static inline float scores1(const float* qv, const float* Kh, long Dh, long t0, long t1, const float* mr, float scale,
+                            float* s) {
+  float mx = -INFINITY;
+  long t = t0;
+  for (; t + 4 <= t1; t += 4) {
+    const float* k0 = Kh + t * Dh;
+    __m256 a0 = _mm256_setzero_ps(), a1 = a0, a2 = a0, a3 = a0;
+    long d = 0;
+    for (; d + 8 <= Dh; d += 8) {
+      __m256 qd = _mm256_loadu_ps(qv + d);
+      a0 = _mm256_fmadd_ps(qd, _mm256_loadu_ps(k0 + d), a0);
+      a1 = _mm256_fmadd_ps(qd, _mm256_loadu_ps(k0 + Dh + d), a1);
+      a2 = _mm256_fmadd_ps(qd, _mm256_loadu_ps(k0 + 2 * Dh + d), a2);
+      a3 = _mm256_fmadd_ps(qd, _mm256_loadu_ps(k0 + 3 * Dh + d), a3);
+    }
+    float dots[4] = {hsum8(a0), hsum8(a1), hsum8(a2), hsum8(a3)};
+    for (int j = 0; j < 4; j++) {
+      for (long e = d; e < Dh; e++) dots[j] += qv[e] * k0[j * Dh + e];
+      float st = dots[j] * scale + (mr ? mr[t + j] : 0.0f);
+      s[t + j] = st;
+      if (st > mx) mx = st;
+    }
+  }
+  for (; t < t1; t++) {
+    const float* kt = Kh + t * Dh;
+    __m256 a = _mm256_setzero_ps();
+    long d = 0;
+    for (; d + 8 <= Dh; d += 8) a = _mm256_fmadd_ps(_mm256_loadu_ps(qv + d), _mm256_loadu_ps(kt + d), a);
+    float dot = hsum8(a);
+    for (; d < Dh; d++) dot += qv[d] * kt[d];
+    float st = dot * scale + (mr ? mr[t] : 0.0f);
+    s[t] = st;
+    if (st > mx) mx = st;
+  }
+  return mx;
+}
+
+// The same for two queries of one kv head at once (each key read once for both): every score is the
+// same operation sequence as in scores1.
+static inline void scores2(const float* q0, const float* q1, const float* Kh, long Dh, long T, const float* mr,
+                           float scale, float* s0, float* s1, float* mx0, float* mx1) {
+  float m0 = -INFINITY, m1 = -INFINITY;
+  long t = 0;
+  for (; t + 4 <= T; t += 4) {
+    const float* k0 = Kh + t * Dh;
+    __m256 a[4], b[4];
+    _Pragma("GCC unroll 4") for (int j = 0; j < 4; j++) a[j] = b[j] = _mm256_setzero_ps();
+    long d = 0;
+    for (; d + 8 <= Dh; d += 8) {
+      __m256 x0 = _mm256_loadu_ps(q0 + d), x1 = _mm256_loadu_ps(q1 + d);
+      _Pragma("GCC unroll 4") for (int j = 0; j < 4; j++) {
+        __m256 kv = _mm256_loadu_ps(k0 + j * Dh + d);
+        a[j] = _mm256_fmadd_ps(x0, kv, a[j]);
+        b[j] = _mm256_fmadd_ps(x1, kv, b[j]);
+      }
+    }
+    for (int j = 0; j < 4; j++) {
+      float d0 = hsum8(a[j]), d1 = hsum8(b[j]);
+      for (long e = d; e < Dh; e++) { d0 += q0[e] * k0[j * Dh + e]; d1 += q1[e] * k0[j * Dh + e]; }
+      float st0 = d0 * scale + (mr ? mr[t + j] : 0.0f), st1 = d1 * scale + (mr ? mr[t + j] : 0.0f);
+      s0[t + j] = st0; s1[t + j] = st1;
+      if (st0 > m0) m0 = st0;
+      if (st1 > m1) m1 = st1;
+    }
+  }
+  float r0 = scores1(q0, Kh, Dh, t, T, mr, scale, s0), r1 = scores1(q1, Kh, Dh, t, T, mr, scale, s1);
+  *mx0 = r0 > m0 ? r0 : m0;
+  *mx1 = r1 > m1 ? r1 : m1;
+}
+
+// s[0, Tp) (scores, -inf from T on) -> exp(s - mx) in place; returns 1 / sum, the sum in 8 lanes by t mod 8.
+static inline float softmax_row(float* s, long T, long Tp, float mx) {
+  for (long t = T; t < Tp; t++) s[t] = -INFINITY;
+  __m256 m8 = _mm256_set1_ps(mx), l8 = _mm256_setzero_ps();
+  for (long t = 0; t < Tp; t += 8) {
+    __m256 p = exp8(_mm256_sub_ps(_mm256_load_ps(s + t), m8));
+    _mm256_store_ps(s + t, p);
+    l8 = _mm256_add_ps(l8, p);
+  }
+  return 1.0f / hsum8(l8);
+}
+
+// o[d] = inv * sum_t p[t] V[t, d] for NQ (1 or 2) rows of weights sharing V: chains over t in order,
+// 32 values per pass for two rows, 64 for one.
+static inline void weighted_sum(int NQ, const float* const* p, const float* Vh, long Dh, long T, const float* inv,
+                                float* const* o) {
+  long d = 0;
+  if (NQ == 2) {
+    for (; d + 32 <= Dh; d += 32) {
+      __m256 a[2][4];
+      _Pragma("GCC unroll 4") for (int k = 0; k < 4; k++) a[0][k] = a[1][k] = _mm256_setzero_ps();
+      for (long t = 0; t < T; t++) {
+        __m256 p0 = _mm256_broadcast_ss(p[0] + t), p1 = _mm256_broadcast_ss(p[1] + t);
+        const float* vt = Vh + t * Dh + d;
+        _Pragma("GCC unroll 4") for (int k = 0; k < 4; k++) {
+          __m256 v = _mm256_loadu_ps(vt + 8 * k);
+          a[0][k] = _mm256_fmadd_ps(p0, v, a[0][k]);
+          a[1][k] = _mm256_fmadd_ps(p1, v, a[1][k]);
+        }
+      }
+      for (int k = 0; k < 4; k++) {
+        _mm256_storeu_ps(o[0] + d + 8 * k, _mm256_mul_ps(a[0][k], _mm256_set1_ps(inv[0])));
+        _mm256_storeu_ps(o[1] + d + 8 * k, _mm256_mul_ps(a[1][k], _mm256_set1_ps(inv[1])));
+      }
+    }
+  } else {
+    for (; d + 64 <= Dh; d += 64) {
+      __m256 a[8];
+      _Pragma("GCC unroll 8") for (int k = 0; k < 8; k++) a[k] = _mm256_setzero_ps();
+      for (long t = 0; t < T; t++) {
+        __m256 p0 = _mm256_broadcast_ss(p[0] + t);
+        const float* vt = Vh + t * Dh + d;
+        _Pragma("GCC unroll 8") for (int k = 0; k < 8; k++) a[k] = _mm256_fmadd_ps(p0, _mm256_loadu_ps(vt + 8 * k), a[k]);
+      }
+      for (int k = 0; k < 8; k++) _mm256_storeu_ps(o[0] + d + 8 * k, _mm256_mul_ps(a[k], _mm256_set1_ps(inv[0])));
+    }
+  }
+  for (int i = 0; i < NQ; i++) {
+    long e = d;
+    for (; e + 8 <= Dh; e += 8) {
+      __m256 a = _mm256_setzero_ps();
+      for (long t = 0; t < T; t++) a = _mm256_fmadd_ps(_mm256_broadcast_ss(p[i] + t), _mm256_loadu_ps(Vh + t * Dh + e), a);
+      _mm256_storeu_ps(o[i] + e, _mm256_mul_ps(a, _mm256_set1_ps(inv[i])));
+    }
+    for (; e < Dh; e++) {
+      float a = 0.0f;
+      for (long t = 0; t < T; t++) a = fmaf(p[i][t], Vh[t * Dh + e], a);
+      o[i][e] = a * inv[i];
+    }
+  }
+}
+
 // Attention of n query rows against T keys/values. q: row r, head h at q[r * ldq + h * Dh]; K, V: kv head
 // j, slot t at K[j * hs + t * Dh] (query head h reads kv head h / (H / Hkv)); mask: additive [n, T] rows
 // ldm apart (0 or -inf), or NULL (everything visible); out [n, H * Dh]. Per (row, head):
 //   s_t = (q . k_t) * scale + mask_t,  p_t = exp(s_t - max s),  out = (sum_t p_t v_t) / (sum_t p_t)
-// with every sum in slot order (the sum of p in 8 lanes by t mod 8) and one thread per (row, head): a
-// masked slot adds exact zeros, so a row's result is the same whatever T beyond its visible slots, n,
-// or the other rows are (a tree pass gives a node the bits of the one-token step at its place).
-// Returns 0, or 1 when a thread's score row could not be allocated.
+// with every sum in slot order (the sum of p in 8 lanes by t mod 8): a masked slot adds exact zeros, so a
+// row's result is the same whatever T beyond its visible slots, n, or the other rows are (a tree pass
+// gives a node the bits of the one-token step at its place; slots after a row's last visible one are
+// skipped, which a causal prefill halves its work by). Work items are pairs of query heads that
+// share a kv head (keys and values read once for both); a pair's arithmetic per head is the same
+// sequence as a lone head's. Returns 0, or 1 when a thread's score rows could not be allocated.
 int dw_attention(const float* q, long n, long ldq, long H, long Hkv, long Dh, const float* K, const float* V,
                  long hs, long T, const float* mask, long ldm, float scale, float* out) {
-  long g = H / Hkv, Tp = (T + 7) / 8 * 8;
+  long g = H / Hkv, pairs = (g + 1) / 2, Tp = (T + 7) / 8 * 8;
   int failed = 0;
   #pragma omp parallel
   {
-    float* s = (float*)aligned_alloc(32, sizeof(float) * Tp);
+    float* s = (float*)aligned_alloc(32, sizeof(float) * 2 * Tp);
     if (!s) {
       #pragma omp atomic write
       failed = 1;
     }
     #pragma omp for schedule(static)
-    for (long rh = 0; rh < n * H; rh++) {
+    for (long it = 0; it < n * Hkv * pairs; it++) {
       if (!s) continue;
-      long r = rh / H, h = rh % H;
-      const float* qv = q + r * ldq + h * Dh;
-      const float* Kh = K + (h / g) * hs;
-      const float* Vh = V + (h / g) * hs;
+      long r = it / (Hkv * pairs), j = (it / pairs) % Hkv, h = j * g + (it % pairs) * 2;
+      int nq = h + 1 < (j + 1) * g ? 2 : 1;
+      const float* Kh = K + j * hs;
+      const float* Vh = V + j * hs;
       const float* mr = mask ? mask + r * ldm : 0;
-      float mx = -INFINITY;
-      long t = 0;
-      for (; t + 4 <= T; t += 4) {   // 4 keys at a time: independent chains, each key's own order
-        const float* k0 = Kh + t * Dh;
-        __m256 a0 = _mm256_setzero_ps(), a1 = a0, a2 = a0, a3 = a0;
-        long d = 0;
-        for (; d + 8 <= Dh; d += 8) {
-          __m256 qd = _mm256_loadu_ps(qv + d);
-          a0 = _mm256_fmadd_ps(qd, _mm256_loadu_ps(k0 + d), a0);
-          a1 = _mm256_fmadd_ps(qd, _mm256_loadu_ps(k0 + Dh + d), a1);
-          a2 = _mm256_fmadd_ps(qd, _mm256_loadu_ps(k0 + 2 * Dh + d), a2);
-          a3 = _mm256_fmadd_ps(qd, _mm256_loadu_ps(k0 + 3 * Dh + d), a3);
-        }
-        float dots[4] = {hsum8(a0), hsum8(a1), hsum8(a2), hsum8(a3)};
-        for (int j = 0; j < 4; j++) {
-          for (long e = d; e < Dh; e++) dots[j] += qv[e] * k0[j * Dh + e];
-          float st = dots[j] * scale + (mr ? mr[t + j] : 0.0f);
-          s[t + j] = st;
-          if (st > mx) mx = st;
-        }
-      }
-      for (; t < T; t++) {
-        const float* kt = Kh + t * Dh;
-        __m256 a = _mm256_setzero_ps();
-        long d = 0;
-        for (; d + 8 <= Dh; d += 8) a = _mm256_fmadd_ps(_mm256_loadu_ps(qv + d), _mm256_loadu_ps(kt + d), a);
-        float dot = hsum8(a);
-        for (; d < Dh; d++) dot += qv[d] * kt[d];
-        float st = dot * scale + (mr ? mr[t] : 0.0f);
-        s[t] = st;
-        if (st > mx) mx = st;
-      }
-      for (t = T; t < Tp; t++) s[t] = -INFINITY;
-      __m256 m8 = _mm256_set1_ps(mx), l8 = _mm256_setzero_ps();
-      for (t = 0; t < Tp; t += 8) {
-        __m256 p = exp8(_mm256_sub_ps(_mm256_load_ps(s + t), m8));
-        _mm256_store_ps(s + t, p);
-        l8 = _mm256_add_ps(l8, p);
-      }
-      __m256 iv = _mm256_set1_ps(1.0f / hsum8(l8));
-      float* o = out + r * H * Dh + h * Dh;
-      long d = 0;
-      for (; d + 64 <= Dh; d += 64) {  // 64 values at a time: 8 chains over t
-        __m256 a[8];
-        for (int k = 0; k < 8; k++) a[k] = _mm256_setzero_ps();
-        for (t = 0; t < T; t++) {
-          __m256 p = _mm256_broadcast_ss(s + t);
-          const float* vt = Vh + t * Dh + d;
-          for (int k = 0; k < 8; k++) a[k] = _mm256_fmadd_ps(p, _mm256_loadu_ps(vt + 8 * k), a[k]);
-        }
-        for (int k = 0; k < 8; k++) _mm256_storeu_ps(o + d + 8 * k, _mm256_mul_ps(a[k], iv));
-      }
-      for (; d + 8 <= Dh; d += 8) {
-        __m256 a = _mm256_setzero_ps();
-        for (t = 0; t < T; t++) a = _mm256_fmadd_ps(_mm256_broadcast_ss(s + t), _mm256_loadu_ps(Vh + t * Dh + d), a);
-        _mm256_storeu_ps(o + d, _mm256_mul_ps(a, iv));
-      }
-      for (; d < Dh; d++) {
-        float a = 0.0f;
-        for (t = 0; t < T; t++) a = fmaf(s[t], Vh[t * Dh + d], a);
-        o[d] = a * _mm256_cvtss_f32(iv);
-      }
+      const float* q0 = q + r * ldq + h * Dh;
+      long Tr = T;                   // masked slots after the row's last visible one add exact zeros: skip
+      while (mr && Tr > 1 && mr[Tr - 1] == -INFINITY) Tr--;
+      long Tq = (Tr + 7) / 8 * 8;
+      float* s1 = s + Tp;
+      float mx[2], inv[2];
+      if (nq == 2) scores2(q0, q0 + Dh, Kh, Dh, Tr, mr, scale, s, s1, &mx[0], &mx[1]);
+      else mx[0] = scores1(q0, Kh, Dh, 0, Tr, mr, scale, s);
+      inv[0] = softmax_row(s, Tr, Tq, mx[0]);
+      if (nq == 2) inv[1] = softmax_row(s1, Tr, Tq, mx[1]);
+      const float* p[2] = {s, s1};
+      float* o[2] = {out + r * H * Dh + h * Dh, out + r * H * Dh + (h + 1) * Dh};
+      weighted_sum(nq, p, Vh, Dh, Tr, inv, o);
     }
     free(s);
   }
