@@ -86,30 +86,50 @@ static inline float hsum8(__m256 v) {      // lanes added in order 0..7
   return s;
 }
 
-// Scores of query qv against keys [t0, t1) of Kh into s (dot * scale + mask), 4 keys per pass (each key
-// its own chain over d in order, lanes summed in order, then the tail); returns their max.
+// Lane i of the result = hsum8(a[i]) to the bit (0 + lane 0 + lane 1 + ... + lane 7, in that order):
+// the 8 x 8 transpose puts lane k of every accumulator in one vector, then the adds run in hsum8's order.
+static inline __m256 reduce8(const __m256* a) {
+  __m256 t0 = _mm256_unpacklo_ps(a[0], a[1]), t1 = _mm256_unpackhi_ps(a[0], a[1]);
+  __m256 t2 = _mm256_unpacklo_ps(a[2], a[3]), t3 = _mm256_unpackhi_ps(a[2], a[3]);
+  __m256 t4 = _mm256_unpacklo_ps(a[4], a[5]), t5 = _mm256_unpackhi_ps(a[4], a[5]);
+  __m256 t6 = _mm256_unpacklo_ps(a[6], a[7]), t7 = _mm256_unpackhi_ps(a[6], a[7]);
+  __m256 u0 = _mm256_shuffle_ps(t0, t2, 0x44), u1 = _mm256_shuffle_ps(t0, t2, 0xEE);
+  __m256 u2 = _mm256_shuffle_ps(t1, t3, 0x44), u3 = _mm256_shuffle_ps(t1, t3, 0xEE);
+  __m256 u4 = _mm256_shuffle_ps(t4, t6, 0x44), u5 = _mm256_shuffle_ps(t4, t6, 0xEE);
+  __m256 u6 = _mm256_shuffle_ps(t5, t7, 0x44), u7 = _mm256_shuffle_ps(t5, t7, 0xEE);
+  __m256 r[8] = {_mm256_permute2f128_ps(u0, u4, 0x20), _mm256_permute2f128_ps(u1, u5, 0x20),
+                 _mm256_permute2f128_ps(u2, u6, 0x20), _mm256_permute2f128_ps(u3, u7, 0x20),
+                 _mm256_permute2f128_ps(u0, u4, 0x31), _mm256_permute2f128_ps(u1, u5, 0x31),
+                 _mm256_permute2f128_ps(u2, u6, 0x31), _mm256_permute2f128_ps(u3, u7, 0x31)};
+  __m256 sum = _mm256_setzero_ps();
+  _Pragma("GCC unroll 8") for (int k = 0; k < 8; k++) sum = _mm256_add_ps(sum, r[k]);
+  return sum;
+}
+
+// Scores of query qv against keys [t0, t1) of Kh into s (dot * scale + mask), each key its own chain over
+// d in order, its lanes summed in order (hsum8), then the tail of d; returns their max. With Dh a multiple
+// of 8: 8 keys per pass, reduced together (reduce8: the same bits).
 static inline float scores1(const float* qv, const float* Kh, long Dh, long t0, long t1, const float* mr, float scale,
                             float* s) {
   float mx = -INFINITY;
   long t = t0;
-  for (; t + 4 <= t1; t += 4) {
-    const float* k0 = Kh + t * Dh;
-    __m256 a0 = _mm256_setzero_ps(), a1 = a0, a2 = a0, a3 = a0;
-    long d = 0;
-    for (; d + 8 <= Dh; d += 8) {
-      __m256 qd = _mm256_loadu_ps(qv + d);
-      a0 = _mm256_fmadd_ps(qd, _mm256_loadu_ps(k0 + d), a0);
-      a1 = _mm256_fmadd_ps(qd, _mm256_loadu_ps(k0 + Dh + d), a1);
-      a2 = _mm256_fmadd_ps(qd, _mm256_loadu_ps(k0 + 2 * Dh + d), a2);
-      a3 = _mm256_fmadd_ps(qd, _mm256_loadu_ps(k0 + 3 * Dh + d), a3);
+  if (Dh % 8 == 0) {
+    __m256 sc = _mm256_set1_ps(scale), m8 = _mm256_set1_ps(-INFINITY);
+    for (; t + 8 <= t1; t += 8) {
+      const float* k0 = Kh + t * Dh;
+      __m256 a[8];
+      _Pragma("GCC unroll 8") for (int j = 0; j < 8; j++) a[j] = _mm256_setzero_ps();
+      for (long d = 0; d < Dh; d += 8) {
+        __m256 qd = _mm256_loadu_ps(qv + d);
+        _Pragma("GCC unroll 8") for (int j = 0; j < 8; j++) a[j] = _mm256_fmadd_ps(qd, _mm256_loadu_ps(k0 + j * Dh + d), a[j]);
+      }
+      __m256 st = _mm256_add_ps(_mm256_mul_ps(reduce8(a), sc), mr ? _mm256_loadu_ps(mr + t) : _mm256_setzero_ps());
+      _mm256_storeu_ps(s + t, st);
+      m8 = _mm256_max_ps(m8, st);
     }
-    float dots[4] = {hsum8(a0), hsum8(a1), hsum8(a2), hsum8(a3)};
-    for (int j = 0; j < 4; j++) {
-      for (long e = d; e < Dh; e++) dots[j] += qv[e] * k0[j * Dh + e];
-      float st = dots[j] * scale + (mr ? mr[t + j] : 0.0f);
-      s[t + j] = st;
-      if (st > mx) mx = st;
-    }
+    float l[8];
+    _mm256_storeu_ps(l, m8);
+    for (int k = 0; k < 8; k++) if (l[k] > mx) mx = l[k];
   }
   for (; t < t1; t++) {
     const float* kt = Kh + t * Dh;
@@ -125,34 +145,35 @@ static inline float scores1(const float* qv, const float* Kh, long Dh, long t0, 
   return mx;
 }
 
-// The same for two queries of one kv head at once (each key read once for both): every score is the
-// same operation sequence as in scores1.
+// The same for two queries of one kv head at once (each key read once for both; 4 keys per pass, the
+// 2 x 4 chains reduced together): every score is the same operation sequence as in scores1.
 static inline void scores2(const float* q0, const float* q1, const float* Kh, long Dh, long T, const float* mr,
                            float scale, float* s0, float* s1, float* mx0, float* mx1) {
   float m0 = -INFINITY, m1 = -INFINITY;
   long t = 0;
-  for (; t + 4 <= T; t += 4) {
-    const float* k0 = Kh + t * Dh;
-    __m256 a[4], b[4];
-    _Pragma("GCC unroll 4") for (int j = 0; j < 4; j++) a[j] = b[j] = _mm256_setzero_ps();
-    long d = 0;
-    for (; d + 8 <= Dh; d += 8) {
-      __m256 x0 = _mm256_loadu_ps(q0 + d), x1 = _mm256_loadu_ps(q1 + d);
-      _Pragma("GCC unroll 4") for (int j = 0; j < 4; j++) {
-        __m256 kv = _mm256_loadu_ps(k0 + j * Dh + d);
-        a[j] = _mm256_fmadd_ps(x0, kv, a[j]);
-        b[j] = _mm256_fmadd_ps(x1, kv, b[j]);
+  if (Dh % 8 == 0)
+    for (; t + 4 <= T; t += 4) {
+      const float* k0 = Kh + t * Dh;
+      __m256 a[8];                   // a[j]: q0 . key t + j, a[4 + j]: q1 . key t + j
+      _Pragma("GCC unroll 8") for (int j = 0; j < 8; j++) a[j] = _mm256_setzero_ps();
+      for (long d = 0; d < Dh; d += 8) {
+        __m256 x0 = _mm256_loadu_ps(q0 + d), x1 = _mm256_loadu_ps(q1 + d);
+        _Pragma("GCC unroll 4") for (int j = 0; j < 4; j++) {
+          __m256 kv = _mm256_loadu_ps(k0 + j * Dh + d);
+          a[j] = _mm256_fmadd_ps(x0, kv, a[j]);
+          a[4 + j] = _mm256_fmadd_ps(x1, kv, a[4 + j]);
+        }
+      }
+      float dots[8];
+      _mm256_storeu_ps(dots, reduce8(a));
+      for (int j = 0; j < 4; j++) {
+        float m = mr ? mr[t + j] : 0.0f;
+        float st0 = dots[j] * scale + m, st1 = dots[4 + j] * scale + m;
+        s0[t + j] = st0; s1[t + j] = st1;
+        if (st0 > m0) m0 = st0;
+        if (st1 > m1) m1 = st1;
       }
     }
-    for (int j = 0; j < 4; j++) {
-      float d0 = hsum8(a[j]), d1 = hsum8(b[j]);
-      for (long e = d; e < Dh; e++) { d0 += q0[e] * k0[j * Dh + e]; d1 += q1[e] * k0[j * Dh + e]; }
-      float st0 = d0 * scale + (mr ? mr[t + j] : 0.0f), st1 = d1 * scale + (mr ? mr[t + j] : 0.0f);
-      s0[t + j] = st0; s1[t + j] = st1;
-      if (st0 > m0) m0 = st0;
-      if (st1 > m1) m1 = st1;
-    }
-  }
   float r0 = scores1(q0, Kh, Dh, t, T, mr, scale, s0), r1 = scores1(q1, Kh, Dh, t, T, mr, scale, s1);
   *mx0 = r0 > m0 ? r0 : m0;
   *mx1 = r1 > m1 ? r1 : m1;
