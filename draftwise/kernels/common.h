@@ -2,6 +2,11 @@
 #pragma once
 #include <immintrin.h>
 
+// Put before a loop over a tile's rows, panels or accumulators: unrolled early, the tile's accumulator
+// arrays become registers (otherwise GCC kept them in memory and stored every accumulator on every step
+// of the inner loop: measured 3-11% slower at the same arithmetic).
+#define UNROLL _Pragma("GCC unroll 8")
+
 // Store a 16-column result row (+ bias), only the first `valid` columns when the panel is partial.
 static inline void store16(float* y, __m256 a0, __m256 a1, const float* bias, int valid) {
   if (bias) { a0 = _mm256_add_ps(a0, _mm256_loadu_ps(bias)); a1 = _mm256_add_ps(a1, _mm256_loadu_ps(bias + 8)); }

@@ -22,34 +22,34 @@
 static inline void k16_##R(const float* x, long ldx, const float* P, long I, float* y, long ldy, \
                            const float* bias, int valid) { \
   __m256 a0[R], a1[R]; \
-  _Pragma("GCC unroll 8") for (int r = 0; r < R; r++) { a0[r] = _mm256_setzero_ps(); a1[r] = _mm256_setzero_ps(); } \
+  UNROLL for (int r = 0; r < R; r++) { a0[r] = _mm256_setzero_ps(); a1[r] = _mm256_setzero_ps(); } \
   for (long i = 0; i < I; i++) { \
     _mm_prefetch((const char*)(P + i * 16 + 512), _MM_HINT_T0); \
     __m256 w0 = _mm256_loadu_ps(P + i * 16), w1 = _mm256_loadu_ps(P + i * 16 + 8); \
-    _Pragma("GCC unroll 8") for (int r = 0; r < R; r++) { \
+    UNROLL for (int r = 0; r < R; r++) { \
       __m256 xv = _mm256_broadcast_ss(x + r * ldx + i); \
       a0[r] = _mm256_fmadd_ps(xv, w0, a0[r]); a1[r] = _mm256_fmadd_ps(xv, w1, a1[r]); \
     } \
   } \
-  _Pragma("GCC unroll 8") for (int r = 0; r < R; r++) store16(y + r * ldy, a0[r], a1[r], bias, valid); \
+  UNROLL for (int r = 0; r < R; r++) store16(y + r * ldy, a0[r], a1[r], bias, valid); \
 }
 
 #define K32(R) \
 static inline void k32_##R(const float* x, long ldx, const float* P0, const float* P1, long I, float* y, \
                            long ldy, const float* bias, int valid1) { \
   __m256 a0[R], a1[R], a2[R], a3[R]; \
-  _Pragma("GCC unroll 8") for (int r = 0; r < R; r++) { a0[r] = a1[r] = a2[r] = a3[r] = _mm256_setzero_ps(); } \
+  UNROLL for (int r = 0; r < R; r++) { a0[r] = a1[r] = a2[r] = a3[r] = _mm256_setzero_ps(); } \
   for (long i = 0; i < I; i++) { \
     _mm_prefetch((const char*)(P0 + i * 16 + 512), _MM_HINT_T0); _mm_prefetch((const char*)(P1 + i * 16 + 512), _MM_HINT_T0); \
     __m256 w0 = _mm256_loadu_ps(P0 + i * 16), w1 = _mm256_loadu_ps(P0 + i * 16 + 8); \
     __m256 w2 = _mm256_loadu_ps(P1 + i * 16), w3 = _mm256_loadu_ps(P1 + i * 16 + 8); \
-    _Pragma("GCC unroll 8") for (int r = 0; r < R; r++) { \
+    UNROLL for (int r = 0; r < R; r++) { \
       __m256 xv = _mm256_broadcast_ss(x + r * ldx + i); \
       a0[r] = _mm256_fmadd_ps(xv, w0, a0[r]); a1[r] = _mm256_fmadd_ps(xv, w1, a1[r]); \
       a2[r] = _mm256_fmadd_ps(xv, w2, a2[r]); a3[r] = _mm256_fmadd_ps(xv, w3, a3[r]); \
     } \
   } \
-  _Pragma("GCC unroll 8") for (int r = 0; r < R; r++) { \
+  UNROLL for (int r = 0; r < R; r++) { \
     store16(y + r * ldy, a0[r], a1[r], bias, 16); \
     store16(y + r * ldy + 16, a2[r], a3[r], bias ? bias + 16 : 0, valid1); \
   } \
@@ -61,18 +61,18 @@ static inline void k32_##R(const float* x, long ldx, const float* P0, const floa
 #define KA(R) \
 static inline void ka_##R(const float* x, long ldx, const float* P, long kc, float* acc, int first) { \
   __m256 a0[R], a1[R]; \
-  _Pragma("GCC unroll 8") for (int r = 0; r < R; r++) { \
+  UNROLL for (int r = 0; r < R; r++) { \
     if (first) { a0[r] = _mm256_setzero_ps(); a1[r] = _mm256_setzero_ps(); } \
     else { a0[r] = _mm256_loadu_ps(acc + r * 16); a1[r] = _mm256_loadu_ps(acc + r * 16 + 8); } \
   } \
   for (long i = 0; i < kc; i++) { \
     __m256 w0 = _mm256_loadu_ps(P + i * 16), w1 = _mm256_loadu_ps(P + i * 16 + 8); \
-    _Pragma("GCC unroll 8") for (int r = 0; r < R; r++) { \
+    UNROLL for (int r = 0; r < R; r++) { \
       __m256 xv = _mm256_broadcast_ss(x + r * ldx + i); \
       a0[r] = _mm256_fmadd_ps(xv, w0, a0[r]); a1[r] = _mm256_fmadd_ps(xv, w1, a1[r]); \
     } \
   } \
-  _Pragma("GCC unroll 8") for (int r = 0; r < R; r++) { _mm256_storeu_ps(acc + r * 16, a0[r]); _mm256_storeu_ps(acc + r * 16 + 8, a1[r]); } \
+  UNROLL for (int r = 0; r < R; r++) { _mm256_storeu_ps(acc + r * 16, a0[r]); _mm256_storeu_ps(acc + r * 16 + 8, a1[r]); } \
 }
 
 K16(1) K16(2) K16(3) K16(4) K16(5) K16(6)

@@ -5,7 +5,6 @@
 #include <stdint.h>
 #include <stdlib.h>
 #include <string.h>
-#include <math.h>
 
 void dw_linear(const float* x, long n, long I, const float* P, const float* bias_padded, long O, float* y);
 void dw_qlinear(const float* x, long n, long I, const void* Q, int bits, int fmt, const void* S, const int8_t* SC,
@@ -40,20 +39,13 @@ static void lin(const dw_lin_t* l, const float* x, long n, float* y) {
 // xo [n, D] = layer(x [n, D]); cos/sin [n, Dh] (the rows' positions); K/V: this layer's cache, kv head j,
 // slot t at K[j * hs + t * Dh]; this pass's keys/values go to slots [start, start + n) and the queries
 // attend to slots [0, start + n) under mask (additive [n, start + n], rows ldm apart; NULL: all visible).
-// Returns 0, or 1 when its scratch could not be allocated (nothing written then).
+// Returns 0, or 1 when its scratch could not be allocated (xo not written then).
 int dw_layer(const dw_layer_t* L, const float* x, long n, const float* cos_, const float* sin_, float* K, float* V,
              long hs, long start, const float* mask, long ldm, float* xo) {
   long D = L->D, H = L->H, Hkv = L->Hkv, Dh = L->Dh, F = L->F, C = (H + 2 * Hkv) * Dh;
-  float* h = (float*)malloc(sizeof(float) * n * D);
-  float* qkv = (float*)malloc(sizeof(float) * n * C);
-  float* att = (float*)malloc(sizeof(float) * n * H * Dh);
-  float* t = (float*)malloc(sizeof(float) * n * D);
-  float* gu = (float*)malloc(sizeof(float) * n * 2 * F);
-  float* act = (float*)malloc(sizeof(float) * n * F);
-  if (!h || !qkv || !att || !t || !gu || !act) {
-    free(act); free(gu); free(t); free(att); free(qkv); free(h);
-    return 1;
-  }
+  float* h = (float*)malloc(sizeof(float) * n * (2 * D + C + H * Dh + 3 * F));   // all scratch, one block
+  if (!h) return 1;
+  float *qkv = h + n * D, *att = qkv + n * C, *t = att + n * H * Dh, *gu = t + n * D, *act = gu + n * 2 * F;
   if (L->attn_norm) dw_rms_norm(x, n, D, L->attn_norm, L->eps, h);
   else memcpy(h, x, sizeof(float) * n * D);
   lin(&L->qkv, h, n, qkv);
@@ -65,7 +57,7 @@ int dw_layer(const dw_layer_t* L, const float* x, long n, const float* cos_, con
       memcpy(V + j * hs + (start + r) * Dh, qkv + r * C + (H + Hkv + j) * Dh, sizeof(float) * Dh);
     }
   if (dw_attention(qkv, n, C, H, Hkv, Dh, K, V, hs, start + n, mask, ldm, L->scale, att)) {
-    free(act); free(gu); free(t); free(att); free(qkv); free(h);
+    free(h);
     return 1;
   }
   lin(&L->o, att, n, t);
@@ -74,6 +66,6 @@ int dw_layer(const dw_layer_t* L, const float* x, long n, const float* cos_, con
   dw_swiglu(gu, n, F, act);
   lin(&L->down, act, n, t);
   for (long i = 0; i < n * D; i++) xo[i] = xo[i] + t[i];
-  free(act); free(gu); free(t); free(att); free(qkv); free(h);
+  free(h);
   return 0;
 }

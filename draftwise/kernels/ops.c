@@ -2,6 +2,7 @@
 // each (dispatch, not arithmetic, dominates them at these sizes). Every row is computed on its own,
 // so a row's result does not depend on how many rows a call has.
 #include <immintrin.h>
+#include "common.h"
 #include <math.h>
 #include <stdlib.h>
 
@@ -102,7 +103,7 @@ static inline __m256 reduce8(const __m256* a) {
                  _mm256_permute2f128_ps(u0, u4, 0x31), _mm256_permute2f128_ps(u1, u5, 0x31),
                  _mm256_permute2f128_ps(u2, u6, 0x31), _mm256_permute2f128_ps(u3, u7, 0x31)};
   __m256 sum = _mm256_setzero_ps();
-  _Pragma("GCC unroll 8") for (int k = 0; k < 8; k++) sum = _mm256_add_ps(sum, r[k]);
+  UNROLL for (int k = 0; k < 8; k++) sum = _mm256_add_ps(sum, r[k]);
   return sum;
 }
 
@@ -118,10 +119,10 @@ static inline float scores1(const float* qv, const float* Kh, long Dh, long t0, 
     for (; t + 8 <= t1; t += 8) {
       const float* k0 = Kh + t * Dh;
       __m256 a[8];
-      _Pragma("GCC unroll 8") for (int j = 0; j < 8; j++) a[j] = _mm256_setzero_ps();
+      UNROLL for (int j = 0; j < 8; j++) a[j] = _mm256_setzero_ps();
       for (long d = 0; d < Dh; d += 8) {
         __m256 qd = _mm256_loadu_ps(qv + d);
-        _Pragma("GCC unroll 8") for (int j = 0; j < 8; j++) a[j] = _mm256_fmadd_ps(qd, _mm256_loadu_ps(k0 + j * Dh + d), a[j]);
+        UNROLL for (int j = 0; j < 8; j++) a[j] = _mm256_fmadd_ps(qd, _mm256_loadu_ps(k0 + j * Dh + d), a[j]);
       }
       __m256 st = _mm256_add_ps(_mm256_mul_ps(reduce8(a), sc), mr ? _mm256_loadu_ps(mr + t) : _mm256_setzero_ps());
       _mm256_storeu_ps(s + t, st);
@@ -155,10 +156,10 @@ static inline void scores2(const float* q0, const float* q1, const float* Kh, lo
     for (; t + 4 <= T; t += 4) {
       const float* k0 = Kh + t * Dh;
       __m256 a[8];                   // a[j]: q0 . key t + j, a[4 + j]: q1 . key t + j
-      _Pragma("GCC unroll 8") for (int j = 0; j < 8; j++) a[j] = _mm256_setzero_ps();
+      UNROLL for (int j = 0; j < 8; j++) a[j] = _mm256_setzero_ps();
       for (long d = 0; d < Dh; d += 8) {
         __m256 x0 = _mm256_loadu_ps(q0 + d), x1 = _mm256_loadu_ps(q1 + d);
-        _Pragma("GCC unroll 4") for (int j = 0; j < 4; j++) {
+        UNROLL for (int j = 0; j < 4; j++) {
           __m256 kv = _mm256_loadu_ps(k0 + j * Dh + d);
           a[j] = _mm256_fmadd_ps(x0, kv, a[j]);
           a[4 + j] = _mm256_fmadd_ps(x1, kv, a[4 + j]);
@@ -199,11 +200,11 @@ static inline void weighted_sum(int NQ, const float* const* p, const float* Vh, 
   if (NQ == 2) {
     for (; d + 32 <= Dh; d += 32) {
       __m256 a[2][4];
-      _Pragma("GCC unroll 4") for (int k = 0; k < 4; k++) a[0][k] = a[1][k] = _mm256_setzero_ps();
+      UNROLL for (int k = 0; k < 4; k++) a[0][k] = a[1][k] = _mm256_setzero_ps();
       for (long t = 0; t < T; t++) {
         __m256 p0 = _mm256_broadcast_ss(p[0] + t), p1 = _mm256_broadcast_ss(p[1] + t);
         const float* vt = Vh + t * Dh + d;
-        _Pragma("GCC unroll 4") for (int k = 0; k < 4; k++) {
+        UNROLL for (int k = 0; k < 4; k++) {
           __m256 v = _mm256_loadu_ps(vt + 8 * k);
           a[0][k] = _mm256_fmadd_ps(p0, v, a[0][k]);
           a[1][k] = _mm256_fmadd_ps(p1, v, a[1][k]);
@@ -217,11 +218,11 @@ static inline void weighted_sum(int NQ, const float* const* p, const float* Vh, 
   } else {
     for (; d + 64 <= Dh; d += 64) {
       __m256 a[8];
-      _Pragma("GCC unroll 8") for (int k = 0; k < 8; k++) a[k] = _mm256_setzero_ps();
+      UNROLL for (int k = 0; k < 8; k++) a[k] = _mm256_setzero_ps();
       for (long t = 0; t < T; t++) {
         __m256 p0 = _mm256_broadcast_ss(p[0] + t);
         const float* vt = Vh + t * Dh + d;
-        _Pragma("GCC unroll 8") for (int k = 0; k < 8; k++) a[k] = _mm256_fmadd_ps(p0, _mm256_loadu_ps(vt + 8 * k), a[k]);
+        UNROLL for (int k = 0; k < 8; k++) a[k] = _mm256_fmadd_ps(p0, _mm256_loadu_ps(vt + 8 * k), a[k]);
       }
       for (int k = 0; k < 8; k++) _mm256_storeu_ps(o[0] + d + 8 * k, _mm256_mul_ps(a[k], _mm256_set1_ps(inv[0])));
     }
