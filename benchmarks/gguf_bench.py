@@ -1,5 +1,7 @@
-"""GGUF block weights on CPU: t(n) and AR tokens/s with fp32 vs gguf weights, next to llama.cpp on
-the very same GGUF file, in one process per model.
+"""GGUF block weights on CPU: t(n) and AR tokens/s for each weights mode (fp32; gguf-f32: the blocks with
+fp32 activations; gguf: the blocks with 8-bit activations, the CPU default), next to llama.cpp on the very
+same GGUF file, in one process per model; with --llamacpp also how often each mode's greedy text equals
+llama.cpp's, and where not, the first differing position and our top-2 logit margin there.
 
     python benchmarks/gguf_bench.py --model qwen2.5-coder-0.5b-instruct --out benchmarks/results/gguf-cpu/0.5b.json
 
@@ -9,7 +11,7 @@ with the largest logit difference between the two), prefill tokens/s at 512, AR 
 HumanEval prompts (64 new tokens, EOS ignored for ours; llama.cpp stops at
 EOS, so its tokens/s is its own length over its own time) end to end and after the first token
 (decode only: the prompt's pass is compute-bound, the steps after it read the weights), and whether
-fp32 and gguf outputs agree.
+each mode's outputs agree with the first mode's.
 """
 from __future__ import annotations
 
@@ -56,11 +58,18 @@ def main() -> None:
     ap.add_argument("--prompts", type=int, default=5)
     ap.add_argument("--max-new-tokens", type=int, default=64)
     ap.add_argument("--llamacpp", action="store_true", help="also llama.cpp plain and prompt lookup")
+    ap.add_argument("--modes", default="fp32,gguf-f32,gguf",
+                    help="weights modes to compare (the first is the reference for agreement and logit diffs)")
     ap.add_argument("--out", default=None)
     a = ap.parse_args()
+    from draftwise import kernels
+
+    modes = a.modes.split(",")
     eng = draftwise.load(a.model, weights="gguf", progress=False)
-    nets = {"fp32": Transformer.from_pretrained(eng.path, weights="fp32"), "gguf": eng.model}
-    res = {"model": a.model, "threads": torch.get_num_threads(), "read_gbs": read_bandwidth() / 1e9,
+    nets = {k: (eng.model if k == "gguf" else Transformer.from_pretrained(eng.path, weights=k)) for k in modes}
+    ref_mode = modes[0]
+    res = {"model": a.model, "threads": torch.get_num_threads(), "isa": kernels.isa(), "modes": modes,
+           "read_gbs": read_bandwidth() / 1e9,
            "streamed_bytes": {k: streamed_bytes(m) for k, m in nets.items()}, "t_ms": {}, "ar": {}}
     res["bound_ms"] = {k: b / (res["read_gbs"] * 1e9) * 1e3 for k, b in res["streamed_bytes"].items()}
     print(json.dumps({k: res[k] for k in ("read_gbs", "streamed_bytes", "bound_ms")}), flush=True)
@@ -83,9 +92,10 @@ def main() -> None:
                     if r:
                         times[n][k].append((time.perf_counter() - t0) * 1e3)
         for n in ns:
-            diff = (outs[n]["fp32"] - outs[n]["gguf"]).abs().max() / outs[n]["fp32"].abs().max()
             res["t_ms"][n] = {k: statistics.median(v) for k, v in times[n].items()}
-            res["t_ms"][n]["logits_max_rel_diff"] = float(diff)
+            for k in modes[1:]:
+                diff = (outs[n][ref_mode] - outs[n][k]).abs().max() / outs[n][ref_mode].abs().max()
+                res["t_ms"][n][f"logits_max_rel_diff_{k}"] = float(diff)
             print(n, res["t_ms"][n], flush=True)
         for k, m in nets.items():                            # prefill: 512 tokens in one pass
             ids = torch.randint(0, 1000, (512,), generator=g)
@@ -101,9 +111,9 @@ def main() -> None:
 
     prompts = [eng.encode(p["prompt"]) for p in list(read_problems().values())[: a.prompts]]
     base = Baselines(eng)
-    runs = ["fp32", "gguf"] + (["llamacpp", "llamacpp-lookup"] if a.llamacpp else [])
+    runs = modes + (["llamacpp", "llamacpp-lookup"] if a.llamacpp else [])
     if a.llamacpp:
-        base.check(runs[2:])
+        base.check(runs[len(modes):])
     rows = []
     for i, ids in enumerate(prompts):
         row = {}
@@ -119,17 +129,34 @@ def main() -> None:
             wall = time.perf_counter() - t0
             row[r] = {"tok_s": len(out) / wall, "tokens": len(out), "out": out, "first_token_s": first,
                       "decode_tok_s": (len(out) - 1) / (wall - first)}
-        ref = row["fp32"]["out"]
+        ref = row[ref_mode]["out"]
+        lc = row.get("llamacpp", {}).get("out")
         for r in runs:
             k = min(len(ref), len(row[r]["out"]))
-            row[r]["same_as_fp32"] = row[r]["out"][:k] == ref[:k]
+            row[r]["same_as_ref"] = row[r]["out"][:k] == ref[:k]
+            if lc is not None:                               # agreement with llama.cpp on the same file
+                o = row[r]["out"]
+                k = min(len(lc), len(o))
+                first = next((j for j in range(k) if o[j] != lc[j]), None)
+                row[r]["same_as_llamacpp"] = first is None
+                if first is not None and r in nets:          # our top-2 margin where the texts part
+                    with torch.inference_mode():
+                        m = nets[r]
+                        seq = torch.tensor(ids + o[:first])
+                        lg = prefill(m, m.new_cache(len(seq) + 1), seq).logits[-1]
+                    top = lg.topk(2).values
+                    row[r]["llamacpp_diverge"] = {"pos": first, "ours_margin": float(top[0] - top[1]),
+                                                  "ours": o[first], "llamacpp": lc[first]}
+        for r in runs:
             row[r].pop("out")
         rows.append(row)
         print(i, {r: round(v["tok_s"], 2) for r, v in row.items()}, flush=True)
     res["ar"] = {r: {"tok_s": statistics.mean(x[r]["tok_s"] for x in rows),
                      "decode_tok_s": statistics.mean(x[r]["decode_tok_s"] for x in rows),
                      "first_token_s": statistics.mean(x[r]["first_token_s"] for x in rows),
-                     "same_as_fp32": sum(x[r]["same_as_fp32"] for x in rows), "samples": len(rows)}
+                     "same_as_ref": sum(x[r]["same_as_ref"] for x in rows),
+                     "same_as_llamacpp": sum(x[r].get("same_as_llamacpp", False) for x in rows),
+                     "samples": len(rows)}
                  for r in runs} if rows else {}
     res["rows"] = rows
     print(json.dumps(res["ar"], indent=1))

@@ -12,6 +12,7 @@ from draftwise import methods
 from draftwise.decoding import Stats, decode
 from draftwise.drafters.base import Drafter
 from draftwise.errors import ConfigError, PromptError
+from draftwise.models.transformer import WEIGHT_MODES
 from draftwise.models import registry
 from draftwise.models.checkpoint import resolve
 from draftwise.models.transformer import Transformer
@@ -59,8 +60,8 @@ class Engine:
         from transformers import AutoTokenizer
 
         for name, kind in (("weights", weights), ("draft_weights", draft_weights)):
-            if kind not in ("auto", "gguf", "fp32"):
-                raise ConfigError(f"{name} must be auto, gguf or fp32, got {kind!r}")
+            if kind not in WEIGHT_MODES:
+                raise ConfigError(f"{name} must be one of {', '.join(WEIGHT_MODES)}, got {kind!r}")
         if threads is not None:
             if threads < 1:
                 raise ConfigError("threads must be >= 1")

@@ -8,6 +8,7 @@ from pathlib import Path
 
 from draftwise.errors import DraftwiseError
 from draftwise.models import registry
+from draftwise.models.transformer import WEIGHT_MODES
 
 
 def _add_model_args(p: argparse.ArgumentParser) -> None:
@@ -21,13 +22,15 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--graphs", default="auto", choices=["auto", "on", "static", "off"],
                    help="CUDA graphs for decoding/verification forwards (default auto: on for CUDA devices, "
                         "off on CPU; 'static' runs the padded static-shape forward without capture)")
-    p.add_argument("--weights", default="auto", choices=["auto", "gguf", "fp32"],
-                   help="gguf: keep the model's GGUF blocks quantized (the same weights as fp32, logits within ~1e-6; "
-                        "3-4x fewer bytes per forward); auto (default): gguf on CPU fp32 when the .gguf is there")
+    p.add_argument("--weights", default="auto", choices=list(WEIGHT_MODES),
+                   help="gguf: the model's GGUF blocks with activations quantized to 8 bits per block, integer dot "
+                        "products (the model as llama.cpp computes it); gguf-f32: the same blocks with fp32 "
+                        "activations (exactly the fp32 weights, logits within ~1e-6); fp32: the dequantized "
+                        "weights; auto (default): gguf on CPU when the .gguf is there, else fp32")
     p.add_argument("--compile", default="off", choices=["off", "glue", "layer"],
                    help="torch.compile the non-matmul steps ('glue') or whole layers with the kernel as a custom op "
                         "('layer'); off by default: both measured slower than eager on a 2-core CPU")
-    p.add_argument("--draft-weights", default="auto", choices=["auto", "gguf", "fp32"],
+    p.add_argument("--draft-weights", default="auto", choices=list(WEIGHT_MODES),
                    help="the draft model's weights (with --draft), chosen apart from the target's: they change only "
                         "its speed, never the output (auto: gguf on CPU fp32 when the draft's .gguf is there)")
 
@@ -253,6 +256,7 @@ def cmd_train_ldlp(a) -> int:
 
 def cmd_bench_forward(a) -> int:
     import draftwise
+    from draftwise import kernels
     from draftwise.policies.budget import load_or_measure
 
     eng = draftwise.load(a.name, device=a.device, dtype=a.dtype, threads=a.threads)
@@ -261,7 +265,7 @@ def cmd_bench_forward(a) -> int:
     for n, ms in zip(curve.ns, curve.ms):
         print(f"n={n:<3d} {ms:7.1f} ms")
     print(f"[draftwise] {'measured' if time.time() - t0 > 0.5 else 'cached'} "
-          f"(kernels: {'prepacked AVX2' if eng.model.fast else 'torch'}, weights: {eng.model.weights})", file=sys.stderr)
+          f"(kernels: {kernels.describe() if eng.model.fast else 'torch'}, weights: {eng.model.weights})", file=sys.stderr)
     return 0
 
 

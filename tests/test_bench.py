@@ -101,8 +101,11 @@ def test_balanced_limit_covers_categories():
     assert balanced(qs, None) == qs and len(balanced(qs, 100)) == 6
 
 
-def test_baselines_run_on_the_same_prompts_and_report_agreement(engine, questions, tmp_path):
-    s = Runner(engine, ["ar", "hf"], questions[:1], tmp_path / "o", max_new_tokens=6, progress=False).run()
+def test_baselines_run_on_the_same_prompts_and_report_agreement(questions, tmp_path):
+    import draftwise
+
+    exact = draftwise.load("smollm2-135m-instruct", weights="gguf-f32", progress=False)   # HF's fp32 weights
+    s = Runner(exact, ["ar", "hf"], questions[:1], tmp_path / "o", max_new_tokens=6, progress=False).run()
     hf = s["methods"]["hf"]["overall"]
     assert hf["turns"] == 2 and hf["same_as_ar"] == 1      # HF generate on the same fp32 weights agrees
     assert s["methods"]["ar"]["overall"]["speedup_vs_hf"] > 0

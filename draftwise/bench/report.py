@@ -39,7 +39,8 @@ def write_report(out: Path, summary: dict, engine=None) -> None:
     lines = [f"# draftwise bench: {cfg['model']}", "",
              f"max_new_tokens {cfg['max_new_tokens']}, temperature {cfg['temperature']}, threads {cfg['threads']}, "
              f"device {cfg['device']} ({cfg.get('processor', '')}), torch {cfg['torch']}, "
-             f"prepacked kernels {cfg['kernels']}, weights {cfg.get('weights', 'fp32')}.", "", "## Overall", "", table(summary), ""]
+             f"prepacked kernels {cfg['kernels']}, weights {cfg.get('weights', 'fp32')}"
+             f"{', int8 activations on ' + cfg['isa'] if cfg.get('isa') and cfg.get('weights') == 'gguf' else ''}.", "", "## Overall", "", table(summary), ""]
     cats = sorted({c for d in summary["methods"].values() for c in d["categories"]})
     if len(cats) > 1:
         lines += ["## Speedup vs our AR by category", "",

@@ -27,14 +27,20 @@ from types import SimpleNamespace
 
 import torch
 
-_SRC = Path(__file__).with_name("gemm.c")
-_QSRC = Path(__file__).with_name("qgemm.c")
-_OSRC = Path(__file__).with_name("ops.c")
-_LSRC = Path(__file__).with_name("layer.c")
+_DIR = Path(__file__).parent
+_SRC = _DIR / "gemm.c"
+# Sources built with the baseline flags, and q8gemm.c once per instruction set (its functions are only
+# called where the CPU has that set: see :func:`isa`).
+_SOURCES = ("gemm.c", "qgemm.c", "ops.c", "layer.c", "q8quant.c")
+_HEADERS = ("common.h", "q8.h")
+_ISA_BUILDS = (("avx2", ("-DQ8_ISA=0",)),
+               ("vnni256", ("-DQ8_ISA=1", "-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512vnni")),
+               ("vnni512", ("-DQ8_ISA=2", "-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512vnni")))
+ISAS = tuple(name for name, _ in _ISA_BUILDS)
 # -ffp-contract=off: no multiply-add the source does not spell out is fused (results must not depend on
 # the compiler's choices); the explicit FMAs are FMAs either way. -falign-loops=64: the inner loops' speed
 # moved by up to 20% with where they happened to fall against 64-byte fetch blocks; aligned, it holds
-_FLAGS = ("-O3", "-mavx2", "-mfma", "-mf16c", "-ffp-contract=off", "-falign-loops=64", "-fopenmp", "-shared", "-fPIC")
+_FLAGS = ("-O3", "-mavx2", "-mfma", "-mf16c", "-ffp-contract=off", "-falign-loops=64", "-fopenmp", "-fPIC")
 _lock = threading.Lock()
 _lib: ctypes.CDLL | None = None
 _failed: str | None = None
@@ -46,39 +52,109 @@ def _cache_dir() -> Path:
     return cache_root() / "kernels"
 
 
-def _cpu_has_avx2_fma() -> bool:          # and F16C (fp16 scales), which every AVX2 CPU has
-    try:
-        flags = Path("/proc/cpuinfo").read_text()
-    except OSError:
-        return False
-    return " avx2" in flags and " fma" in flags and " f16c" in flags
+def _build_tag() -> str:
+    srcs = b"".join((_DIR / f).read_bytes() for f in (*_SOURCES, "q8gemm.c", *_HEADERS))
+    return hashlib.sha256(srcs + repr((_FLAGS, _ISA_BUILDS)).encode()).hexdigest()[:16]
 
 
 def version() -> str:
-    """A short hash of the kernel source: cached measurements (cost curves) are keyed by it."""
-    srcs = b"".join(p.read_bytes() for p in (_SRC, _QSRC, _OSRC, _LSRC, _SRC.with_name("common.h")))
-    return hashlib.sha256(srcs + " ".join(_FLAGS).encode()).hexdigest()[:16]
+    """A short tag of the kernel source and the instruction set in use: cached measurements (cost
+    curves) are keyed by it."""
+    return f"{_build_tag()}-{isa()}"
+
+
+def cpu_flags() -> set[str]:
+    try:
+        text = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return set()
+    for line in text.splitlines():
+        if line.startswith("flags"):
+            return set(line.split(":", 1)[1].split())
+    return set()
+
+
+_VNNI_FLAGS = {"avx512f", "avx512bw", "avx512vl", "avx512_vnni"}
+# zmm vs ymm on AVX-512 VNNI: benchmarks/results/gguf-cpu/q8 (measured on a Xeon with AVX-512 VNNI)
+_DEFAULT_VNNI = "vnni512"
+ISA_ENV = "DRAFTWISE_ISA"
+
+
+def supported_isas() -> tuple[str, ...]:
+    """The q8gemm.c builds this CPU can run."""
+    flags = cpu_flags()
+    if not {"avx2", "fma", "f16c"} <= flags:
+        return ()
+    return ISAS if _VNNI_FLAGS <= flags else ("avx2",)
+
+
+_isa: str | None = None
+
+
+def isa() -> str:
+    """The instruction set the 8-bit-activation kernels use: ``DRAFTWISE_ISA`` if set (avx2, vnni256,
+    vnni512; it must be one this CPU has), else AVX-512 VNNI where the CPU has it, else AVX2."""
+    global _isa
+    if _isa is None:
+        sup = supported_isas()
+        want = os.environ.get(ISA_ENV, "").strip().lower()
+        if want:
+            from draftwise.errors import ConfigError
+
+            if want not in ISAS:
+                raise ConfigError(f"{ISA_ENV} must be one of {', '.join(ISAS)}, got {want!r}")
+            if want not in sup:
+                raise ConfigError(f"{ISA_ENV}={want}: this CPU does not have it (it has: {', '.join(sup) or 'none'})")
+            _isa = want
+        else:
+            _isa = _DEFAULT_VNNI if _DEFAULT_VNNI in sup else "avx2"
+    return _isa
+
+
+def describe() -> str:
+    """One line for reports: the kernels and the instruction set of the 8-bit-activation path."""
+    return f"prepacked AVX2/FMA, int8 activations on {isa()}" if available() else f"torch ({why_unavailable()})"
+
+
+def set_isa(name: str) -> str:
+    """Switch the 8-bit-activation kernels to another supported ISA (tests, benchmarks); returns the old one."""
+    global _isa
+    if name not in supported_isas():
+        from draftwise.errors import ConfigError
+
+        raise ConfigError(f"ISA {name!r} is not supported on this CPU (supported: {', '.join(supported_isas())})")
+    old = isa()
+    lib = library()
+    if lib is not None:
+        lib.dw_q8_set_isa(ISAS.index(name))
+    _isa = name
+    return old
+
+
+def _compile(cc: str, args: list[str], what: str) -> None:
+    try:
+        subprocess.run([cc, *args], check=True, capture_output=True, text=True)
+    except subprocess.CalledProcessError as e:
+        raise RuntimeError(f"compiling {what} failed: {e.stderr.strip()[:500]}") from None
 
 
 def _build() -> ctypes.CDLL:
-    tag = version()
-    out = _cache_dir() / f"libdwgemm-{tag}.so"
+    out = _cache_dir() / f"libdraftwise-kernels-{_build_tag()}.so"
     if not out.exists():
         cc = os.environ.get("CC") or shutil.which("gcc") or shutil.which("cc")
         if cc is None:
             raise RuntimeError("no C compiler found (set CC)")
         out.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(suffix=".so", dir=out.parent)
-        os.close(fd)
-        try:
-            subprocess.run(
-                [cc, *_FLAGS, str(_SRC), str(_QSRC), str(_OSRC), str(_LSRC), "-lm", "-o", tmp],
-                check=True, capture_output=True, text=True,
-            )
-            os.replace(tmp, out)
-        except subprocess.CalledProcessError as e:
-            os.unlink(tmp)
-            raise RuntimeError(f"compiling {_SRC.name} failed: {e.stderr.strip()[:500]}") from None
+        with tempfile.TemporaryDirectory(dir=out.parent) as tmp:
+            objs = []
+            for src in _SOURCES:
+                objs.append(f"{tmp}/{src}.o")
+                _compile(cc, [*_FLAGS, "-c", str(_DIR / src), "-o", objs[-1]], src)
+            for name, extra in _ISA_BUILDS:
+                objs.append(f"{tmp}/q8gemm-{name}.o")
+                _compile(cc, [*_FLAGS, *extra, "-c", str(_DIR / "q8gemm.c"), "-o", objs[-1]], f"q8gemm.c ({name})")
+            _compile(cc, [*_FLAGS, "-shared", *objs, "-lm", "-o", f"{tmp}/lib.so"], "the kernel library (link)")
+            os.replace(f"{tmp}/lib.so", out)
     lib = ctypes.CDLL(str(out))
     lib.dw_linear.argtypes = [ctypes.c_void_p, ctypes.c_long, ctypes.c_long, ctypes.c_void_p,
                               ctypes.c_void_p, ctypes.c_long, ctypes.c_void_p]
@@ -96,6 +172,13 @@ def _build() -> ctypes.CDLL:
     for f in (lib.dw_rms_norm, lib.dw_add_rms_norm, lib.dw_rope, lib.dw_swiglu):
         f.restype = None
     lib.dw_attention.restype = lib.dw_layer.restype = ctypes.c_int
+    lib.dw_q8linear.argtypes = [P, P, L, P]
+    lib.dw_q8linear.restype = ctypes.c_int
+    lib.dw_q8_quantize.argtypes = [P, L, L, I, P, P, P, P, P]
+    lib.dw_q8_quantize.restype = None
+    lib.dw_q8_set_isa.argtypes = [I]
+    lib.dw_q8_set_isa.restype = ctypes.c_int
+    lib.dw_q8_set_isa(ISAS.index(isa()))
     return lib
 
 
@@ -108,8 +191,8 @@ def library() -> ctypes.CDLL | None:
         if _lib is None and _failed is None:
             if os.environ.get("DRAFTWISE_NO_KERNELS"):
                 _failed = "disabled by DRAFTWISE_NO_KERNELS"
-            elif not _cpu_has_avx2_fma():
-                _failed = "CPU lacks AVX2/FMA"
+            elif not supported_isas():
+                _failed = "CPU lacks AVX2/FMA/F16C"
             else:
                 try:
                     _lib = _build()
@@ -322,6 +405,9 @@ def _lin_struct(lin) -> _Lin | None:
     bias = ptr(lin.bias)
     if getattr(lin, "packed", None) is not None:            # prepacked fp32 (models.transformer.Linear)
         return _Lin(32, 0, 0, 0, lin.in_features, lin.out_features, lin.packed.data_ptr(), None, None, None, None, bias)
+    if getattr(lin, "segs", None) is not None:              # GGUF blocks, 8-bit activations (QLinear "q8")
+        return _Lin(1, 0, 0, 0, lin.in_features, lin.out_features, ctypes.addressof(lin.plan()), None, None, None,
+                    None, None)
     if getattr(lin, "Q", None) is not None:                 # GGUF blocks (QLinear)
         return _Lin(lin.bits, lin.fmt, lin.group, lin.per, lin.in_features, lin.out_features, lin.Q.data_ptr(),
                     ptr(lin.S), ptr(lin.M), ptr(lin.SC), ptr(lin.MC), bias)
@@ -357,3 +443,111 @@ def layer(plan, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, k_all: to
                           out.data_ptr()):
         raise MemoryError(f"a decoder layer over {n} tokens: out of memory for its scratch")
     return out
+
+
+# ---------------------------------------------------------------------- GGUF blocks with 8-bit activations
+# kind -> (activation blocks: 0 Q8_0/Q8_1 of 32, 1 Q8_K of 256; stored-value bias; sub-block; super-block;
+# offsets: 0 none, 1 Q4_1's m, 2 Q4_K's mins). See q8.h and q8gemm.c.
+Q8_KINDS = {"Q8_0": (0, 128, 32, 32, 0), "Q5_0": (0, 16, 32, 32, 0), "Q4_1": (0, 0, 32, 32, 1),
+            "Q6_K": (1, 32, 16, 256, 0), "Q4_K": (1, 0, 32, 256, 2)}
+
+
+def _fp16(t: torch.Tensor, what: str) -> torch.Tensor:
+    h = t.half()
+    if not torch.equal(h.float(), t.float()):
+        raise ValueError(f"{what} are not fp16 values")
+    return h
+
+
+def pack_q8(w) -> SimpleNamespace:
+    """One draftwise.quant.QWeight of a Q8_KINDS type -> a segment of the q8gemm layout (q8.h): values
+    u = q + bias as uint8 [ceil(O/16), I/4 * 64] (nibble-packed [ceil(O/16), I/8 * 64] for the 4-bit types),
+    D/M fp16 [ceil(O/16), I/SS, 16], SC/MN int8 [ceil(O/16), I/SB or I/32, 16]."""
+    act, bias, SB, SS, mkind = Q8_KINDS[w.kind]
+    O, I = w.shape
+    if I % SS:
+        raise ValueError(f"{w.kind} weight with {I} columns (not a multiple of {SS})")
+    OB = (O + 15) // 16
+    u = torch.zeros(OB * 16, I, dtype=torch.uint8)
+    u[:O] = (w.q.to(torch.int16) + bias).to(torch.uint8)
+    U = u.view(OB, 16, I // 4, 4).permute(0, 2, 1, 3).contiguous().view(OB, I // 4, 64)
+    vals = 0
+    if mkind:                                   # Q4_1, Q4_K: values 0..15, two steps per 64 bytes
+        U = U.view(OB, I // 8, 2, 64)
+        U, vals = (U[:, :, 0] | (U[:, :, 1] << 4)).contiguous(), 1
+    SC = MN = M = None
+    if SS == 256:
+        D = pack_weight(_fp16(w.scale_f.base, f"{w.kind} scales"))
+        SC = pack_weight(w.scale_f.ints)
+        if mkind == 2:
+            M, MN = pack_weight(_fp16(w.offset_f.base, "Q4_K mins")), pack_weight(w.offset_f.ints)
+    else:
+        D = pack_weight(_fp16(w.scale, f"{w.kind} scales"))
+        if mkind == 1:
+            M = pack_weight(_fp16(w.offset, "Q4_1 offsets"))
+    return SimpleNamespace(kind=w.kind, O=O, I=I, act=act, vals=vals, bias=bias, SB=SB, SS=SS, mkind=mkind,
+                           U=U, SC=SC, MN=MN, D=D, M=M)
+
+
+def unpack_q8(seg, ids: torch.Tensor):
+    """The QWeight of rows ``ids`` of a pack_q8 segment (a vocabulary-subset head)."""
+    from draftwise.quant import Factors, QWeight
+
+    OB, I = seg.U.shape[0], seg.I
+    U = seg.U
+    if seg.vals:
+        U = torch.stack([U.view(OB, I // 8, 64) & 0x0F, U.view(OB, I // 8, 64) >> 4], dim=2).view(OB, I // 4, 64)
+    u = U.view(OB, I // 4, 16, 4)[ids // 16, :, ids % 16].reshape(len(ids), I)
+    q = (u.to(torch.int16) - seg.bias).to(torch.int8)
+    pick = lambda t: None if t is None else t[ids // 16, :, ids % 16].contiguous()   # noqa: E731
+    if seg.SS == 256:
+        sf = Factors(pick(seg.D).float(), pick(seg.SC))
+        of = Factors(pick(seg.M).float(), pick(seg.MN)) if seg.mkind == 2 else None
+        return QWeight(q, sf.value(), None if of is None else of.value(), seg.SB, seg.kind, sf, of)
+    return QWeight(q, pick(seg.D).float(), None if seg.M is None else pick(seg.M).float(), seg.SB, seg.kind)
+
+
+class _Q8Seg(ctypes.Structure):
+    _fields_ = [(f, ctypes.c_long) for f in ("O", "act", "vals", "bias", "SB", "SS", "mkind")] + \
+               [(f, ctypes.c_void_p) for f in ("U", "SC", "MN", "D", "M")]
+
+
+MAX_Q8_SEGMENTS = 4
+
+
+class _Q8Lin(ctypes.Structure):
+    _fields_ = [("I", ctypes.c_long), ("O", ctypes.c_long), ("nseg", ctypes.c_long), ("bias", ctypes.c_void_p),
+                ("seg", _Q8Seg * MAX_Q8_SEGMENTS)]
+
+
+def q8_plan(segs: list, bias_padded: torch.Tensor | None) -> _Q8Lin:
+    """The C description (dw_q8lin_t) of a linear made of pack_q8 segments; it points at their tensors."""
+    ptr = lambda t: None if t is None else t.data_ptr()     # noqa: E731
+    cs = [_Q8Seg(s.O, s.act, s.vals, s.bias, s.SB, s.SS, s.mkind, ptr(s.U), ptr(s.SC), ptr(s.MN), ptr(s.D),
+                 ptr(s.M)) for s in segs]
+    return _Q8Lin(segs[0].I, sum(s.O for s in segs), len(segs), ptr(bias_padded), (_Q8Seg * MAX_Q8_SEGMENTS)(*cs))
+
+
+def q8linear(x: torch.Tensor, plan: _Q8Lin, out: torch.Tensor | None = None) -> torch.Tensor:
+    """y = x @ W^T (+ b) with 8-bit activations (q8gemm.c); x [n, I] contiguous fp32 on CPU."""
+    n = x.shape[0]
+    if out is None:
+        out = torch.empty(n, plan.O, dtype=torch.float32)
+    if library().dw_q8linear(ctypes.addressof(plan), x.data_ptr(), n, out.data_ptr()):
+        raise MemoryError(f"a linear over {n} rows: out of memory for its quantized activations")
+    return out
+
+
+def q8_quantize(x: torch.Tensor, kind: int) -> tuple[torch.Tensor, ...]:
+    """x [n, I] fp32 -> (q int8 [n, I], d [n, I/B], s [n, I/32], bs16 [n, I/16], bs32 [n, I/32]) as the
+    kernels quantize activations: kind 0 = Q8_0/Q8_1 (B = 32), 1 = Q8_K (B = 256). For tests."""
+    x = x.contiguous()
+    n, I = x.shape
+    q = torch.empty(n, I, dtype=torch.int8)
+    d = torch.empty(n, I // (32 if kind == 0 else 256))
+    s = torch.empty(n, I // 32)
+    bs16 = torch.empty(n, I // 16, dtype=torch.int32)
+    bs32 = torch.empty(n, I // 32, dtype=torch.int32)
+    library().dw_q8_quantize(x.data_ptr(), n, I, kind, q.data_ptr(), d.data_ptr(), s.data_ptr(), bs16.data_ptr(),
+                             bs32.data_ptr())
+    return q, d, s, bs16, bs32

@@ -5,6 +5,7 @@
 #include <stdint.h>
 #include <stdlib.h>
 #include <string.h>
+#include "q8.h"
 
 void dw_linear(const float* x, long n, long I, const float* P, const float* bias_padded, long O, float* y);
 void dw_qlinear(const float* x, long n, long I, const void* Q, int bits, int fmt, const void* S, const int8_t* SC,
@@ -16,7 +17,8 @@ int dw_attention(const float* q, long n, long ldq, long H, long Hkv, long Dh, co
                  long hs, long T, const float* mask, long ldm, float scale, float* out);
 void dw_swiglu(const float* gu, long n, long I, float* out);
 
-typedef struct {                     // one linear: prepacked fp32 (bits 32) or GGUF blocks (bits 8, 4)
+typedef struct {                     // one linear: prepacked fp32 (bits 32), GGUF blocks with fp32
+                                     // activations (bits 8, 4) or with 8-bit ones (bits 1: Q is a dw_q8lin_t)
   long bits, fmt, G, per, I, O;
   const void *Q, *S, *M, *SC, *MC, *bias;
 } dw_lin_t;
@@ -28,12 +30,15 @@ typedef struct {
   dw_lin_t qkv, o, gate_up, down;
 } dw_layer_t;
 
-static void lin(const dw_lin_t* l, const float* x, long n, float* y) {
+static int lin(const dw_lin_t* l, const float* x, long n, float* y) {
+  if (l->bits == 1)
+    return dw_q8linear((const dw_q8lin_t*)l->Q, x, n, y);
   if (l->bits == 32)
     dw_linear(x, n, l->I, (const float*)l->Q, (const float*)l->bias, l->O, y);
   else
     dw_qlinear(x, n, l->I, l->Q, (int)l->bits, (int)l->fmt, l->S, (const int8_t*)l->SC, l->M,
                (const int8_t*)l->MC, l->G, l->per, (const float*)l->bias, l->O, y);
+  return 0;
 }
 
 // xo [n, D] = layer(x [n, D]); cos/sin [n, Dh] (the rows' positions); K/V: this layer's cache, kv head j,
@@ -48,7 +53,7 @@ int dw_layer(const dw_layer_t* L, const float* x, long n, const float* cos_, con
   float *qkv = h + n * D, *att = qkv + n * C, *t = att + n * H * Dh, *gu = t + n * D, *act = gu + n * 2 * F;
   if (L->attn_norm) dw_rms_norm(x, n, D, L->attn_norm, L->eps, h);
   else memcpy(h, x, sizeof(float) * n * D);
-  lin(&L->qkv, h, n, qkv);
+  if (lin(&L->qkv, h, n, qkv)) { free(h); return 1; }
   dw_rope(qkv, n, C, H, Dh, cos_, sin_);
   dw_rope(qkv + H * Dh, n, C, Hkv, Dh, cos_, sin_);
   for (long r = 0; r < n; r++)
@@ -60,11 +65,11 @@ int dw_layer(const dw_layer_t* L, const float* x, long n, const float* cos_, con
     free(h);
     return 1;
   }
-  lin(&L->o, att, n, t);
+  if (lin(&L->o, att, n, t)) { free(h); return 1; }
   dw_add_rms_norm(x, t, n, D, L->mlp_norm, L->eps, xo, h);
-  lin(&L->gate_up, h, n, gu);
+  if (lin(&L->gate_up, h, n, gu)) { free(h); return 1; }
   dw_swiglu(gu, n, F, act);
-  lin(&L->down, act, n, t);
+  if (lin(&L->down, act, n, t)) { free(h); return 1; }
   for (long i = 0; i < n * D; i++) xo[i] = xo[i] + t[i];
   free(h);
   return 0;

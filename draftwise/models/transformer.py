@@ -28,7 +28,11 @@ from draftwise.models.config import ModelConfig
 from draftwise.models.graphs import MAX_BUCKET, StaticForward
 
 GRAPH_MODES = ("auto", "on", "static", "off")
-COMPILE_MODES = ("off", "glue", "layer")     # torch.compile: nothing, the non-matmul steps, whole layers
+COMPILE_MODES = ("off", "glue", "layer")
+# what the linears compute: "gguf" the GGUF blocks with 8-bit activations (llama.cpp's scheme; the CPU
+# default), "gguf-f32" the same blocks with fp32 activations (exactly the dequantized weights), "fp32"
+# the checkpoint's fp32 tensors (training, parity tests, GPUs); "auto" picks gguf on CPU where it can.
+WEIGHT_MODES = ("auto", "gguf", "gguf-f32", "fp32")     # torch.compile: nothing, the non-matmul steps, whole layers
 
 
 class Linear:
@@ -65,28 +69,82 @@ class Linear:
 
 
 class QLinear:
-    """y = x W^T + b with W kept in a GGUF file's quantized blocks (draftwise.quant.QWeight), run by the
-    block kernel (kernels/qgemm.c) in fp32 arithmetic. Attributes: kernels.pack_quant's layout."""
+    """y = x W^T + b with W kept in a GGUF file's quantized blocks (draftwise.quant.QWeight, or a list of them
+    stacked along the rows: fused q/k/v, gate/up). act "q8": the activations quantized to 8 bits per block
+    and integer block dot products (kernels/q8gemm.c: the model as llama.cpp computes it); act "f32": fp32
+    activations and arithmetic on the exact dequantized weights (kernels/qgemm.c). A stack the q8 kernel
+    cannot take (another block type, segments not on 16-row panels) runs with "f32"; ``act`` says which.
+    Attributes: ``segs`` (kernels.pack_q8 segments) for q8, else kernels.pack_quant's layout."""
 
     packed = weight = None
+    segs = None
 
-    def __init__(self, w, bias: torch.Tensor | None):
-        self.out_features, self.in_features = w.shape
+    def __init__(self, w, bias: torch.Tensor | None, act: str = "f32"):
+        parts = list(w) if isinstance(w, (list, tuple)) else [w]
+        self.out_features, self.in_features = sum(p.shape[0] for p in parts), parts[0].shape[1]
+        self.bias = kernels.pad_bias(bias) if bias is not None else None
+        self.act = "f32"
+        if act == "q8":
+            self.segs = _q8_segments(parts)
+            if self.segs is not None:
+                self.act, self.group, self._plan = "q8", None, None
+                self.kind = "+".join(s.kind for s in self.segs)
+                return
+        from draftwise.quant import concat_rows
+
+        w = concat_rows(parts) if len(parts) > 1 else parts[0]
         self.group, self.kind = w.group, w.kind
         self.__dict__.update(vars(kernels.pack_quant(w)))    # Q, bits, fmt, S, SC, M, MC, per
-        self.bias = kernels.pad_bias(bias) if bias is not None else None
+
+    def plan(self):
+        """The q8 kernel's C description of this linear (rebuilt after its tensors move: ``replan``)."""
+        if self._plan is None:
+            self._plan = kernels.q8_plan(self.segs, self.bias)
+        return self._plan
+
+    def replan(self) -> None:
+        if self.segs is not None:
+            self._plan = None
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:   # [n, in] -> [n, out]
+        if self.segs is not None:
+            return kernels.q8linear(x.contiguous(), self.plan())
         return kernels.qlinear(x.contiguous(), self, self.group, self.bias, self.out_features)
 
     def tensors(self) -> tuple:
+        if self.segs is not None:
+            return tuple(t for s in self.segs for t in (s.U, s.SC, s.MN, s.D, s.M)) + (self.bias,)
         return self.Q, self.S, self.SC, self.M, self.MC, self.bias
 
     def rows(self, ids: torch.Tensor) -> "QLinear":
         """A QLinear computing only the output rows ``ids`` (a vocabulary-subset LM head)."""
+        bias = None if self.bias is None else self.bias[ids.to(self.bias.device)]
+        if self.segs is not None:
+            if len(self.segs) != 1:
+                raise ConfigError("a row subset of a stacked q8 linear is not supported")
+            return QLinear(kernels.unpack_q8(self.segs[0], ids.to(self.segs[0].U.device)), bias, act="q8")
         ids = ids.to(self.Q.device)
-        bias = None if self.bias is None else self.bias[ids]
         return QLinear(kernels.unpack_quant(self, ids), bias)
+
+
+def _q8_segments(parts: list) -> list | None:
+    """pack_q8 segments of stacked QWeights (consecutive parts of one block type share a segment), or None
+    where the q8 kernel cannot take them."""
+    from draftwise.quant import concat_rows
+
+    runs: list[list] = []
+    for p in parts:
+        spec = kernels.Q8_KINDS.get(p.kind)
+        if spec is None or p.shape[1] % spec[3] or p.group != spec[2] or \
+                (spec[3] == 256 and (p.scale_f is None or (spec[4] == 2 and p.offset_f is None))):
+            return None                 # not a GGUF block type as the file holds it
+        if runs and runs[-1][0].kind == p.kind:
+            runs[-1].append(p)
+        else:
+            runs.append([p])
+    if len(runs) > kernels.MAX_Q8_SEGMENTS or any(sum(p.shape[0] for p in r) % 16 for r in runs[:-1]):
+        return None
+    return [kernels.pack_q8(concat_rows(r) if len(r) > 1 else r[0]) for r in runs]
 
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
@@ -148,9 +206,11 @@ class ForwardOut:
 class Transformer:
     def __init__(self, cfg: ModelConfig, state: dict[str, torch.Tensor], device="cpu",
                  dtype: torch.dtype = torch.float32, max_len: int | None = None, fast: bool = True,
-                 graphs: str = "auto", compile: str = "off", quant: dict | None = None, native_ops: bool = True):
+                 graphs: str = "auto", compile: str = "off", quant: dict | None = None, native_ops: bool = True,
+                 act: str = "q8"):
         """quant: Hugging Face name -> draftwise.quant.QWeight for linears kept block-quantized
-        (CPU fp32 with the kernels only; see ``from_pretrained(weights="gguf")``)."""
+        (CPU fp32 with the kernels only; see ``from_pretrained(weights="gguf")``); act: their activations,
+        "q8" (8-bit, llama.cpp's scheme) or "f32" (exact fp32)."""
         self.cfg = cfg
         self.device = torch.device(device)
         self.dtype = dtype
@@ -177,11 +237,14 @@ class Transformer:
             raise ConfigError("GGUF block weights need the CPU kernels in float32 (load with weights='fp32' "
                               f"for {self.device.type}/{str(dtype).split('.')[-1]}"
                               f"{'' if kernels.available() else '; kernels: ' + str(kernels.why_unavailable())})")
-        self.weights = "gguf" if quant else "fp32"
-        self.layers = [build_layer(cfg, get, f"model.layers.{i}.", self.fast, quant=quant) for i in range(cfg.num_layers)]
+        if act not in ("q8", "f32"):
+            raise ConfigError(f"act must be q8 or f32, got {act!r}")
+        self.weights = ("gguf" if act == "q8" else "gguf-f32") if quant else "fp32"
+        self.layers = [build_layer(cfg, get, f"model.layers.{i}.", self.fast, quant=quant, act=act)
+                       for i in range(cfg.num_layers)]
         self.norm = get("model.norm.weight")
         if quant and "lm_head.weight" in quant:
-            self.lm_head = QLinear(quant["lm_head.weight"], None)
+            self.lm_head = QLinear(quant["lm_head.weight"], None, act=act)
         else:
             head = state.get("lm_head.weight")
             if head is None or cfg.tie_word_embeddings:
@@ -207,13 +270,18 @@ class Transformer:
         """Re-home the kernels' streamed weights (prepacked fp32 or quantized blocks) in one mapping
         on transparent huge pages (kernels.huge_page_copies); returns the mapping to keep alive."""
         slots = []
-        for lin in [self.lm_head] + [lin for L in self.layers for lin in (L.qkv, L.o, L.gate_up, L.down)]:
-            for attr in ("packed", "Q", "S", "SC", "M", "MC"):
-                if isinstance(getattr(lin, attr, None), torch.Tensor):
-                    slots.append((lin, attr))
-        copies, arena = kernels.huge_page_copies([getattr(lin, a) for lin, a in slots])
-        for (lin, attr), t in zip(slots, copies):
-            setattr(lin, attr, t)
+        lins = [self.lm_head] + [lin for L in self.layers for lin in (L.qkv, L.o, L.gate_up, L.down)]
+        for lin in lins:
+            for obj in [lin] + list(getattr(lin, "segs", None) or ()):
+                for attr in ("packed", "Q", "S", "SC", "M", "MC", "U", "MN", "D"):
+                    if isinstance(getattr(obj, attr, None), torch.Tensor):
+                        slots.append((obj, attr))
+        copies, arena = kernels.huge_page_copies([getattr(obj, a) for obj, a in slots])
+        for (obj, attr), t in zip(slots, copies):
+            setattr(obj, attr, t)
+        for lin in lins:
+            if isinstance(lin, QLinear):
+                lin.replan()
         return arena
 
     def weight_bytes(self) -> int:
@@ -242,27 +310,30 @@ class Transformer:
     @classmethod
     def from_pretrained(cls, path: str | Path, device="cpu", dtype=torch.float32, weights: str = "fp32",
                         **kw) -> "Transformer":
-        """weights: "fp32" (the checkpoint's tensors), "gguf" (linears kept in the .gguf file's own
-        quantized blocks: the same model, ~3x fewer bytes per forward; needs the .gguf beside
-        config.json, as ``draftwise models install`` leaves it), or "auto" (gguf on CPU fp32 when the
-        file and the kernels are there, else fp32)."""
+        """weights (see WEIGHT_MODES): "fp32" (the checkpoint's tensors), "gguf" (linears kept in the .gguf
+        file's own quantized blocks and multiplied as llama.cpp does, activations quantized to 8 bits per
+        block), "gguf-f32" (the same blocks with fp32 activations: exactly the fp32 model's weights), or
+        "auto" (gguf on CPU fp32 when the file and the kernels are there, else fp32). The gguf modes need
+        the .gguf beside config.json, as ``draftwise models install`` leaves it."""
         from draftwise.models.checkpoint import load_config, load_state_dict
 
         path = Path(path)
         cfg = load_config(path)
         quant = None
-        if weights not in ("fp32", "gguf", "auto"):
-            raise ConfigError(f"weights must be fp32, gguf or auto, got {weights!r}")
+        if weights not in WEIGHT_MODES:
+            raise ConfigError(f"weights must be one of {', '.join(WEIGHT_MODES)}, got {weights!r}")
         ggufs = sorted(path.glob("*.gguf")) if path.is_dir() else []
         usable = torch.device(device).type == "cpu" and dtype == torch.float32 and kw.get("fast", True) \
             and kernels.available()
-        if weights == "gguf" or (weights == "auto" and ggufs and usable):
+        if weights in ("gguf", "gguf-f32") or (weights == "auto" and ggufs and usable):
             if not ggufs:
-                raise CheckpointError(f"weights='gguf' needs the model's .gguf file in {path} (none found)")
+                raise CheckpointError(f"weights={weights!r} needs the model's .gguf file in {path} (none found)")
             from draftwise.quant import load_gguf_linears
 
             quant = load_gguf_linears(ggufs[0], cfg)
-        return cls(cfg, load_state_dict(path, skip=set(quant or ())), device=device, dtype=dtype, quant=quant, **kw)
+        act = "f32" if weights == "gguf-f32" else "q8"
+        return cls(cfg, load_state_dict(path, skip=set(quant or ())), device=device, dtype=dtype, quant=quant,
+                   act=act, **kw)
 
     def new_cache(self, max_len: int | None = None) -> KVCache:
         c = self.cfg
@@ -369,16 +440,14 @@ def _graph_mode(mode: str, device: torch.device) -> str:
 
 
 def build_layer(cfg: ModelConfig, get, prefix: str, packed: bool, input_norm: bool = True,
-                quant: dict | None = None) -> Layer:
+                quant: dict | None = None, act: str = "q8") -> Layer:
     """One decoder layer from Hugging Face-named tensors (``get(name, required)``) under ``prefix``
     (``model.layers.{i}.``); q/k/v and gate/up are fused into one Linear each. input_norm False:
     the layer has no input RMSNorm (EAGLE-1/2 draft heads)."""
     def lin(ws: list[str], bs: list[str] | None = None) -> Linear | QLinear:
         b = torch.cat([get(n) for n in bs], 0) if bs is not None else None
         if quant and all(n in quant for n in ws):
-            from draftwise.quant import concat_rows
-
-            return QLinear(concat_rows([quant[n] for n in ws]), b)
+            return QLinear([quant[n] for n in ws], b, act=act)
         w = torch.cat([get(n) for n in ws], 0) if len(ws) > 1 else get(ws[0])
         return Linear(w, b, packed)
 
