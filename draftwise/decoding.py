@@ -11,6 +11,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from draftwise import kernels
 from draftwise.drafters.base import Context, Drafter, Proposal
 from draftwise.errors import DrafterError, PromptError
 from draftwise.models.transformer import Transformer, prefill
@@ -210,7 +211,7 @@ def _propose(drafter: Drafter, ctx: Context, cache) -> Proposal:
 
 def _pick(logits: torch.Tensor, sampling: Sampling, g) -> int:
     if sampling.greedy:
-        return int(logits.argmax())
+        return int(kernels.argmax_rows(logits))
     return sample(warp(logits, sampling).double().cpu(), g)
 
 

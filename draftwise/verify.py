@@ -26,6 +26,7 @@ from dataclasses import dataclass
 
 import torch
 
+from draftwise import kernels
 from draftwise.sampling import Sampling, warp
 from draftwise.tree import DraftTree
 
@@ -45,7 +46,7 @@ class Accepted:
 def verify_greedy(tree: DraftTree, logits: torch.Tensor) -> Accepted:
     """logits [n, V] from the target at every node."""
     n = tree.size
-    best = logits.argmax(-1)                                     # [n]
+    best = kernels.argmax_rows(logits)                           # [n] (= logits.argmax(-1))
     if n == 1:
         b = int(best[0])
         return Accepted([0], [b], b)

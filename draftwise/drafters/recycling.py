@@ -17,7 +17,7 @@ from pathlib import Path
 
 import torch
 
-from draftwise import methods
+from draftwise import kernels, methods
 from draftwise.drafters.base import Context, Drafter
 from draftwise.errors import CheckpointError, ConfigError
 from draftwise.policies.budget import CostCurve, OnlineCost, Overhead, best_prefix, online_cost
@@ -113,7 +113,7 @@ class TokenRecycling(Drafter):
             self.cost.observe(*ctx.last_pass, context=len(ctx.tokens))
 
     def _observe(self, tree: DraftTree, out, accepted) -> None:
-        top = torch.topk(out.logits, self.k, dim=-1).indices            # [n, k]
+        top = kernels.topk_rows(out.logits, self.k)                    # [n, k] (torch.topk's indices)
         rows = tree.tokens.to(self.M.device)
         self.M[rows] = top.to(self.M.device)
         self.seen[rows] = True

@@ -40,7 +40,8 @@ ISAS = tuple(name for name, _ in _ISA_BUILDS)
 # -ffp-contract=off: no multiply-add the source does not spell out is fused (results must not depend on
 # the compiler's choices); the explicit FMAs are FMAs either way. -falign-loops=64: the inner loops' speed
 # moved by up to 20% with where they happened to fall against 64-byte fetch blocks; aligned, it holds
-_FLAGS = ("-O3", "-mavx2", "-mfma", "-mf16c", "-ffp-contract=off", "-falign-loops=64", "-fopenmp", "-fPIC")
+_FLAGS = ("-O3", "-mavx2", "-mfma", "-mf16c", "-ffp-contract=off", "-falign-loops=64", "-fopenmp", "-fPIC",
+          *os.environ.get("DRAFTWISE_KERNEL_CFLAGS", "").split())   # extra flags: A/B experiments (-DQ8_PF=...)
 _lock = threading.Lock()
 _lib: ctypes.CDLL | None = None
 _failed: str | None = None
@@ -172,6 +173,9 @@ def _build() -> ctypes.CDLL:
     for f in (lib.dw_rms_norm, lib.dw_add_rms_norm, lib.dw_rope, lib.dw_swiglu):
         f.restype = None
     lib.dw_attention.restype = lib.dw_layer.restype = ctypes.c_int
+    lib.dw_argmax_rows.argtypes = [P, L, L, L, P]
+    lib.dw_topk_rows.argtypes = [P, L, L, L, L, P]
+    lib.dw_argmax_rows.restype = lib.dw_topk_rows.restype = None
     lib.dw_q8linear.argtypes = [P, P, L, P]
     lib.dw_q8linear.restype = ctypes.c_int
     lib.dw_q8_quantize.argtypes = [P, L, L, I, P, P, P, P, P]
@@ -329,6 +333,36 @@ def qlinear(x: torch.Tensor, p, group: int, bias_padded: torch.Tensor | None, ou
     ptr = lambda t: None if t is None else t.data_ptr()     # noqa: E731
     lib.dw_qlinear(x.data_ptr(), n, in_features, p.Q.data_ptr(), p.bits, p.fmt, ptr(p.S), ptr(p.SC), ptr(p.M),
                    ptr(p.MC), group, p.per, ptr(bias_padded), out_features, out.data_ptr())
+    return out
+
+
+# ---------------------------------------------------------------------- row reductions over logits (ops.c)
+def _rows_ok(x: torch.Tensor) -> bool:
+    return (x.device.type == "cpu" and x.dtype == torch.float32 and x.dim() in (1, 2) and x.stride(-1) == 1
+            and x.shape[-1] > 0 and library() is not None)
+
+
+def argmax_rows(x: torch.Tensor) -> torch.Tensor:
+    """x.argmax(-1) for [n, V] (or [V]) logits: the first index of each row's largest value, as torch picks
+    it; native on CPU fp32 (ATen took 1.8-8 ms for 3-8 rows of 151,936), torch elsewhere."""
+    if not _rows_ok(x):
+        return x.argmax(-1)
+    x2 = x if x.dim() == 2 else x.view(1, -1)
+    out = torch.empty(x2.shape[0], dtype=torch.long)
+    library().dw_argmax_rows(x2.data_ptr(), x2.shape[0], x2.shape[1], x2.stride(0), out.data_ptr())
+    if bool((out < 0).any()):                    # a NaN somewhere: torch's rule (NaN is the largest)
+        return x.argmax(-1)
+    return out if x.dim() == 2 else out[0]
+
+
+def topk_rows(x: torch.Tensor, k: int) -> torch.Tensor:
+    """The indices of each row's k largest values, largest first ([n, V] -> [n, k]); native on CPU fp32
+    for k <= 64 (equal values: lower index first; NaN never chosen, where torch would rank it first), torch.topk
+    elsewhere."""
+    if not _rows_ok(x) or x.dim() != 2 or not 0 < k <= min(64, x.shape[1]):
+        return torch.topk(x, k, dim=-1).indices
+    out = torch.empty(x.shape[0], k, dtype=torch.long)
+    library().dw_topk_rows(x.data_ptr(), x.shape[0], x.shape[1], x.stride(0), k, out.data_ptr())
     return out
 
 

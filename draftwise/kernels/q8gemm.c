@@ -120,9 +120,14 @@ AI void tile(const int R, const int C, const int KIND, const dw_q8seg_t* s, long
   const long nsup = I / SS, nsub = SS / SB, psb = NIB ? I * 8 : I * 16;
   const int32_t* bsum = SB == 16 ? a->bs16 : a->bs32;
   const long nbs = I / SB;
-  float accm[4][4 * 16] __attribute__((aligned(64)));   // fp32 accumulators, updated once per (super-)block
-  UNROLL for (int r = 0; r < R; r++) UNROLL for (int c = 0; c < C; c++) UNROLL for (int h = 0; h < H; h++)
+  // fp32 accumulators: in registers where a block is one sub-block (Q8_0, Q5_0, Q4_1), in memory for the
+  // k-quants (updated once per 256 columns; their registers hold the super-block's integer sums instead)
+  float accm[4][4 * 16] __attribute__((aligned(64)));
+  VF accr[4][4][H];
+  UNROLL for (int r = 0; r < R; r++) UNROLL for (int c = 0; c < C; c++) UNROLL for (int h = 0; h < H; h++) {
     STOREF(&accm[r][c * 16 + h * VL], ZEROF());
+    accr[r][c][h] = ZEROF();
+  }
   const uint8_t* U = (const uint8_t*)s->U + b * psb;
   const VI m4 = SET1B(0x0F);
 #if Q8_ISA == 0
@@ -212,10 +217,9 @@ AI void tile(const int R, const int C, const int KIND, const dw_q8seg_t* s, long
           UNROLL for (int r = 0; r < R; r++) {
             VI d = acc[r][c][h];
             if (bias_q) d = SUB(d, SET1(bias_q * bsum[(r0 + r) * nbs + jb]));
-            float* am = &accm[r][c * 16 + h * VL];
-            VF t = FMA(CVT(d), MULF(D, SET1F(a->d[(r0 + r) * nsup + sp])), LOADF(am));
+            VF t = FMA(CVT(d), MULF(D, SET1F(a->d[(r0 + r) * nsup + sp])), accr[r][c][h]);
             if (MK == 1) t = FMA(M, SET1F(a->s[(r0 + r) * nsup + sp]), t);
-            STOREF(am, t);
+            accr[r][c][h] = t;
           }
         }
       }
@@ -243,6 +247,9 @@ AI void tile(const int R, const int C, const int KIND, const dw_q8seg_t* s, long
       }
     }
   }
+  if (!HAS_SC)
+    UNROLL for (int r = 0; r < R; r++) UNROLL for (int c = 0; c < C; c++) UNROLL for (int h = 0; h < H; h++)
+      STOREF(&accm[r][c * 16 + h * VL], accr[r][c][h]);
   UNROLL for (int c = 0; c < C; c++) {
     long o = (b + c) * 16;
     int valid = (int)(s->O - o < 16 ? s->O - o : 16);

@@ -199,7 +199,7 @@ def curve_key(model_id: str, model) -> str:
     safe = "".join(c if c.isalnum() or c in "-._" else "_" for c in model_id)[-80:]
     from draftwise import kernels
 
-    kind = f"fast{kernels.version()[:8]}" if getattr(model, "fast", False) else "torch"
+    kind = f"fast{kernels.version()[:8]}-{kernels.isa()}" if getattr(model, "fast", False) else "torch"
     if getattr(model, "weights", "fp32") != "fp32":
         kind += f"-{model.weights}"
     if getattr(model, "graphs", "off") != "off":
@@ -221,7 +221,8 @@ def measure(model, ns=BENCH_NS, reps: int = 7, context: int = 128, context_long:
 
     contexts = [c for c in (context, context_long) if c is not None and c + max(ns) + 1 <= model.max_len]
     warm = 2 if getattr(model, "graphs", "off") == "on" else 1       # a graph is captured on the second run
-    bar = tqdm(total=(reps + warm) * len(contexts), desc="bench-forward", disable=not progress)
+    bar = tqdm(total=(reps + warm) * len(contexts), disable=not progress,
+               desc="measuring this machine's forward cost t(n) once (cached for later runs)")
     curves = []
     for ctx_len in contexts:
         cache = model.new_cache(ctx_len + max(ns) + 1)
