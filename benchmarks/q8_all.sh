@@ -24,7 +24,7 @@ if has m05; then
   for ds in ${DS05:-humaneval mtbench}; do
     draftwise bench --model qwen2.5-coder-0.5b-instruct --weights gguf --threads 2 --max-turns 1 --max-new-tokens 128 \
       --limit ${N:-20} --methods "$M05" --method-opts '{"rasd/trainfree": {"base": "recycling"}}' --dataset $ds \
-      --out "$OUT/0.5b-$ds" > "$OUT/0.5b-$ds.log" 2>&1
+      --out "$OUT/0.5b-$ds" > "$OUT/0.5b-$ds.log" 2>&1 || echo "0.5b $ds: exit $? (a mismatch is reported in its report)"
   done
 fi
 if has pair; then
@@ -32,7 +32,7 @@ if has pair; then
     draftwise bench --model qwen2.5-coder-1.5b-instruct --draft qwen2.5-coder-0.5b-instruct --weights gguf --threads 2 \
       --max-turns 1 --max-new-tokens 128 --limit ${N_PAIR:-20} --method-opts '{"draft-model/chain": {"tree": "chain"}}' \
       --methods ar,recycling,lookup,draft-model,draft-model/chain,llamacpp --dataset $ds --out "$OUT/1.5b-$ds" \
-      > "$OUT/1.5b-$ds.log" 2>&1
+      > "$OUT/1.5b-$ds.log" 2>&1 || echo "1.5b $ds: exit $? (a mismatch is reported in its report)"
   done
 fi
 echo ALL_DONE

@@ -181,6 +181,32 @@ def test_native_attention_matches_sdpa_and_each_row_stands_alone(n, H, Hkv, Dh, 
 
 
 @pytest.mark.skipif(not kernels.available(), reason=f"kernels unavailable: {kernels.why_unavailable()}")
+@pytest.mark.parametrize("H,Hkv,Dh,prefix", [(14, 2, 64, 37), (12, 2, 128, 90), (9, 3, 20, 8), (4, 4, 16, 3)])
+def test_native_attention_of_a_scattered_path_equals_the_contiguous_one(H, Hkv, Dh, prefix):
+    """A tree node's ancestors sit at scattered slots (siblings between them); decoding the same path puts
+    their keys at consecutive slots. The attention must give the same bits either way (the softmax sum
+    runs in lanes by rank among the visible slots): with slot-indexed lanes the 1.5B's greedy output
+    changed under trees with 8-bit activations."""
+    from draftwise.models.transformer import native_attention
+
+    g = torch.Generator().manual_seed(H * Dh + prefix)
+    for trial in range(6):
+        extra = int(torch.randint(3, 14, (1,), generator=g))           # tree slots after the prefix
+        T = prefix + extra
+        vis = torch.zeros(T, dtype=torch.bool)
+        vis[:prefix] = True
+        path = sorted(torch.randperm(extra - 1, generator=g)[: max(1, extra // 3)].tolist())
+        vis[[prefix + i for i in path] + [T - 1]] = True                # ancestors and the node itself
+        q = torch.randn(1, H, Dh, generator=g)
+        keys, values = torch.randn(Hkv, T, Dh, generator=g) * 3, torch.randn(Hkv, T, Dh, generator=g)
+        mask = torch.zeros(1, T).masked_fill_(~vis, float("-inf")).repeat(H // Hkv, 1)
+        tree = native_attention(q, keys, values, mask)
+        idx = vis.nonzero()[:, 0]
+        seq = native_attention(q, keys[:, idx].contiguous(), values[:, idx].contiguous(), None)
+        assert torch.equal(tree, seq), trial
+
+
+@pytest.mark.skipif(not kernels.available(), reason=f"kernels unavailable: {kernels.why_unavailable()}")
 @pytest.mark.parametrize("arch", ["qwen2", "llama", "qwen3"])
 def test_whole_layer_calls_equal_the_per_op_path(tmp_path, arch):
     """kernels/layer.c runs a layer in one call: the same bits as the NATIVE glue op by op, caches included

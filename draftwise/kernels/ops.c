@@ -181,16 +181,29 @@ static inline void scores2(const float* q0, const float* q1, const float* Kh, lo
   *mx1 = r1 > m1 ? r1 : m1;
 }
 
-// s[0, Tp) (scores, -inf from T on) -> exp(s - mx) in place; returns 1 / sum, the sum in 8 lanes by t mod 8.
-static inline float softmax_row(float* s, long T, long Tp, float mx) {
+// s[0, Tp) (scores, -inf from T on) -> exp(s - mx) in place; returns 1 / sum. The sum runs over the visible
+// slots (mr NULL: all; else those whose mask is not -inf) in 8 lanes by their RANK among the visible slots
+// mod 8, each lane in rank order, so a tree node whose ancestors sit at scattered slots sums exactly as
+// the one-token step does with the same keys at consecutive slots (lanes by slot index broke that: a
+// node after its siblings got other bits than decoding it, which 8-bit activations then amplified).
+static inline float softmax_row(float* s, long T, long Tp, float mx, const float* mr) {
   for (long t = T; t < Tp; t++) s[t] = -INFINITY;
+  long f = 0;                        // slots before f are all visible: rank = slot, summed 8 at a time
+  if (!mr) f = T;
+  else while (f < T && mr[f] != -INFINITY) f++;
+  const long f8 = f / 8 * 8;
   __m256 m8 = _mm256_set1_ps(mx), l8 = _mm256_setzero_ps();
   for (long t = 0; t < Tp; t += 8) {
     __m256 p = exp8(_mm256_sub_ps(_mm256_load_ps(s + t), m8));
     _mm256_store_ps(s + t, p);
-    l8 = _mm256_add_ps(l8, p);
+    if (t + 8 <= f8) l8 = _mm256_add_ps(l8, p);
   }
-  return 1.0f / hsum8(l8);
+  float lanes[8];
+  _mm256_storeu_ps(lanes, l8);
+  long k = f8;
+  for (long t = f8; t < T; t++)
+    if (!mr || mr[t] != -INFINITY) { lanes[k & 7] += s[t]; k++; }
+  return 1.0f / hsum8(_mm256_loadu_ps(lanes));
 }
 
 // o[d] = inv * sum_t p[t] V[t, d] for NQ (1 or 2) rows of weights sharing V: chains over t in order,
@@ -280,8 +293,8 @@ int dw_attention(const float* q, long n, long ldq, long H, long Hkv, long Dh, co
       float mx[2], inv[2];
       if (nq == 2) scores2(q0, q0 + Dh, Kh, Dh, Tr, mr, scale, s, s1, &mx[0], &mx[1]);
       else mx[0] = scores1(q0, Kh, Dh, 0, Tr, mr, scale, s);
-      inv[0] = softmax_row(s, Tr, Tq, mx[0]);
-      if (nq == 2) inv[1] = softmax_row(s1, Tr, Tq, mx[1]);
+      inv[0] = softmax_row(s, Tr, Tq, mx[0], mr);
+      if (nq == 2) inv[1] = softmax_row(s1, Tr, Tq, mx[1], mr);
       const float* p[2] = {s, s1};
       float* o[2] = {out + r * H * Dh + h * Dh, out + r * H * Dh + (h + 1) * Dh};
       weighted_sum(nq, p, Vh, Dh, Tr, inv, o);
