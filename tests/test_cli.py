@@ -14,6 +14,16 @@ def test_generate_prints_text_and_stats(capsys):
     assert "tok/s" in cap.err and "tau" in cap.err and "text identical" in cap.err
 
 
+@pytest.mark.parametrize("weights", ["gguf", "gguf-f32"])
+def test_generate_in_each_gguf_mode(capsys, weights):
+    """--weights gguf (8-bit activations, the CPU default) and gguf-f32 (fp32 activations) run end to end,
+    a tree method equal to plain decoding in each."""
+    assert main(["generate", *SMOL, "--weights", weights, "--max-new-tokens", "10", "--method", "recycling",
+                 "--compare-ar", "def add(a, b):"]) == 0
+    err = capsys.readouterr().err
+    assert "text identical" in err
+
+
 @pytest.mark.parametrize("args,msg", [
     (["--method", "bogus", "hi"], "unknown method"),
     (["--temperature", "-1", "hi"], "temperature"),
