@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+from collections import OrderedDict
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -18,6 +19,9 @@ from draftwise.models.checkpoint import resolve
 from draftwise.models.transformer import Transformer
 from draftwise.policies.budget import CostCurve, load_or_measure
 from draftwise.sampling import Sampling
+
+
+MAX_DRAFTERS = 8      # drafters kept per engine (least recently used dropped): one per method + option set
 
 
 @dataclass
@@ -41,7 +45,8 @@ class Engine:
         self.model, self.tokenizer, self.model_id, self.path = model, tokenizer, model_id, path
         self.draft_model, self.draft_id = draft_model, draft_id
         self.eos_ids = _eos_ids(path, model, tokenizer)
-        self._drafters: dict[tuple, Drafter] = {}
+        self._drafters: OrderedDict[tuple, Drafter] = OrderedDict()   # least recently used first
+        self.max_drafters = MAX_DRAFTERS
         self._custom: dict[str, Drafter] = {}
         self._subsets: dict[int, object] = {}
         self._cost: CostCurve | None = None
@@ -66,8 +71,7 @@ class Engine:
             if threads < 1:
                 raise ConfigError("threads must be >= 1")
             torch.set_num_threads(threads)
-        if device.startswith("cuda") and not torch.cuda.is_available():
-            raise ConfigError(f"device {device!r} requested but CUDA is not available")
+        check_device(device)
         dtype = _dtype(dtype)
         path = resolve(model, progress=progress)
         net = Transformer.from_pretrained(path, device=device, dtype=dtype, max_len=max_len, fast=fast, graphs=graphs,
@@ -88,6 +92,7 @@ class Engine:
     def encode(self, prompt: str, chat: bool = False, system: str | None = None) -> list[int]:
         if not isinstance(prompt, str) or not prompt.strip():
             raise PromptError("empty prompt")
+        _check_text(prompt)
         if chat:
             if not getattr(self.tokenizer, "chat_template", None):
                 raise ConfigError(f"{self.model_id} has no chat template; drop --chat")
@@ -100,6 +105,8 @@ class Engine:
         """Chat messages [{"role", "content"}] -> prompt ids ending with the assistant header."""
         if not getattr(self.tokenizer, "chat_template", None):
             raise ConfigError(f"{self.model_id} has no chat template")
+        for m in messages:
+            _check_text(m["content"])
         text = self.tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
         return self.tokenizer.encode(text, add_special_tokens=False)
 
@@ -133,6 +140,11 @@ class Engine:
         """Make a custom drafter instance available as method `name` (for experiments and tests)."""
         self._custom[name] = drafter
 
+    @property
+    def custom_methods(self) -> frozenset[str]:
+        """Names of the drafter instances registered with ``register`` (they take no options)."""
+        return frozenset(self._custom)
+
     def has_method(self, method: str) -> bool:
         return method in self._custom or method in methods.names()
 
@@ -145,24 +157,30 @@ class Engine:
         spec = methods.get(method)
         opts = spec.validate(method_opts)
         key = (method, json.dumps(opts, sort_keys=True))
-        if key not in self._drafters:
-            if "draft_model" in spec.requires(opts) and self.draft_model is None:
-                raise ConfigError(f"method {method!r} needs a draft model: load one with --draft NAME "
-                                  f"(draftwise.load(..., draft=NAME))")
-            self._drafters[key] = spec.factory(self, **opts)
-        return self._drafters[key]
+        if key in self._drafters:
+            self._drafters.move_to_end(key)
+            return self._drafters[key]
+        if "draft_model" in spec.requires(opts) and self.draft_model is None:
+            raise ConfigError(f"method {method!r} needs a draft model: load one with --draft NAME "
+                              f"(draftwise.load(..., draft=NAME))")
+        d = spec.factory(self, **opts)
+        self._drafters[key] = d
+        while len(self._drafters) > self.max_drafters:      # each option set is a drafter with its own state
+            self._drafters.popitem(last=False)
+        return d
 
     # ------------------------------------------------------------------ generation
     def _tokens(self, prompt: str | list[int], method: str, max_new_tokens: int, temperature: float,
                 top_k: int, top_p: float, seed: int | None, chat: bool, stop, stats: Stats,
-                method_opts: dict | None) -> Iterator[list[int]]:
+                method_opts: dict | None, interrupt=None) -> Iterator[list[int]]:
         sampling = Sampling(temperature=temperature, top_k=top_k, top_p=top_p, seed=seed)
         d = self.drafter(method, method_opts)
         ids = list(prompt) if isinstance(prompt, list) else self.encode(prompt, chat=chat)
         if self._cache is None:
             self._cache = self.model.new_cache()
         return decode(self.model, ids, drafter=d, sampling=sampling, max_new_tokens=max_new_tokens,
-                      eos_ids=self.eos_ids, stop=stop, detok=self.decode_text, stats=stats, cache=self._cache)
+                      eos_ids=self.eos_ids, stop=stop, detok=self.decode_text, stats=stats, cache=self._cache,
+                      interrupt=interrupt)
 
     def generate(self, prompt: str | list[int], method: str = "ar", max_new_tokens: int = 128,
                  temperature: float = 0.0, top_k: int = 0, top_p: float = 1.0, seed: int | None = None,
@@ -177,14 +195,17 @@ class Engine:
     def stream(self, prompt: str | list[int], method: str = "ar", max_new_tokens: int = 128,
                temperature: float = 0.0, top_k: int = 0, top_p: float = 1.0, seed: int | None = None,
                chat: bool = False, stop: list[str] | None = None, stats: Stats | None = None,
-               method_opts: dict | None = None) -> Iterator[str]:
-        """Yield text pieces as they are generated (the concatenation equals generate().text)."""
+               method_opts: dict | None = None, interrupt=None) -> Iterator[str]:
+        """Yield text pieces as they are generated (the concatenation equals generate().text).
+
+        interrupt: a callable checked between prefill chunks and steps; a string it returns ends the
+        generation early with that ``stats.stop_reason`` (the server's deadline and cancellation)."""
         stats = stats if stats is not None else Stats()
         out: list[int] = []
         shown = ""
         self.last_token_ids = out
         for piece in self._tokens(prompt, method, max_new_tokens, temperature, top_k, top_p, seed, chat,
-                                  stop, stats, method_opts):
+                                  stop, stats, method_opts, interrupt):
             out.extend(piece)
             text = self.decode_text(out)
             if text.endswith("\ufffd"):       # incomplete UTF-8 sequence: wait for more tokens
@@ -204,6 +225,29 @@ class Engine:
             if s and s in text:
                 text = text[: text.index(s)]
         return text
+
+
+def _check_text(text: str) -> None:
+    """Text a tokenizer can take: Unicode that encodes to UTF-8 (no lone surrogates, as bytes that were
+    not UTF-8 become when read with surrogateescape, or a JSON "\\udc80")."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as e:
+        raise PromptError(f"the text is not valid Unicode (a lone surrogate at character {e.start}; "
+                          f"was the input UTF-8?)") from None
+
+
+def check_device(device: str) -> None:
+    """cpu, cuda or cuda:N (N an existing GPU): a ConfigError otherwise, before anything loads."""
+    import re
+
+    if not isinstance(device, str) or not re.fullmatch(r"cpu|cuda(:\d{1,3})?", device):
+        raise ConfigError(f"device must be cpu, cuda or cuda:N, got {device!r}")
+    if device.startswith("cuda"):
+        if not torch.cuda.is_available():
+            raise ConfigError(f"device {device!r} requested but CUDA is not available")
+        if ":" in device and int(device[5:]) >= torch.cuda.device_count():
+            raise ConfigError(f"device {device!r}: this machine has {torch.cuda.device_count()} GPU(s)")
 
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16, "float64": torch.float64}

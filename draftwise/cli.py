@@ -11,7 +11,9 @@ from draftwise.models import registry
 from draftwise.models.transformer import WEIGHT_MODES
 
 
-def _add_model_args(p: argparse.ArgumentParser) -> None:
+def _add_target_args(p: argparse.ArgumentParser) -> None:
+    """How the target model loads: every command that loads one takes these (one list, so a parser can
+    never lack an option its load call reads)."""
     p.add_argument("--model", default=registry.DEFAULT_MODEL,
                    help=f"known name, local HF directory or .gguf file (default {registry.DEFAULT_MODEL})")
     p.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1 ... (default cpu)")
@@ -30,17 +32,24 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--compile", default="off", choices=["off", "glue", "layer"],
                    help="torch.compile the non-matmul steps ('glue') or whole layers with the kernel as a custom op "
                         "('layer'); off by default: both measured slower than eager on a 2-core CPU")
+
+
+def _add_model_args(p: argparse.ArgumentParser) -> None:
+    """The target's options plus the draft model's weights (commands that may take --draft)."""
+    _add_target_args(p)
     p.add_argument("--draft-weights", default="auto", choices=list(WEIGHT_MODES),
                    help="the draft model's weights (with --draft), chosen apart from the target's: they change only "
                         "its speed, never the output (auto: gguf on CPU fp32 when the draft's .gguf is there)")
 
 
 def _load(a):
-    """The engine of a command that may take a draft model (--draft)."""
+    """The engine of a command: the target (``_add_target_args``) and, where the parser has them, --draft
+    and --draft-weights."""
     import draftwise
 
-    return draftwise.load(a.model, device=a.device, dtype=a.dtype, threads=a.threads, draft=a.draft, graphs=a.graphs,
-                          compile=a.compile, weights=a.weights, draft_weights=a.draft_weights)
+    return draftwise.load(a.model, device=a.device, dtype=a.dtype, threads=a.threads, graphs=a.graphs,
+                          compile=a.compile, weights=a.weights, draft=getattr(a, "draft", None),
+                          draft_weights=getattr(a, "draft_weights", "auto"))
 
 
 def _method_help() -> str:
@@ -100,13 +109,20 @@ def _load_for_serving(a):
 
 
 def cmd_serve(a) -> int:
+    import os
+
     from draftwise.server import serve
 
-    if a.max_queue < 1 or a.timeout <= 0:
-        raise DraftwiseError("--max-queue must be >= 1 and --timeout > 0")
+    for d in a.allow_path or ():
+        if not Path(d).is_dir():
+            raise DraftwiseError(f"--allow-path {d} is not a directory")
+    key = a.api_key if a.api_key is not None else os.environ.get("DRAFTWISE_API_KEY") or None
+    if key is not None and len(key) < 8:
+        raise DraftwiseError("--api-key must be at least 8 characters")
     eng, opts = _load_for_serving(a)
     serve(eng, host=a.host, port=a.port, method=a.method, method_opts=opts, max_queue=a.max_queue,
-          timeout_s=a.timeout)
+          timeout_s=a.timeout, max_body=a.max_body, api_key=key, allowed_hosts=tuple(a.allowed_host or ()),
+          allow_paths=tuple(a.allow_path or ()))
     return 0
 
 
@@ -126,6 +142,8 @@ def cmd_chat(a) -> int:
             line = input("> " if sys.stdin.isatty() else "")
         except EOFError:
             return 0
+        except UnicodeDecodeError:
+            raise DraftwiseError("the input is not UTF-8 text") from None
         except KeyboardInterrupt:
             print(file=sys.stderr)
             continue
@@ -215,10 +233,9 @@ def cmd_datastore_info(a) -> int:
 
 
 def cmd_train_early_exit(a) -> int:
-    import draftwise
     from draftwise.drafters.early_exit import train_exit
 
-    eng = draftwise.load(a.model, device=a.device, threads=a.threads, graphs=a.graphs, compile=a.compile, weights=a.weights)
+    eng = _load(a)
     info = train_exit(eng, a.layer, Path(a.out), data=a.data, max_tokens=a.max_tokens, max_steps=a.max_steps,
                       epochs=a.epochs, batch=a.batch, lr=a.lr, init=a.init,
                       features=Path(a.features) if a.features else None, vocab_subset=a.vocab_subset,
@@ -230,10 +247,9 @@ def cmd_train_early_exit(a) -> int:
 
 
 def cmd_train_eagle(a) -> int:
-    import draftwise
     from draftwise.drafters.eagle import train_head
 
-    eng = draftwise.load(a.model, device=a.device, threads=a.threads, graphs=a.graphs, compile=a.compile, weights=a.weights)
+    eng = _load(a)
     info = train_head(eng, Path(a.out), data=a.data, max_tokens=a.max_tokens, max_steps=a.max_steps, epochs=a.epochs,
                       batch=a.batch, lr=a.lr, init=a.init, features=Path(a.features) if a.features else None,
                       vocab_subset=a.vocab_subset, progress=not a.quiet, val_every=a.val_every)
@@ -243,10 +259,9 @@ def cmd_train_eagle(a) -> int:
 
 
 def cmd_train_ldlp(a) -> int:
-    import draftwise
     from draftwise.drafters.eagle import train_ldlp
 
-    eng = draftwise.load(a.model, device=a.device, threads=a.threads, graphs=a.graphs, compile=a.compile, weights=a.weights)
+    eng = _load(a)
     info = train_ldlp(eng, a.head, Path(a.out), prompts=a.prompts, k_max=a.k_max, max_new_tokens=a.max_new_tokens,
                       max_steps=a.max_steps, vocab_subset=a.vocab_subset, progress=not a.quiet)
     best = next(r for r in info["sweep"] if r["lambda"] == info["lambda"])
@@ -362,7 +377,18 @@ def build_parser() -> argparse.ArgumentParser:
     sv.add_argument("--host", default="127.0.0.1")
     sv.add_argument("--port", type=int, default=8000)
     sv.add_argument("--max-queue", type=int, default=64, help="requests allowed to wait; more get 503")
-    sv.add_argument("--timeout", type=float, default=600.0, help="per-request deadline in seconds")
+    sv.add_argument("--timeout", type=float, default=600.0,
+                    help="per-request deadline in seconds, from arrival: queueing and prefill count (default 600)")
+    sv.add_argument("--max-body", type=int, default=8 * 2**20, help="largest request body in bytes (default 8 MiB)")
+    sv.add_argument("--api-key", default=None,
+                    help="require Authorization: Bearer KEY on every endpoint but /health (default: the "
+                         "DRAFTWISE_API_KEY environment variable; none: no authentication)")
+    sv.add_argument("--allowed-host", action="append", default=None, metavar="NAME",
+                    help="also answer requests whose Host header is NAME (besides the bound address and "
+                         "localhost; '*': any; repeatable)")
+    sv.add_argument("--allow-path", action="append", default=None, metavar="DIR",
+                    help="requests may name files under DIR in method options (datastore, head, exit, ldlp); "
+                         "by default only the files of --method-opts (repeatable)")
     sv.set_defaults(func=cmd_serve)
 
     ch = sub.add_parser("chat", help="interactive terminal chat (streaming, /reset, /method, /stats)")
@@ -391,7 +417,7 @@ def build_parser() -> argparse.ArgumentParser:
     tsub = tr.add_subparsers(dest="tcmd", required=True)
     def teacher_args(p, what: str, lr: float, init: str, init_help: str):
         """Options shared by the commands that train on teacher features (early exit, EAGLE)."""
-        p.add_argument("--model", default=registry.DEFAULT_MODEL)
+        _add_target_args(p)
         p.add_argument("--out", required=True, help=f"{what} file to write (.safetensors)")
         p.add_argument("--data", action="append", default=None,
                        help="training text: a file, a directory, stdlib: or sharegpt: (repeatable; "
@@ -405,8 +431,6 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--features", default=None, help="teacher-feature directory (default: OUT.features)")
         p.add_argument("--vocab-subset", type=int, default=32768)
         p.add_argument("--val-every", type=int, default=0, help="validate every N steps (default: at the end)")
-        p.add_argument("--device", default="cpu")
-        p.add_argument("--threads", type=int, default=None)
         p.add_argument("--quiet", action="store_true")
 
     te = tsub.add_parser("early-exit", help="self-distil an exit layer after the target's first N layers (EESD)")
@@ -421,7 +445,7 @@ def build_parser() -> argparse.ArgumentParser:
     tg.set_defaults(func=cmd_train_eagle)
 
     tl = tsub.add_parser("ldlp", help="train AdaEAGLE's draft-length predictor for a trained head")
-    tl.add_argument("--model", default=registry.DEFAULT_MODEL)
+    _add_target_args(tl)
     tl.add_argument("--head", required=True, help="the EAGLE head the labels come from")
     tl.add_argument("--out", required=True, help="LDLP file to write (.safetensors)")
     tl.add_argument("--prompts", type=int, default=64, help="training prompts decoded for labels (default 64)")
@@ -429,8 +453,6 @@ def build_parser() -> argparse.ArgumentParser:
     tl.add_argument("--max-new-tokens", type=int, default=96)
     tl.add_argument("--max-steps", type=int, default=1500, help="optimizer steps per lambda (default 1500)")
     tl.add_argument("--vocab-subset", type=int, default=32768)
-    tl.add_argument("--device", default="cpu")
-    tl.add_argument("--threads", type=int, default=None)
     tl.add_argument("--quiet", action="store_true")
     tl.set_defaults(func=cmd_train_ldlp)
 
@@ -454,15 +476,70 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+def check_args(a) -> None:
+    """Everything about the arguments that can be checked without loading a model (a ConfigError): a user
+    waits seconds for a model to load only to learn that --max-new-tokens 0 is wrong."""
+    from draftwise.api import check_device
+    from draftwise.errors import ConfigError, PromptError
+    from draftwise.sampling import Sampling
+
+    def at_least(name: str, lo: int) -> None:
+        v = getattr(a, name, None)
+        if v is not None and v < lo:
+            raise ConfigError(f"--{name.replace('_', '-')} must be >= {lo}, got {v}")
+
+    for name, lo in (("max_new_tokens", 1), ("threads", 1), ("max_tokens", 1), ("limit", 1), ("max_turns", 1),
+                     ("max_queue", 1), ("max_steps", 1), ("batch", 1), ("prompts", 1), ("k_max", 1),
+                     ("vocab_subset", 0), ("max_body", 1024)):
+        at_least(name, lo)
+    if getattr(a, "device", None) is not None:
+        check_device(a.device)
+    if hasattr(a, "temperature"):
+        Sampling(temperature=a.temperature, top_k=getattr(a, "top_k", 0), top_p=getattr(a, "top_p", 1.0),
+                 seed=getattr(a, "seed", None))
+    if isinstance(getattr(a, "prompt", None), str) and not a.prompt.strip():
+        raise PromptError("empty prompt")
+    if getattr(a, "timeout", None) is not None and not 0 < a.timeout <= 86400:
+        raise ConfigError(f"--timeout must be in (0, 86400] seconds, got {a.timeout}")
+    if getattr(a, "port", None) is not None:
+        check_port(a.host, a.port)
+
+
+def check_port(host: str, port: int) -> None:
+    """The port is valid and free on host (tried before the model loads, not after)."""
+    import socket
+
+    from draftwise.errors import ConfigError
+
+    if not 0 < port < 65536:
+        raise ConfigError(f"--port must be in [1, 65535], got {port}")
+    try:
+        infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
+    except socket.gaierror as e:
+        raise ConfigError(f"--host {host!r} does not resolve: {e.strerror}") from None
+    family, _, _, _, addr = infos[0]
+    with socket.socket(family, socket.SOCK_STREAM) as s:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            s.bind(addr)
+        except OSError as e:
+            raise ConfigError(f"cannot listen on {host}:{port}: {e.strerror or e}") from None
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
+        check_args(args)
         return args.func(args)
     except DraftwiseError as e:
         print(f"draftwise: error: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         return 130
+    except OSError as e:              # a file that cannot be read or written: one line, no traceback
+        where = f" ({e.filename})" if getattr(e, "filename", None) else ""
+        print(f"draftwise: error: {e.strerror or e}{where}", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":

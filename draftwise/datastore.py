@@ -150,9 +150,13 @@ class Datastore:
         if not isinstance(header, dict) or header.get("version") != VERSION:
             raise CheckpointError(f"datastore {path} has format version {header.get('version') if isinstance(header, dict) else '?'}, "
                                   f"this draftwise reads version {VERSION}: rebuild it")
-        n = int(header["tokens"])
+        n, sa_dtype, sep = header.get("tokens"), header.get("sa_dtype"), header.get("separator")
+        if isinstance(n, bool) or not isinstance(n, int) or n < 0 or sa_dtype not in ("int32", "int64") \
+                or isinstance(sep, bool) or not isinstance(sep, int):
+            raise CheckpointError(f"datastore {path} has a corrupt header (tokens {n!r}, sa_dtype {sa_dtype!r}, "
+                                  f"separator {sep!r}): rebuild it")
         off = _align(8 + hlen)
-        sa_dtype = np.dtype(header["sa_dtype"])
+        sa_dtype = np.dtype(sa_dtype)
         need = off + 4 * n + sa_dtype.itemsize * n
         if size != need:
             raise CheckpointError(f"datastore {path} is truncated or corrupt ({size} bytes, expected {need})")
@@ -366,6 +370,13 @@ def build(tokenizer, inputs: list[str], out: str | Path, model: str = "", max_to
     out = Path(out)
     if out.is_dir():
         raise ConfigError(f"datastore output {out} is a directory: give a file name")
+    probe = out.with_name(f".{out.name}.tmp{os.getpid()}")
+    try:                                  # fail now, not after tokenizing: can the file be written there?
+        out.parent.mkdir(parents=True, exist_ok=True)
+        probe.touch()
+        probe.unlink()
+    except OSError as e:
+        raise ConfigError(f"could not write datastore {out}: {e.strerror or e}") from None
     fwd, docs, sources = tokenize_documents(tokenizer, iter_documents(inputs), SEPARATOR, max_tokens, progress)
     if fwd.size == 0:
         raise ConfigError(f"datastore inputs {', '.join(inputs)} contain no text")
@@ -391,16 +402,44 @@ def write(fwd: np.ndarray, out: str | Path, fingerprint: str, vocab_size: int, m
               "sources": sources[:1000] + ([f"... {len(sources) - 1000} more"] if len(sources) > 1000 else [])}
     blob = json.dumps(header).encode()
     out = Path(out)
-    out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.with_name(f".{out.name}.tmp{os.getpid()}")
+    _remove_stale_temporaries(out)
     try:
+        out.parent.mkdir(parents=True, exist_ok=True)
         with open(tmp, "wb") as f:
             f.write(MAGIC + len(blob).to_bytes(4, "little") + blob)
             f.write(b"\0" * (_align(8 + len(blob)) - 8 - len(blob)))
             f.write(stream.tobytes())
             f.write(sa.tobytes())
         os.replace(tmp, out)
+    except OSError as e:
+        raise ConfigError(f"could not write datastore {out}: {e.strerror or e}") from None
     finally:
         if tmp.exists():
             tmp.unlink()
     return header
+
+
+def _remove_stale_temporaries(out: Path) -> None:
+    """Delete the temporary files of earlier builds of ``out`` that were killed (their process is gone)."""
+    try:
+        leftovers = list(out.parent.glob(f".{out.name}.tmp*"))
+    except OSError:
+        return
+    for t in leftovers:
+        pid = t.name.rsplit(".tmp", 1)[-1]
+        if pid.isdigit() and int(pid) != os.getpid() and not _alive(int(pid)):
+            try:
+                t.unlink()
+            except OSError:
+                pass
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True

@@ -108,10 +108,18 @@ class Stopper:
         return any(s in tail for s in self.stop)
 
 
+PREFILL_CHUNK = 512     # prompt tokens per prefill forward: a long prompt is interruptible between chunks
+
+
 def decode(model: Transformer, prompt_ids: list[int], drafter: Drafter | None = None,
            sampling: Sampling = Sampling(), max_new_tokens: int = 128, eos_ids=(), stop=None,
-           detok=None, stats: Stats | None = None, cache=None) -> Iterator[list[int]]:
-    """Yield lists of newly generated token ids until a stop condition. Lossless for any drafter."""
+           detok=None, stats: Stats | None = None, cache=None,
+           interrupt: Callable[[], str | None] | None = None) -> Iterator[list[int]]:
+    """Yield lists of newly generated token ids until a stop condition. Lossless for any drafter.
+
+    interrupt: called between prefill chunks and between steps; a non-empty string it returns (e.g.
+    "deadline", "cancelled") ends generation there and becomes ``stats.stop_reason``. ``stats`` is
+    complete (wall time, tokens/s, tau) however generation ends, a closed generator included."""
     if not prompt_ids:
         raise PromptError("empty prompt: give at least one token")
     if max_new_tokens < 1:
@@ -125,22 +133,42 @@ def decode(model: Transformer, prompt_ids: list[int], drafter: Drafter | None = 
     lent = cache is None
     cache = model.lend_cache() if lent else cache
     try:
-        yield from _loop(model, prompt_ids, drafter, sampling, max_new_tokens, eos_ids, stop, detok, stats, cache)
+        yield from _loop(model, prompt_ids, drafter, sampling, max_new_tokens, eos_ids, stop, detok, stats, cache,
+                         interrupt or _never)
     finally:
         if lent:
             model.give_back_cache(cache)
 
 
-def _loop(model, prompt_ids, drafter, sampling, max_new_tokens, eos_ids, stop, detok, stats, cache):
+def _never() -> None:
+    return None
+
+
+def _loop(model, prompt_ids, drafter, sampling, max_new_tokens, eos_ids, stop, detok, stats, cache, interrupt):
+    t_start = time.perf_counter()
+    stopper = Stopper(max_new_tokens, eos_ids, stop, detok)
+    stats.stop_reason = ""
+    try:
+        yield from _steps(model, prompt_ids, drafter, sampling, stopper, stats, cache, interrupt, t_start)
+    finally:                          # also when the consumer closes the generator (a deadline, a client gone)
+        stats.stop_reason = stats.stop_reason or stopper.reason or "closed"
+        stats.wall_s = time.perf_counter() - t_start
+
+
+def _steps(model, prompt_ids, drafter, sampling, stopper, stats, cache, interrupt, t_start):
     layers = tuple(drafter.needs.hidden_layers)
+    max_new_tokens = stopper.max_new
     cache.truncate(0)
     g = None if sampling.greedy else sampling.generator("cpu")
-    stopper = Stopper(max_new_tokens, eos_ids, stop, detok)
     ctx = Context(list(prompt_ids), sampling, model, cache)
-    t_start = time.perf_counter()
     with torch.inference_mode():
         drafter.reset(ctx)
-        out = prefill(model, cache, torch.tensor(prompt_ids, dtype=torch.long), hidden_layers=layers)
+        out = prefill(model, cache, torch.tensor(prompt_ids, dtype=torch.long), hidden_layers=layers,
+                      chunk=PREFILL_CHUNK, interrupt=interrupt)
+        if out is None:                               # interrupted between prefill chunks
+            stats.stop_reason = interrupt()
+            stats.prefill_s = time.perf_counter() - t_start
+            return
         first = _pick(out.logits[0], sampling, g)
         stats.prefill_s = time.perf_counter() - t_start
         emitted = stopper.push([first])
@@ -153,6 +181,10 @@ def _loop(model, prompt_ids, drafter, sampling, max_new_tokens, eos_ids, stop, d
         while not stopper.reason:
             if cache.length + 1 >= cache.max_len:
                 stopper.reason = "context"
+                break
+            why = interrupt()
+            if why:
+                stopper.reason = why
                 break
             ctx.remaining = max_new_tokens - len(stopper.out)
             t0 = time.perf_counter()
@@ -174,8 +206,6 @@ def _loop(model, prompt_ids, drafter, sampling, max_new_tokens, eos_ids, stop, d
             stats._record(tree, acc, len(acc.tokens))
             stats.new_tokens += len(emitted)
             yield emitted
-    stats.stop_reason = stopper.reason
-    stats.wall_s = time.perf_counter() - t_start
 
 
 def _propose(drafter: Drafter, ctx: Context, cache) -> Proposal:

@@ -1,4 +1,10 @@
 """Exceptions with messages meant for users: one line saying what is wrong and what to do."""
+import struct
+
+# what readers of a truncated or corrupt file raise (gguf, transformers, numpy, safetensors' Python side):
+# caught where a file is opened and turned into one line naming the file
+CORRUPT_FILE_ERRORS = (ValueError, OSError, KeyError, RuntimeError, IndexError, EOFError, struct.error,
+                       UnicodeDecodeError)
 
 
 class DraftwiseError(Exception):

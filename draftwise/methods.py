@@ -19,10 +19,26 @@ NEEDS = {"draft_model": "a draft model (--draft NAME)", "datastore": "a datastor
 
 @dataclass(frozen=True)
 class Option:
+    """One method option: its type, default and help, and what values it may take.
+
+    Every number has a range (``lo``..``hi``, inclusive): an option is a knob a server client can
+    turn, and an unbounded one lets one request take the machine's memory. ``choices`` lists a
+    string's valid values; ``path`` marks a file the drafter opens (a server offers only the files its
+    operator allowed), ``words`` the non-path values such an option also takes (e.g. "untrained").
+    """
     type: type
     default: Any
     help: str
     optional: bool = False          # None is a valid value (e.g. max_nodes: None = sized by the cost curve)
+    lo: float | None = None
+    hi: float | None = None
+    choices: tuple[str, ...] = ()
+    path: bool = False
+    words: tuple[str, ...] = ()
+
+    def __post_init__(self):
+        if self.type in (int, float) and (self.lo is None or self.hi is None):
+            raise ValueError(f"numeric option ({self.help!r}) needs a range: lo and hi")
 
     def check(self, method: str, name: str, value: Any) -> Any:
         if value is None and self.optional:
@@ -33,8 +49,30 @@ class Option:
             value, ok = float(value), True
         if not ok:
             raise ConfigError(f"method {method!r} option {name!r} must be {t.__name__}"
-                              f"{' or null' if self.optional else ''}, got {value!r}")
+                              f"{' or null' if self.optional else ''}, got {_short(value)}")
+        if t in (int, float) and not (self.lo <= value <= self.hi):      # NaN fails this too
+            raise ConfigError(f"method {method!r} option {name!r} must be in [{self.lo}, {self.hi}], got {value!r}")
+        if self.choices and value not in self.choices:
+            raise ConfigError(f"method {method!r} option {name!r} must be one of {', '.join(self.choices)}, "
+                              f"got {_short(value)}")
+        if t is str and (not value or len(value) > 4096 or "\x00" in value):
+            raise ConfigError(f"method {method!r} option {name!r} must be a non-empty string without NUL")
         return value
+
+    def describe(self) -> str:
+        """The accepted values, for `draftwise methods`."""
+        if self.type is int:
+            return f"{self.lo}..{self.hi}"
+        if self.type is float:
+            return f"{self.lo:g}..{self.hi:g}"
+        if self.choices:
+            return "|".join(self.choices)
+        return "path" + ("|" + "|".join(self.words) if self.words else "") if self.path else ""
+
+
+def _short(value: Any) -> str:
+    r = repr(value)
+    return r if len(r) <= 80 else r[:77] + "..."
 
 
 @dataclass(frozen=True)
@@ -47,6 +85,7 @@ class MethodSpec:
     test_opts: dict | list[dict] = field(default_factory=dict)   # tiny configurations for the parameterized tests
     sampling: bool = True                    # supports temperature > 0
     needs_if: Callable[[dict], tuple[str, ...]] | None = None   # extra needs that depend on the options
+    check: Callable[[dict], None] | None = None   # constraints between options (ConfigError), after each is valid
 
     def requires(self, opts: dict) -> tuple[str, ...]:
         """What a configuration needs (validated opts): ``needs`` plus what ``needs_if`` adds."""
@@ -60,10 +99,21 @@ class MethodSpec:
             valid = ", ".join(sorted(self.options)) or "none"
             raise ConfigError(f"unknown option{'s' if len(unknown) > 1 else ''} {', '.join(map(repr, unknown))} "
                               f"for method {self.name!r}; valid options: {valid}")
-        return {k: o.check(self.name, k, opts.get(k, o.default)) for k, o in self.options.items()}
+        out = {k: o.check(self.name, k, opts.get(k, o.default)) for k, o in self.options.items()}
+        if self.check is not None:
+            self.check(out)
+        return out
+
+    def paths(self, opts: dict) -> dict[str, str]:
+        """The options of a validated configuration that name files (not None, not one of its words)."""
+        return {k: v for k, v in opts.items() if self.options[k].path and v is not None
+                and v not in self.options[k].words}
 
 
-MAX_NODES = Option(int, None, "fixed draft size (null: sized from the cost curve)", optional=True)
+MAX_NODES = Option(int, None, "fixed draft size (null: sized from the cost curve)", optional=True, lo=1, hi=256)
+VOCAB_SUBSET = Option(int, 32768, "draft logits over the K most frequent tokens (0: full vocabulary)",
+                      lo=0, hi=262144)
+DECAY = Option(float, 0.98, "per-step fade of the online acceptance estimates", lo=0.0, hi=1.0)
 
 _REGISTRY: dict[str, MethodSpec] = {}
 
@@ -132,5 +182,6 @@ def describe_all() -> str:
         need = f"  (needs {', '.join(NEEDS[n] for n in needs)}{' by default' if needs != s.needs else ''})" if needs else ""
         lines.append(f"{s.name:12s} {s.help}{need}")
         for k, o in s.options.items():
-            lines.append(f"    {k:16s} {o.type.__name__:6s} default {json.dumps(o.default):8s} {o.help}")
+            lines.append(f"    {k:16s} {o.type.__name__:6s} {o.describe():22s} default {json.dumps(o.default):8s} "
+                         f"{o.help}")
     return "\n".join(lines)

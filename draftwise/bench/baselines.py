@@ -91,18 +91,31 @@ class Baselines:
         return model.generate(x, attention_mask=torch.ones_like(x), **kw)[0, len(ids):].tolist()
 
     # ------------------------------------------------------------------ llama.cpp
-    def _llama_model(self, method: str):
-        if method not in self._llama:
+    def _llama_model(self, method: str, need: int):
+        """The llama.cpp model for ``method`` with room for ``need`` tokens.
+
+        With a draft (lookup), llama-cpp-python keeps logits for every position but sizes that
+        buffer by its ``logits_all`` argument, which the draft overrides: past n_batch (512) prompt
+        tokens ``eval`` fails to broadcast into an empty slice. So lookup is built with
+        ``logits_all=True`` and a context sized to the prompt ([n_ctx, vocab] floats), rebuilt
+        larger when a longer prompt comes."""
+        have = self._llama.get(method)
+        lookup = method == "llamacpp-lookup"
+        if have is None or (lookup and have.n_ctx() < need):
             from llama_cpp import Llama
             from llama_cpp.llama_speculative import LlamaPromptLookupDecoding
 
-            draft = LlamaPromptLookupDecoding(num_pred_tokens=10) if method == "llamacpp-lookup" else None
-            self._llama[method] = Llama(model_path=str(gguf_file(self.engine.path)), n_ctx=self.engine.model.max_len,
-                                        n_threads=torch.get_num_threads(), draft_model=draft, verbose=False)
+            max_len = self.engine.model.max_len
+            n_ctx = min(max_len, -(-need // 512) * 512) if lookup else max_len
+            draft = LlamaPromptLookupDecoding(num_pred_tokens=10) if lookup else None
+            self._llama.pop(method, None)
+            self._llama[method] = Llama(model_path=str(gguf_file(self.engine.path)), n_ctx=n_ctx,
+                                        n_threads=torch.get_num_threads(), draft_model=draft, logits_all=lookup,
+                                        verbose=False)
         return self._llama[method]
 
     def _llama_generate(self, method: str, ids: list[int], max_new: int) -> list[int]:
-        llm = self._llama_model(method)
+        llm = self._llama_model(method, len(ids) + max_new + 16)
         llm.reset()                         # no KV reuse from the previous prompt: same work as ours
         eos = set(self.engine.eos_ids)
         out: list[int] = []

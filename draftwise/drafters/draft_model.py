@@ -27,6 +27,7 @@ from draftwise.drafters.base import Context
 from draftwise.drafters.model_base import ModelDrafter, next_token
 from draftwise.errors import ConfigError
 from draftwise.models.transformer import ForwardOut, Transformer
+from draftwise.policies.length import CONTROLS, check_name
 from draftwise.policies.opt_tree import Calibration, DeltaStop, Planner, TopNStop, grow, top_nodes
 from draftwise.tree import DraftTree, make_template, tried_nodes
 from draftwise.vocab import VocabSubset
@@ -273,19 +274,21 @@ methods.register(methods.MethodSpec(
     "draft-model", "a smaller model with the same tokenizer drafts a chain, a static tree or an OPT-Tree "
     "(arXiv 2406.17276)", _factory, needs=("draft_model",),
     options={
-        "tree": methods.Option(str, "opt-tree", "draft shape: chain | static | opt-tree"),
+        "tree": methods.Option(str, "opt-tree", "draft shape: chain | static | opt-tree",
+                               choices=("chain", "static", "opt-tree")),
         "max_nodes": methods.Option(int, None, "draft nodes verified per step (null: chosen each step from both "
-                                    f"models' cost curves; static: {STATIC_NODES})", optional=True),
-        "max_depth": methods.Option(int, 10, "deepest draft layer (chain: most tokens)"),
-        "width": methods.Option(int, 8, "opt-tree: candidates kept per layer (paper: 50-60 on a GPU)"),
+                                    f"models' cost curves; static: {STATIC_NODES})", optional=True, lo=1, hi=256),
+        "max_depth": methods.Option(int, 10, "deepest draft layer (chain: most tokens)", lo=1, hi=32),
+        "width": methods.Option(int, 8, "opt-tree: candidates kept per layer (paper: 50-60 on a GPU)", lo=1, hi=64),
         "delta": methods.Option(float, None, "opt-tree: the paper's stop rule, grow while a layer raises E by more "
-                                "(null: decided from both cost curves)", optional=True),
-        "vocab_subset": methods.Option(int, 32768, "draft logits over the K most frequent tokens (0: full vocabulary)"),
+                                "(null: decided from both cost curves)", optional=True, lo=0.0, hi=64.0),
+        "vocab_subset": methods.VOCAB_SUBSET,
         "calibrate": methods.Option(bool, True, "score nodes by learned acceptance rates instead of raw draft "
                                     "probabilities"),
         "control": methods.Option(str, None, "chain only: length control fixed:K | beta-ts | calibration-ts "
                                   "(null: the cost-curve planner)", optional=True),
     },
+    check=lambda o: check_name(o["control"], CONTROLS, "draft-model option 'control'", o["max_depth"]),
     test_opts=[{"tree": "chain", "max_nodes": 3, "vocab_subset": 0},
                {"tree": "chain", "vocab_subset": 0},
                {"tree": "chain", "control": "beta-ts", "max_depth": 5, "vocab_subset": 0},

@@ -44,7 +44,7 @@ from draftwise.drafters.model_base import ModelDrafter
 from draftwise.errors import CheckpointError, ConfigError
 from draftwise.models.cache import KVCache
 from draftwise.models.transformer import ForwardOut, Layer, Linear, Transformer, build_layer, layer_forward, rms_norm
-from draftwise.policies.length import LENGTHS, FixedK, LengthControl, StepCosts, parse_length
+from draftwise.policies.length import LENGTHS, FixedK, LengthControl, StepCosts, check_name, parse_length
 from draftwise.tree import DraftTree
 from draftwise.vocab import VocabSubset
 
@@ -340,18 +340,23 @@ methods.register(methods.MethodSpec(
     "(arXiv 2401.15077, 2412.18910)", _factory,
     options={
         "head": methods.Option(str, None, "draft head (draftwise train eagle, or a public EAGLE-1/2 head "
-                               "directory); \"untrained\": the training starting point", optional=True),
-        "ldlp": methods.Option(str, None, "draft-length predictor (draftwise train ldlp)", optional=True),
+                               "directory); \"untrained\": the training starting point", optional=True,
+                               path=True, words=("untrained",)),
+        "ldlp": methods.Option(str, None, "draft-length predictor (draftwise train ldlp)", optional=True, path=True),
         "length": methods.Option(str, None, f"chain length: {LENGTHS} (null: ldlp-ddd with an LDLP, else ddd)",
                                  optional=True),
-        "tree": methods.Option(str, "chain", "chain | static | opt-tree (trees: deterministic top-n children)"),
-        "k_max": methods.Option(int, 8, "most draft tokens per step (tree: deepest layer)"),
-        "threshold": methods.Option(float, -0.6, "ddd / ldlp-ddd: least cumulative draft log-probability"),
-        "max_nodes": methods.Option(int, None, "trees: draft nodes verified per step", optional=True),
-        "width": methods.Option(int, 8, "opt-tree: candidates kept per layer"),
-        "delta": methods.Option(float, None, "opt-tree: grow while a layer raises E by more", optional=True),
-        "vocab_subset": methods.Option(int, 32768, "draft logits over the K most frequent tokens (0: full vocabulary)"),
+        "tree": methods.Option(str, "chain", "chain | static | opt-tree (trees: deterministic top-n children)",
+                               choices=("chain", "static", "opt-tree")),
+        "k_max": methods.Option(int, 8, "most draft tokens per step (tree: deepest layer)", lo=1, hi=32),
+        "threshold": methods.Option(float, -0.6, "ddd / ldlp-ddd: least cumulative draft log-probability",
+                                    lo=-100.0, hi=0.0),
+        "max_nodes": methods.Option(int, None, "trees: draft nodes verified per step", optional=True, lo=1, hi=256),
+        "width": methods.Option(int, 8, "opt-tree: candidates kept per layer", lo=1, hi=64),
+        "delta": methods.Option(float, None, "opt-tree: grow while a layer raises E by more", optional=True,
+                                lo=0.0, hi=64.0),
+        "vocab_subset": methods.VOCAB_SUBSET,
     },
+    check=lambda o: check_name(o["length"], LENGTHS, "eagle option 'length'", o["k_max"]),
     test_opts=[{"head": "untrained", "length": "fixed:3", "vocab_subset": 0},
                {"head": "untrained", "length": "ddd", "threshold": -1.5, "k_max": 5, "vocab_subset": 0},
                {"head": "untrained", "length": "beta-ts", "k_max": 4, "vocab_subset": 0},

@@ -39,7 +39,7 @@ from draftwise.drafters.model_base import next_token
 from draftwise.errors import CheckpointError, ConfigError
 from draftwise.models.cache import KVCache
 from draftwise.models.transformer import Layer, Transformer, build_layer, layer_forward, rms_norm
-from draftwise.policies.length import LengthControl, StepCosts, parse_control
+from draftwise.policies.length import CONTROLS, LengthControl, StepCosts, check_name, parse_control
 from draftwise.tree import DraftTree
 from draftwise.vocab import VocabSubset
 
@@ -265,13 +265,14 @@ methods.register(methods.MethodSpec(
     options={
         "exit": methods.Option(str, None, "trained exit layer (draftwise train early-exit); null: no exit layer, "
                                "layer N's output read out directly (untrained, like HF assistant_early_exit)",
-                               optional=True),
+                               optional=True, path=True),
         "layer": methods.Option(int, None, "N, the target layers that draft (taken from the exit layer's file)",
-                                optional=True),
+                                optional=True, lo=1, hi=1024),
         "control": methods.Option(str, "beta-ts", "draft length: fixed:K | beta-ts | calibration-ts"),
-        "k_max": methods.Option(int, 8, "most tokens drafted per step"),
-        "vocab_subset": methods.Option(int, 32768, "draft logits over the K most frequent tokens (0: full vocabulary)"),
+        "k_max": methods.Option(int, 8, "most tokens drafted per step", lo=1, hi=32),
+        "vocab_subset": methods.VOCAB_SUBSET,
     },
+    check=lambda o: check_name(o["control"], CONTROLS, "early-exit option 'control'", o["k_max"]),
     test_opts=[{"layer": 1, "control": "fixed:3", "vocab_subset": 0},
                {"layer": 1, "control": "beta-ts", "k_max": 5, "vocab_subset": 0},
                {"layer": 1, "control": "calibration-ts", "k_max": 5, "vocab_subset": 0}]))

@@ -128,14 +128,20 @@ def _factory(engine, max_nodes=None, **opts) -> PromptLookup:
     return PromptLookup(max_nodes=max_nodes, cost=cost, **opts)
 
 
+def _check(o: dict) -> None:
+    if o["min_ngram"] > o["max_ngram"]:
+        raise ConfigError(f"method 'lookup' needs min_ngram <= max_ngram, got {o['min_ngram']} > {o['max_ngram']}")
+
+
 methods.register(methods.MethodSpec(
     "lookup", "prompt lookup (PLD): continuations of earlier occurrences of the newest n-gram", _factory,
     options={
         "max_nodes": methods.MAX_NODES,
-        "max_ngram": methods.Option(int, 3, "longest n-gram matched"),
-        "min_ngram": methods.Option(int, 1, "shortest n-gram matched"),
-        "max_depth": methods.Option(int, 16, "longest continuation drafted"),
-        "max_matches": methods.Option(int, 4, "continuations merged into the draft trie"),
-        "decay": methods.Option(float, 0.98, "per-step fade of the online acceptance estimates"),
+        "max_ngram": methods.Option(int, 3, "longest n-gram matched", lo=1, hi=32),
+        "min_ngram": methods.Option(int, 1, "shortest n-gram matched", lo=1, hi=32),
+        "max_depth": methods.Option(int, 16, "longest continuation drafted", lo=1, hi=64),
+        "max_matches": methods.Option(int, 4, "continuations merged into the draft trie", lo=1, hi=64),
+        "decay": methods.DECAY,
     },
+    check=_check,
     test_opts={"max_depth": 6}))

@@ -220,12 +220,13 @@ methods.register(methods.MethodSpec(
     "rasd", "RASD: retrieval trees pruned by the draft model and fused with its tree (arXiv 2503.03434); "
     "base recycling: the train-free fusion", _factory,
     options={
-        "base": methods.Option(str, "draft-model", "the model tree: draft-model (needs --draft) | recycling"),
+        "base": methods.Option(str, "draft-model", "the model tree: draft-model (needs --draft) | recycling",
+                               choices=("draft-model", "recycling")),
         "base_max_nodes": methods.Option(int, None, "the base drafter's max_nodes (null: its cost-curve budget)",
-                                         optional=True),
+                                         optional=True, lo=1, hi=256),
         "retrieval_nodes": methods.Option(int, None, "retrieval nodes added per step (null: while they pay under "
-                                          "the cost curve)", optional=True),
-        "prune": methods.Option(float, 0.01, "drop a retrieval branch whose token the draft gives less"),
+                                          "the cost curve)", optional=True, lo=0, hi=256),
+        "prune": methods.Option(float, 0.01, "drop a retrieval branch whose token the draft gives less", lo=0.0, hi=1.0),
         **SOURCE_OPTIONS,
     },
     needs_if=lambda o: ("draft_model",) if o.get("base") == "draft-model" else (),

@@ -163,8 +163,9 @@ methods.register(methods.MethodSpec(
     "recycling", "Token Recycling: train-free tree from the target's own past top-k (arXiv 2408.08696)", _factory,
     options={
         "max_nodes": methods.MAX_NODES,
-        "k": methods.Option(int, 8, "next-token candidates kept per token in the adjacency matrix"),
-        "template_nodes": methods.Option(int, 80, "nodes of the tree template the budget chooses from"),
-        "decay": methods.Option(float, 0.98, "per-step fade of the online acceptance estimates"),
+        "k": methods.Option(int, 8, "next-token candidates kept per token in the adjacency matrix (the rank prior covers 8)",
+                            lo=1, hi=len(RANK_PRIOR)),
+        "template_nodes": methods.Option(int, 80, "nodes of the tree template the budget chooses from", lo=1, hi=512),
+        "decay": methods.DECAY,
     },
     test_opts={"max_nodes": 12}))

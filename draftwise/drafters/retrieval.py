@@ -205,11 +205,12 @@ def _factory(engine, max_nodes=None, datastore=None, lookup=True, online=False, 
 
 
 SOURCE_OPTIONS = {
-    "datastore": methods.Option(str, None, "datastore file (draftwise datastore build); null: none", optional=True),
+    "datastore": methods.Option(str, None, "datastore file (draftwise datastore build); null: none", optional=True,
+                                 path=True),
     "lookup": methods.Option(bool, True, "also draft continuations found in the context itself (prompt lookup)"),
     "online": methods.Option(bool, False, "add each finished sequence to the datastore's in-memory overlay"),
-    "max_conts": methods.Option(int, 64, "continuations retrieved per step"),
-    "max_len": methods.Option(int, 16, "tokens per continuation"),
+    "max_conts": methods.Option(int, 64, "continuations retrieved per step", lo=1, hi=1024),
+    "max_len": methods.Option(int, 16, "tokens per continuation", lo=1, hi=64),
 }
 
 methods.register(methods.MethodSpec(

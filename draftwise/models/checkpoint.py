@@ -10,7 +10,7 @@ from pathlib import Path
 
 import torch
 
-from draftwise.errors import CheckpointError, InstallError
+from draftwise.errors import CORRUPT_FILE_ERRORS, CheckpointError, InstallError
 from draftwise.models import registry
 from draftwise.models.config import ModelConfig
 
@@ -29,8 +29,8 @@ def convert_gguf(gguf: Path, out_dir: Path, progress: bool = True) -> None:
     try:
         model = AutoModelForCausalLM.from_pretrained(str(gguf.parent), gguf_file=gguf.name, dtype=torch.float32)
         tok = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
-    except (ValueError, OSError, KeyError, RuntimeError) as e:
-        raise InstallError(f"could not read GGUF file {gguf}: {e}") from None
+    except CORRUPT_FILE_ERRORS as e:
+        raise InstallError(f"could not read GGUF file {gguf}: {e or type(e).__name__}") from None
     cfg = model.config.to_dict()
     cfg.pop("quantization_config", None)
     cfg["torch_dtype"] = "float32"

@@ -568,14 +568,30 @@ def cached_layer(cfg: ModelConfig, L: Layer, x: torch.Tensor, cos, sin, k_all: t
 
 # ---------------------------------------------------------------------- free functions
 @torch.inference_mode()
-def prefill(model: Transformer, cache: KVCache, tokens: torch.Tensor, hidden_layers: tuple[int, ...] = ()) -> ForwardOut:
+def prefill(model: Transformer, cache: KVCache, tokens: torch.Tensor, hidden_layers: tuple[int, ...] = (),
+            chunk: int | None = None, interrupt=None) -> ForwardOut | None:
     """Run the prompt [n] through the model, commit it, return logits of the last position
-    (and the hidden states of every position)."""
+    (and the hidden states of every position).
+
+    chunk: at most this many tokens per forward (a long prompt in pieces; each row sees the same
+    prefix either way); interrupt: called between chunks, a truthy return stops there and returns None
+    (the cache then holds the chunks already run)."""
     n = int(tokens.shape[0])
-    pos = torch.arange(cache.length, cache.length + n, device=model.device)
-    out = model.forward(tokens.to(model.device), pos, cache, logits_rows=slice(n - 1, n), hidden_layers=hidden_layers)
-    cache.commit(n)
-    return out
+    step = n if not chunk else chunk
+    outs = []
+    for s in range(0, n, step):
+        if s and interrupt is not None and interrupt():
+            return None
+        e = min(n, s + step)
+        pos = torch.arange(cache.length, cache.length + e - s, device=model.device)
+        rows = slice(e - s - 1, e - s) if e == n else slice(0, 0)
+        outs.append(model.forward(tokens[s:e].to(model.device), pos, cache, logits_rows=rows,
+                                  hidden_layers=hidden_layers, compute_logits=e == n))
+        cache.commit(e - s)
+    if len(outs) == 1:
+        return outs[0]
+    return ForwardOut(outs[-1].logits, torch.cat([o.hidden for o in outs]),
+                      {i: torch.cat([o.layer_hidden[i] for o in outs]) for i in outs[-1].layer_hidden})
 
 
 @torch.inference_mode()

@@ -360,6 +360,20 @@ class LDLPControl(LengthControl):
         return "ldlp" if self.threshold is None else "ldlp-ddd"
 
 
+def check_name(text: str | None, names: str, what: str, k_max: int) -> None:
+    """A length control's name is one of ``names`` (LENGTHS or CONTROLS), fixed:K with 1 <= K <= k_max:
+    checked when options are validated, before anything loads."""
+    if text is None:
+        return
+    valid = [n.strip() for n in names.split("|")]
+    if text.startswith("fixed:"):
+        k = text[6:]
+        if not (k.isdigit() and 1 <= int(k) <= k_max):
+            raise ConfigError(f"{what} {text!r}: K must be an integer in [1, {k_max}] (k_max), like fixed:3")
+    elif text not in valid:
+        raise ConfigError(f"{what} must be one of {names}, got {text[:40]!r}")
+
+
 def parse_length(text: str, costs: StepCosts | None, k_max: int, ldlp: tuple[dict, object] | None = None,
                  threshold: float = -0.6, seed: int = 0) -> LengthControl:
     """``fixed:K`` | ``ddd`` | ``ldlp`` | ``ldlp-ddd`` | ``beta-ts`` | ``calibration-ts`` -> a control.
