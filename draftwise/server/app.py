@@ -26,6 +26,7 @@ from pathlib import Path
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 
+from draftwise import methods as registry
 from draftwise.decoding import Stats
 from draftwise.server import schema
 from draftwise.server.requests import Policy, RequestError, check_method, load_body, parse
@@ -75,7 +76,7 @@ class Guard:
             if not hmac.compare_digest(given.encode(), self.api_key.encode()):
                 return RequestError(401, "missing or invalid API key (send Authorization: Bearer KEY)",
                                     code="invalid_api_key", headers={"WWW-Authenticate": "Bearer"})
-        if scope.get("method") == "POST":
+        if scope.get("method") == "POST" and path in schema.REQUESTS:
             ctype = headers.get("content-type", "").split(";")[0].strip().lower()
             if ctype != "application/json":
                 return RequestError(415, "the request body must be JSON (Content-Type: application/json)")
@@ -253,7 +254,9 @@ def create_app(engine, method: str = "ar", method_opts: dict | None = None, max_
     def answers(model) -> dict:
         return {200: {"model": model, "description": "the completion (JSON), or with stream: true server-sent "
                                                      "events of chunks ending with data: [DONE]",
-                      "content": {"text/event-stream": {"schema": {"type": "string"}}}}, **errors}
+                      "content": {"text/event-stream": {"schema": {
+                          "type": "object", "description": "one server-sent event: data is a chunk's JSON or [DONE]",
+                          "properties": {"data": {"type": "string"}, "event": {"type": "string"}}}}}}, **errors}
 
     @app.post("/v1/chat/completions", responses=answers(schema.ChatCompletion))
     async def chat_completions(request: Request):
@@ -279,11 +282,12 @@ def create_app(engine, method: str = "ar", method_opts: dict | None = None, max_
         data, ctype = metrics.text()
         return Response(data, media_type=ctype)
 
-    _publish_request_models(app, secured=api_key is not None)
+    _publish_request_models(app, secured=api_key is not None, custom=getattr(engine, "custom_methods", frozenset()),
+                            has_draft=getattr(engine, "draft_model", None) is not None)
     return app
 
 
-def _publish_request_models(app: FastAPI, secured: bool) -> None:
+def _publish_request_models(app: FastAPI, secured: bool, custom: frozenset[str], has_draft: bool) -> None:
     """/openapi.json with the request bodies (parsed by hand, so FastAPI cannot see them) and the key scheme."""
     from fastapi.openapi.utils import get_openapi
 
@@ -299,12 +303,18 @@ def _publish_request_models(app: FastAPI, secured: bool) -> None:
             doc["paths"][path]["post"]["requestBody"] = {
                 "required": True, "content": {"application/json": {"schema": {"$ref": f"#/components/schemas/"
                                                                                       f"{model.__name__}"}}}}
+        method = comps["DraftwiseRequest"]["properties"]["method"]
+        runnable = {sp.name for sp in registry.specs() if "draft_model" not in sp.needs or has_draft} | set(custom)
+        method["anyOf"] = [{"type": "string", "enum": sorted(runnable)}, {"type": "null"}]
+        err = {"content": {"application/json": {"schema": {"$ref": "#/components/schemas/ErrorResponse"}}}}
+        for path, ops in doc["paths"].items():
+            for op in ops.values():
+                op["responses"].setdefault("400", {**err, "description": "invalid request or Host header"})
+                if secured and path != "/health":
+                    op["security"] = [{"bearer": []}]
+                    op["responses"].setdefault("401", {**err, "description": "missing or invalid API key"})
         if secured:
             doc["components"]["securitySchemes"] = {"bearer": {"type": "http", "scheme": "bearer"}}
-            for path, ops in doc["paths"].items():
-                if path != "/health":
-                    for op in ops.values():
-                        op["security"] = [{"bearer": []}]
         app.openapi_schema = doc
         return doc
 

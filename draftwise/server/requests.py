@@ -68,6 +68,8 @@ def _number(body: dict, name: str, default, lo: float, hi: float, integer: bool 
     v = body.get(name, default)
     if v is None:
         return default
+    if integer and isinstance(v, float) and v.is_integer() and abs(v) < 2**64:
+        v = int(v)                                    # JSON Schema's integers include 20373.0
     kind = int if integer else (int, float)
     if isinstance(v, bool) or not isinstance(v, kind) or (isinstance(v, float) and not math.isfinite(v)) \
             or not lo <= v <= hi:
@@ -147,11 +149,11 @@ def parse(engine, body: Any, chat: bool, policy: Policy) -> dict:
             raise RequestError(400, f"'{name}' is not supported (it would change the output distribution)", name)
     stream, ctx = _flag(body, "stream"), policy.context
     stream_opts = body.get("stream_options")
-    if stream_opts is not None and (not isinstance(stream_opts, dict) or not stream):
-        raise RequestError(400, "'stream_options' must be an object, and only with \"stream\": true", "stream_options")
-    include_usage = _flag(stream_opts or {}, "include_usage")
-    max_tokens = body.get("max_completion_tokens", body.get("max_tokens"))
-    max_tokens = _number({"max_tokens": max_tokens}, "max_tokens", None, 1, 2**31 - 1, integer=True)
+    if stream_opts is not None and not isinstance(stream_opts, dict):
+        raise RequestError(400, "'stream_options' must be an object", "stream_options")
+    include_usage = _flag(stream_opts or {}, "include_usage") and stream      # ignored without streaming
+    limits = [_number(body, name, None, 1, 2**31 - 1, integer=True) for name in ("max_completion_tokens", "max_tokens")]
+    max_tokens = next((v for v in limits if v is not None), None)
     stop = body.get("stop")
     if isinstance(stop, str):
         stop = [stop]
@@ -184,7 +186,8 @@ def _method(engine, body: dict, policy: Policy) -> tuple[str, dict | None]:
     if not isinstance(ext, dict) or set(ext) - {"method", "method_opts"}:
         raise RequestError(400, "'draftwise' must be an object like {\"method\": \"lookup\", \"method_opts\": {}}",
                            "draftwise")
-    method = ext.get("method", policy.method)
+    method = ext.get("method")
+    method = policy.method if method is None else method
     if not isinstance(method, str):
         raise RequestError(400, f"'draftwise.method' must be a string, got {_short(method)}", "draftwise")
     opts = ext.get("method_opts", policy.method_opts if method == policy.method else None)

@@ -5,9 +5,11 @@ describe the same contract for /openapi.json and are checked against the parser 
 """
 from __future__ import annotations
 
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
+
+StopString = Annotated[str, Field(min_length=1, max_length=256)]
 
 
 class TextPart(BaseModel):
@@ -17,7 +19,8 @@ class TextPart(BaseModel):
 
 class Message(BaseModel):
     role: Literal["system", "user", "assistant"]
-    content: str | list[TextPart] = Field(description="a string or a list of text parts (joined by newlines)")
+    content: str | Annotated[list[TextPart], Field(min_length=1)] = Field(
+        description="a string or a non-empty list of text parts (joined by newlines)")
 
 
 class DraftwiseRequest(BaseModel):
@@ -29,7 +32,7 @@ class DraftwiseRequest(BaseModel):
 
 
 class StreamOptions(BaseModel):
-    include_usage: bool = False
+    include_usage: bool | None = False
 
 
 class ResponseFormat(BaseModel):
@@ -42,7 +45,8 @@ class _Common(BaseModel):
     temperature: float | None = Field(0.0, ge=0, le=2, description="0 (greedy) or in [0.001, 2]")
     top_p: float | None = Field(1.0, gt=0, le=1)
     seed: int | None = Field(None, ge=0, le=2**64 - 1)
-    stop: str | list[str] | None = Field(None, description="up to 4 non-empty strings of at most 256 characters")
+    stop: StopString | Annotated[list[StopString], Field(max_length=4)] | None = Field(
+        None, description="up to 4 non-empty strings of at most 256 characters")
     stream: bool | None = False
     stream_options: StreamOptions | None = Field(None, description="only with stream: true")
     n: int | None = Field(1, ge=1, le=1)
