@@ -53,6 +53,7 @@ class Engine:
         self._draft_cost: CostCurve | None = None
         self._cache = None
         self.last_token_ids: list[int] = []   # token ids of the latest stream() call
+        self.guard = True                     # the realized-throughput guard (draftwise/policies/guard.py)
 
     @classmethod
     def load(cls, model: str = registry.DEFAULT_MODEL, device: str = "cpu", dtype: torch.dtype | str | None = None,
@@ -172,7 +173,7 @@ class Engine:
     # ------------------------------------------------------------------ generation
     def _tokens(self, prompt: str | list[int], method: str, max_new_tokens: int, temperature: float,
                 top_k: int, top_p: float, seed: int | None, chat: bool, stop, stats: Stats,
-                method_opts: dict | None, interrupt=None) -> Iterator[list[int]]:
+                method_opts: dict | None, interrupt=None, guard: bool | None = None) -> Iterator[list[int]]:
         sampling = Sampling(temperature=temperature, top_k=top_k, top_p=top_p, seed=seed)
         d = self.drafter(method, method_opts)
         ids = list(prompt) if isinstance(prompt, list) else self.encode(prompt, chat=chat)
@@ -180,19 +181,21 @@ class Engine:
             self._cache = self.model.new_cache()
         return decode(self.model, ids, drafter=d, sampling=sampling, max_new_tokens=max_new_tokens,
                       eos_ids=self.eos_ids, stop=stop, detok=self.decode_text, stats=stats, cache=self._cache,
-                      interrupt=interrupt)
+                      interrupt=interrupt, guard=self.guard if guard is None else guard)
 
-    def generate(self, prompt: str | list[int], method: str = "ar", max_new_tokens: int = 128,
+    def generate(self, prompt: str | list[int], method: str = "auto", max_new_tokens: int = 128,
                  temperature: float = 0.0, top_k: int = 0, top_p: float = 1.0, seed: int | None = None,
-                 chat: bool = False, stop: list[str] | None = None, method_opts: dict | None = None) -> GenerationResult:
+                 chat: bool = False, stop: list[str] | None = None, method_opts: dict | None = None,
+                 guard: bool | None = None) -> GenerationResult:
+        """guard: the throughput guard for this call (None: ``engine.guard``, on by default)."""
         stats = Stats()
         out: list[int] = []
         for piece in self._tokens(prompt, method, max_new_tokens, temperature, top_k, top_p, seed, chat,
-                                  stop, stats, method_opts):
+                                  stop, stats, method_opts, guard=guard):
             out.extend(piece)
         return GenerationResult(self._final_text(out, stop), out, stats, method)
 
-    def stream(self, prompt: str | list[int], method: str = "ar", max_new_tokens: int = 128,
+    def stream(self, prompt: str | list[int], method: str = "auto", max_new_tokens: int = 128,
                temperature: float = 0.0, top_k: int = 0, top_p: float = 1.0, seed: int | None = None,
                chat: bool = False, stop: list[str] | None = None, stats: Stats | None = None,
                method_opts: dict | None = None, interrupt=None) -> Iterator[str]:

@@ -35,8 +35,11 @@ def _add_target_args(p: argparse.ArgumentParser) -> None:
 
 
 def _add_model_args(p: argparse.ArgumentParser) -> None:
-    """The target's options plus the draft model's weights (commands that may take --draft)."""
+    """The target's options plus the draft model's weights (commands that may take --draft) and the guard."""
     _add_target_args(p)
+    p.add_argument("--guard", default="on", choices=["on", "off"],
+                   help="the realized-throughput guard: plain steps while a request's drafting steps are measured "
+                        "slower than plain ones (default on; off: the method drafts every step)")
     p.add_argument("--draft-weights", default="auto", choices=list(WEIGHT_MODES),
                    help="the draft model's weights (with --draft), chosen apart from the target's: they change only "
                         "its speed, never the output (auto: gguf on CPU fp32 when the draft's .gguf is there)")
@@ -47,9 +50,11 @@ def _load(a):
     and --draft-weights."""
     import draftwise
 
-    return draftwise.load(a.model, device=a.device, dtype=a.dtype, threads=a.threads, graphs=a.graphs,
-                          compile=a.compile, weights=a.weights, draft=getattr(a, "draft", None),
-                          draft_weights=getattr(a, "draft_weights", "auto"))
+    eng = draftwise.load(a.model, device=a.device, dtype=a.dtype, threads=a.threads, graphs=a.graphs,
+                         compile=a.compile, weights=a.weights, draft=getattr(a, "draft", None),
+                         draft_weights=getattr(a, "draft_weights", "auto"))
+    eng.guard = getattr(a, "guard", "on") == "on"
+    return eng
 
 
 def _method_help() -> str:
@@ -88,7 +93,9 @@ def cmd_generate(a) -> int:
         sys.stdout.flush()
     sys.stdout.write("\n")
     line = (f"[draftwise] {a.method}: {stats.new_tokens} tokens in {stats.wall_s:.2f} s, "
-            f"{stats.tokens_per_s:.2f} tok/s, tau {stats.tau:.2f}, {stats.steps} target passes")
+            f"{stats.tokens_per_s:.2f} tok/s, tau {stats.tau:.2f}, {stats.steps} target passes"
+            + (f" ({stats.guard_plain_steps} plain: the guard)" if stats.guard_plain_steps else "")
+            + ("; accepted from " + ", ".join(f"{k} {v}" for k, v in stats.sources.items()) if stats.sources else ""))
     if a.compare_ar and a.method != "ar":
         ar = eng.generate(a.prompt, method="ar", **kw)
         same = "identical" if ar.token_ids == eng.last_token_ids else "DIFFERENT"
@@ -333,7 +340,8 @@ def build_parser() -> argparse.ArgumentParser:
     g = sub.add_parser("generate", help="generate text from a prompt")
     _add_model_args(g)
     g.add_argument("prompt")
-    g.add_argument("--method", default="ar", help=f"{_method_help()} (default ar; `draftwise methods` lists options)")
+    g.add_argument("--method", default="auto", help=f"{_method_help()} (default auto: every source the engine has, "
+                   "mixed per step; `draftwise methods` lists options)")
     g.add_argument("--method-opts", default=None, metavar="JSON",
                    help='the method\'s options as a JSON object, e.g. \'{"max_nodes": 8}\'')
     g.add_argument("--draft", default=None, help="draft model (same tokenizer) for methods that need one")
@@ -352,7 +360,7 @@ def build_parser() -> argparse.ArgumentParser:
     b = sub.add_parser("bench", help="Spec-Bench-style comparison of methods and baselines")
     _add_model_args(b)
     b.add_argument("--draft", default=None, help="draft model (same tokenizer) for draft-model methods and hf-assisted")
-    b.add_argument("--methods", default="ar,recycling,lookup,hf",
+    b.add_argument("--methods", default="ar,auto,recycling,lookup,retrieval",
                    help=f"comma list: {', '.join(_method_help().split(' | '))}; baselines hf, hf-lookup, hf-assisted "
                         "(needs --draft), llamacpp, llamacpp-lookup (need llama-cpp-python)")
     b.add_argument("--method-opts", default=None, metavar="JSON",
@@ -368,7 +376,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     def serving_args(p):
         _add_model_args(p)
-        p.add_argument("--method", default="ar", help=f"default method: {_method_help()}")
+        p.add_argument("--method", default="auto", help=f"default method (default auto): {_method_help()}")
         p.add_argument("--method-opts", default=None, metavar="JSON", help="options of the default method")
         p.add_argument("--draft", default=None, help="draft model (same tokenizer) for draft-model methods")
 

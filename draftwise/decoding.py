@@ -15,7 +15,9 @@ from draftwise import kernels
 from draftwise.drafters.base import Context, Drafter, Proposal
 from draftwise.errors import DrafterError, PromptError
 from draftwise.models.transformer import Transformer, prefill
+from draftwise.policies.guard import ThroughputGuard
 from draftwise.sampling import Sampling, sample, warp
+from draftwise.tree import DraftTree
 from draftwise.verify import verify
 
 
@@ -33,6 +35,8 @@ class Stats:
     verify_s: float = 0.0
     wall_s: float = 0.0
     stop_reason: str = ""
+    guard_plain_steps: int = 0                       # plain steps the throughput guard chose
+    sources: dict[str, int] = field(default_factory=dict)   # accepted draft tokens per source (origin bits)
 
     @property
     def tau(self) -> float:
@@ -65,7 +69,8 @@ class Stats:
                 "tau": self.tau, "tokens_per_s": self.tokens_per_s, "wall_s": self.wall_s,
                 "prefill_s": self.prefill_s, "draft_s": self.draft_s, "verify_s": self.verify_s,
                 "mean_tree_size": sum(self.tree_sizes) / max(1, len(self.tree_sizes)),
-                "acceptance_by_depth": self.acceptance_by_depth(), "stop_reason": self.stop_reason}
+                "acceptance_by_depth": self.acceptance_by_depth(), "stop_reason": self.stop_reason,
+                "guard_plain_steps": self.guard_plain_steps, "sources": dict(self.sources)}
 
 
 def _grow(xs: list[int], n: int) -> None:
@@ -114,12 +119,17 @@ PREFILL_CHUNK = 512     # prompt tokens per prefill forward: a long prompt is in
 def decode(model: Transformer, prompt_ids: list[int], drafter: Drafter | None = None,
            sampling: Sampling = Sampling(), max_new_tokens: int = 128, eos_ids=(), stop=None,
            detok=None, stats: Stats | None = None, cache=None,
-           interrupt: Callable[[], str | None] | None = None) -> Iterator[list[int]]:
+           interrupt: Callable[[], str | None] | None = None, guard=False) -> Iterator[list[int]]:
     """Yield lists of newly generated token ids until a stop condition. Lossless for any drafter.
 
     interrupt: called between prefill chunks and between steps; a non-empty string it returns (e.g.
     "deadline", "cancelled") ends generation there and becomes ``stats.stop_reason``. ``stats`` is
-    complete (wall time, tokens/s, tau) however generation ends, a closed generator included."""
+    complete (wall time, tokens/s, tau) however generation ends, a closed generator included.
+
+    guard: the realized-throughput guard (``policies/guard.py``): plain steps while this request's
+    drafting steps are measured slower than plain ones (drafters that declare ``pausable``); False
+    (here the default; the Engine turns it on): the drafter proposes every step; an object with
+    ``drafting()`` and ``record(...)``: that policy."""
     if not prompt_ids:
         raise PromptError("empty prompt: give at least one token")
     if max_new_tokens < 1:
@@ -133,8 +143,11 @@ def decode(model: Transformer, prompt_ids: list[int], drafter: Drafter | None = 
     lent = cache is None
     cache = model.lend_cache() if lent else cache
     try:
+        g = None
+        if guard and drafter.pausable and type(drafter) is not Drafter:
+            g = guard if hasattr(guard, "drafting") else ThroughputGuard()
         yield from _loop(model, prompt_ids, drafter, sampling, max_new_tokens, eos_ids, stop, detok, stats, cache,
-                         interrupt or _never)
+                         interrupt or _never, g)
     finally:
         if lent:
             model.give_back_cache(cache)
@@ -144,18 +157,20 @@ def _never() -> None:
     return None
 
 
-def _loop(model, prompt_ids, drafter, sampling, max_new_tokens, eos_ids, stop, detok, stats, cache, interrupt):
+def _loop(model, prompt_ids, drafter, sampling, max_new_tokens, eos_ids, stop, detok, stats, cache, interrupt,
+          guard):
     t_start = time.perf_counter()
     stopper = Stopper(max_new_tokens, eos_ids, stop, detok)
     stats.stop_reason = ""
     try:
-        yield from _steps(model, prompt_ids, drafter, sampling, stopper, stats, cache, interrupt, t_start)
+        yield from _steps(model, prompt_ids, drafter, sampling, stopper, stats, cache, interrupt, t_start,
+                          guard)
     finally:                          # also when the consumer closes the generator (a deadline, a client gone)
         stats.stop_reason = stats.stop_reason or stopper.reason or "closed"
         stats.wall_s = time.perf_counter() - t_start
 
 
-def _steps(model, prompt_ids, drafter, sampling, stopper, stats, cache, interrupt, t_start):
+def _steps(model, prompt_ids, drafter, sampling, stopper, stats, cache, interrupt, t_start, guard):
     layers = tuple(drafter.needs.hidden_layers)
     max_new_tokens = stopper.max_new
     cache.truncate(0)
@@ -188,7 +203,12 @@ def _steps(model, prompt_ids, drafter, sampling, stopper, stats, cache, interrup
                 break
             ctx.remaining = max_new_tokens - len(stopper.out)
             t0 = time.perf_counter()
-            prop = _propose(drafter, ctx, cache)
+            drafting = guard is None or guard.drafting()
+            if drafting:
+                prop = _propose(drafter, ctx, cache)
+            else:                                     # the guard's plain step: no drafter call at all
+                cache.discard()
+                prop = Proposal(DraftTree.root_only(ctx.root, device=ctx.device))
             tree = prop.tree
             t1 = time.perf_counter()
             mask = tree.ancestor_mask() if tree.size > 1 else None
@@ -199,13 +219,28 @@ def _steps(model, prompt_ids, drafter, sampling, stopper, stats, cache, interrup
             t2 = time.perf_counter()
             ctx.tokens.extend(acc.tokens)
             ctx.last_pass = (tree.size, (t2 - t1) * 1e3)
-            drafter.observe(tree, fwd, acc, ctx)
+            if drafting:
+                drafter.observe(tree, fwd, acc, ctx)
+            t3 = time.perf_counter()
+            if guard is not None:
+                guard.record(drafting, len(acc.tokens), t3 - t0)
+                stats.guard_plain_steps = guard.plain_steps
             emitted = stopper.push(acc.tokens)
-            stats.draft_s += (t1 - t0) + (time.perf_counter() - t2)
+            stats.draft_s += (t1 - t0) + (t3 - t2)
             stats.verify_s += t2 - t1
             stats._record(tree, acc, len(acc.tokens))
+            if drafting and drafter.origin_bits and tree.origin is not None and len(acc.path) > 1:
+                _credit(stats.sources, drafter.origin_bits, tree.origin, acc.path)
             stats.new_tokens += len(emitted)
             yield emitted
+
+
+def _credit(sources: dict[str, int], bits: dict[int, str], origin: torch.Tensor, path: list[int]) -> None:
+    """Count each accepted draft node for every source whose bit its origin carries."""
+    for o in origin[torch.as_tensor(path[1:], device=origin.device)].tolist():
+        for bit, name in bits.items():
+            if o & bit:
+                sources[name] = sources.get(name, 0) + 1
 
 
 def _propose(drafter: Drafter, ctx: Context, cache) -> Proposal:

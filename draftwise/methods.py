@@ -130,7 +130,7 @@ def register(spec: MethodSpec) -> MethodSpec:
 
 def _load_builtins() -> None:
     # each drafter module registers its methods on import
-    from draftwise.drafters import base, draft_model, eagle, early_exit, lookup, rasd, recycling, retrieval  # noqa: F401
+    from draftwise.drafters import auto, base, draft_model, eagle, early_exit, lookup, rasd, recycling, retrieval  # noqa: F401
 
 
 def get(name: str) -> MethodSpec:

@@ -159,9 +159,11 @@ def test_generate_with_a_draft_model(capsys):
 def test_bench_command(capsys, tmp_path):
     qs = tmp_path / "q.jsonl"
     qs.write_text(json.dumps({"question_id": 1, "category": "code", "turns": ["def add(a, b):"]}) + "\n")
-    assert main(["bench", *SMOL, "--methods", "ar,lookup", "--dataset", str(qs), "--max-new-tokens", "8",
-                 "--out", str(tmp_path / "b")]) == 0
-    assert "lookup" in capsys.readouterr().out and (tmp_path / "b" / "report.md").is_file()
+    assert main(["bench", *SMOL, "--methods", "ar,lookup,lookup/noguard", "--dataset", str(qs), "--max-new-tokens",
+                 "8", "--method-opts", '{"lookup/noguard": {"guard": false}}', "--out", str(tmp_path / "b")]) == 0
+    assert "lookup/noguard" in capsys.readouterr().out and (tmp_path / "b" / "report.md").is_file()
+    assert main(["bench", *SMOL, "--methods", "ar,lookup", "--dataset", str(qs), "--method-opts",
+                 '{"lookup": {"guard": "no"}}', "--out", str(tmp_path / "c")]) == 2
 
 
 def test_methods_command(capsys):

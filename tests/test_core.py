@@ -48,10 +48,38 @@ def test_every_registered_method_matches_plain_greedy(pair, name, opts):
     for seed in range(3):
         prompt = prompt_of(seed)
         ref, _ = generate(target, prompt, max_new_tokens=40)
-        out, st = generate(target, prompt, drafter=d, max_new_tokens=40)
+        out, st = generate(target, prompt, drafter=d, max_new_tokens=40, guard=False)   # drafts every step
         assert out == ref, f"{name} diverged on prompt {seed}"
         for m in (1, 5):                                    # max_new_tokens cuts inside a draft
-            assert generate(target, prompt, drafter=d, max_new_tokens=m)[0] == ref[:m]
+            assert generate(target, prompt, drafter=d, max_new_tokens=m, guard=False)[0] == ref[:m]
+
+
+class RandomPauses:
+    """A guard that pauses the drafter on a fixed pseudo-random schedule (runs of plain steps)."""
+
+    def __init__(self, seed: int):
+        self.rng, self.plain_steps = random.Random(seed), 0
+
+    def drafting(self) -> bool:
+        return self.rng.random() < 0.6
+
+    def record(self, drafted, tokens, seconds) -> None:
+        self.plain_steps += not drafted
+
+
+@pytest.mark.parametrize("name,opts", [c[1:] for c in CASES], ids=[c[0] for c in CASES])
+def test_pausable_drafters_stay_lossless_when_the_guard_pauses_them(pair, name, opts):
+    """A drafter that declares ``pausable`` drafts correctly after steps it never saw (greedy and sampled)."""
+    target, draft = pair
+    d = build(name, target, draft, opts)
+    if not d.pausable or type(d) is Drafter:
+        pytest.skip(f"{name} is not paused by the guard")
+    for seed in range(2):
+        prompt = prompt_of(seed)
+        ref, _ = generate(target, prompt, max_new_tokens=40)
+        g = RandomPauses(seed)
+        out, st = generate(target, prompt, drafter=d, max_new_tokens=40, guard=g)
+        assert out == ref and g.plain_steps > 0 and st.guard_plain_steps == g.plain_steps
 
 
 def test_draft_model_accepts_and_rejects(pair):
@@ -89,8 +117,30 @@ def test_every_registered_method_samples_the_target_distribution(tmp_path_factor
     counts = np.zeros(p.size)
     n = 1500
     for i in range(n):
-        out, _ = generate(target, prompt, drafter=d, sampling=Sampling(temperature=1.0, seed=i), max_new_tokens=3)
+        out, _ = generate(target, prompt, drafter=d, sampling=Sampling(temperature=1.0, seed=i), max_new_tokens=3,
+                          guard=False)                      # the drafter drafts every step
         counts[out[2]] += 1
+    _chi_square_ok(counts, p, n)
+
+
+@pytest.mark.parametrize("name,opts", [("draft-model", {"tree": "chain", "vocab_subset": 0}),
+                                       ("recycling", {"max_nodes": 6})])
+def test_sampling_stays_exact_when_the_guard_pauses_the_drafter(tmp_path_factory, name, opts):
+    target, draft = _small_pair(tmp_path_factory)
+    s = Sampling(temperature=1.0)
+    prompt = [1, 2, 3, 1, 2, 3, 1, 2]
+    p = exact_third_token(target, prompt, s)
+    d = build(name, target, draft, opts)
+    counts = np.zeros(p.size)
+    n = 1500
+    for i in range(n):
+        out, _ = generate(target, prompt, drafter=d, sampling=Sampling(temperature=1.0, seed=i), max_new_tokens=3,
+                          guard=RandomPauses(i))
+        counts[out[2]] += 1
+    _chi_square_ok(counts, p, n)
+
+
+def _chi_square_ok(counts: np.ndarray, p: np.ndarray, n: int) -> None:
     exp = p * n
     assert counts[exp == 0].sum() == 0
     stat = float(((counts[exp > 0] - exp[exp > 0]) ** 2 / exp[exp > 0]).sum())
@@ -518,7 +568,7 @@ def test_draft_model_shapes_on_real_weights(shape):
     eng = _smol_pair()
     opts = {"tree": shape, "max_nodes": 4, "delta": 0.0, "max_depth": 4}
     for prompt in ("def fibonacci(n):", "The capital of France is"):
-        ref = eng.generate(prompt, max_new_tokens=24)
+        ref = eng.generate(prompt, method="ar", max_new_tokens=24)
         r = eng.generate(prompt, method="draft-model", method_opts=opts, max_new_tokens=24)
         assert r.token_ids == ref.token_ids
         assert r.stats.tau > 1.5                              # a model agrees with itself (up to fp ties)
@@ -548,7 +598,7 @@ def test_draft_weights_are_chosen_apart_from_the_target():
     assert (eng.model.weights, eng.draft_model.weights) == ("fp32", "gguf")
     opts = {"tree": "opt-tree", "max_nodes": 4, "delta": 0.0, "max_depth": 4}
     for prompt in ("def fibonacci(n):", "The capital of France is"):
-        ref = eng.generate(prompt, max_new_tokens=24)
+        ref = eng.generate(prompt, method="ar", max_new_tokens=24)
         r = eng.generate(prompt, method="draft-model", method_opts=opts, max_new_tokens=24)
         assert r.token_ids == ref.token_ids
         assert r.stats.tau > 1.5

@@ -126,7 +126,12 @@ class Runner:
         for m in methods:
             if not engine.has_method(base_method(m)) and m not in EXTERNAL_METHODS:
                 raise ConfigError(f"unknown method {m!r}; choose from {', '.join(registry.names() + list(EXTERNAL_METHODS))}")
-        self.method_opts = dict(method_opts or {})
+        self.method_opts = {m: dict(o) for m, o in (method_opts or {}).items()}
+        # "guard": a bench setting per label, not a method option: the throughput guard on or off
+        self.guard = {m: o.pop("guard") for m, o in self.method_opts.items() if "guard" in o}
+        for m, g in self.guard.items():
+            if not isinstance(g, bool):
+                raise ConfigError(f"--method-opts {m!r}: 'guard' must be true or false, got {g!r}")
         for m, o in self.method_opts.items():
             if not engine.has_method(base_method(m)):
                 raise ConfigError(f"--method-opts names {m!r}, which is not a method; choose from "
@@ -227,7 +232,8 @@ class Runner:
             if m in EXTERNAL_METHODS:
                 self.baselines.generate(m, ids, 8)
             else:
-                self.engine.generate(ids, method=base_method(m), max_new_tokens=8, method_opts=self.method_opts.get(m))
+                self.engine.generate(ids, method=base_method(m), max_new_tokens=8, method_opts=self.method_opts.get(m),
+                                     guard=self.guard.get(m))
 
     def _prompt_ids(self, q: dict, history: list[tuple[str, str]], turn: str) -> list[int]:
         if not q.get("chat", True):
@@ -251,7 +257,7 @@ class Runner:
             else:
                 r = self.engine.generate(ids, method=base_method(method), max_new_tokens=self.max_new,
                                          temperature=self.temperature, seed=0 if self.temperature else None,
-                                         method_opts=self.method_opts.get(method))
+                                         method_opts=self.method_opts.get(method), guard=self.guard.get(method))
                 toks, wall, steps = r.token_ids, r.stats.wall_s, r.stats.steps + 1
                 acc, dt, vt = [1] + r.stats.accept_lengths, r.stats.draft_s, r.stats.verify_s
                 size = r.stats.as_dict()["mean_tree_size"]

@@ -78,6 +78,12 @@ class Drafter:
 
     name = "ar"
     needs = Needs()
+    # the loop may skip this drafter for some steps (the throughput guard's plain steps: neither propose
+    # nor observe is called) and its next propose still drafts correctly from ctx.tokens
+    pausable = True
+    # names of the bits of DraftTree.origin, for drafters that mix sources: the loop counts accepted
+    # tokens per source (Stats.sources)
+    origin_bits: dict[int, str] = {}
 
     def reset(self, ctx: Context) -> None:
         """Called once per prompt, before prefill."""

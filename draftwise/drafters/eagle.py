@@ -199,6 +199,7 @@ def untrained_head(model: Transformer) -> EagleHead:
 class Eagle(DraftModel):
     name = "eagle"
     needs = Needs(final_hidden=True)
+    pausable = False          # its features come from every target pass (observe); its length control adapts
 
     def __init__(self, head: EagleHead, length: LengthControl | None = None, tree: str = "chain",
                  max_nodes: int | None = None, max_depth: int = 8, width: int = 8, delta: float | None = None,

@@ -121,6 +121,7 @@ def exit_layer(model: Transformer, tensors: dict[str, torch.Tensor], packed: boo
 # ---------------------------------------------------------------------- drafter
 class EarlyExit(Drafter):
     name = "early-exit"
+    pausable = False          # exit rows follow every target pass; its own control takes plain steps (k = 0)
 
     def __init__(self, model: Transformer, layer: int, control: LengthControl, exit: Layer | None = None,
                  subset: VocabSubset | None = None, costs: StepCosts | None = None):

@@ -69,10 +69,12 @@ class Rasd(Drafter):
             raise ConfigError("rasd needs a cost curve unless retrieval_nodes is fixed")
         self.base, self.source, self.retrieval_nodes, self.cost, self.prune = base, source, retrieval_nodes, cost, prune
         self.needs = base.needs
+        self.pausable = getattr(base, "pausable", False)   # a base that does not say: never paused
         self.calib = Calibration()                 # draft probability -> acceptance, for retrieval nodes
         self._a: DraftTree | None = None
         self._added: _Added | None = None
         self._col: torch.Tensor | None = None       # full id -> draft column (vocabulary subset)
+        self.last_base_size = 0
 
     # ------------------------------------------------------------------ drafter API
     def reset(self, ctx: Context) -> None:
@@ -93,6 +95,7 @@ class Rasd(Drafter):
             raise ConfigError("rasd fuses plain draft trees; this base drafter returns an early-exit proposal")
         a = prop
         self._a, self._added = a, None
+        self.last_base_size = a.size          # nodes [0, last_base_size) of the proposal are the base's
         if cand is None or (self.cost is not None and self.cost.probe_due() and a.size == 1):
             return a
         return self._fuse(ctx, a, cand, t0)

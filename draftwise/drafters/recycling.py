@@ -88,6 +88,17 @@ class TokenRecycling(Drafter):
             return self._propose(ctx)
 
     def _propose(self, ctx: Context) -> DraftTree:
+        full = self.candidates(ctx)
+        keep = self.choose_nodes(full.scores.cpu().double(), ctx.remaining, len(ctx.tokens))
+        self.last_size = keep.numel()
+        if keep.numel() == 1:
+            return DraftTree.root_only(ctx.root, device=self.device)
+        return full.select(keep.to(self.device))
+
+    def candidates(self, ctx: Context) -> DraftTree:
+        """Every template node as a tree (parents first): tokens from the matrix, ``scores`` the
+        acceptance estimates (0 where a parent's row was never filled), ``template_ids`` the template
+        node of each tree node. What a fusion of sources reads (``auto``); ``propose`` keeps a prefix."""
         toks = torch.empty(self.parents.numel(), dtype=torch.long, device=self.device)
         valid = torch.ones(self.parents.numel(), dtype=torch.bool, device=self.device)
         toks[0] = ctx.root
@@ -96,33 +107,36 @@ class TokenRecycling(Drafter):
             toks[lvl] = self.M[ptok, self._rank_dev[lvl]]
             valid[lvl] = valid[self._par_dev[lvl]] & self.seen[ptok]    # never draft from an empty row
         est = self.estimates() * valid.cpu()
-        keep = self.choose_nodes(est, ctx.remaining, len(ctx.tokens))
-        self.last_size = keep.numel()
-        if keep.numel() == 1:
-            return DraftTree.root_only(ctx.root, device=self.device)
-        tree = DraftTree(toks, self._par_dev, self.depths.to(self.device)).select(keep.to(self.device))
-        tree.scores = est[keep].float().to(self.device)                   # acceptance estimates (fusion reads them)
-        tree.template_ids = keep                                         # for observe()
+        tree = DraftTree(toks, self._par_dev, self.depths.to(self.device))
+        tree.scores = est.float().to(self.device)
+        tree.template_ids = torch.arange(self.parents.numel())
         return tree
 
     def observe(self, tree: DraftTree, out, accepted, ctx: Context) -> None:
         with self.overhead:
-            self._observe(tree, out, accepted)
+            self.learn_rows(tree.tokens, out.logits)
+            if tree.template_ids is not None:
+                on_path = torch.zeros(tree.size, dtype=torch.bool)
+                on_path[torch.tensor(accepted.path)] = True
+                self.record(tree.template_ids, on_path)
         self.overhead.commit()
         if self.cost is not None and ctx.last_pass is not None:
             self.cost.observe(*ctx.last_pass, context=len(ctx.tokens))
 
-    def _observe(self, tree: DraftTree, out, accepted) -> None:
-        top = kernels.topk_rows(out.logits, self.k)                    # [n, k] (torch.topk's indices)
-        rows = tree.tokens.to(self.M.device)
+    def learn_rows(self, tokens: torch.Tensor, logits: torch.Tensor) -> None:
+        """M[token] = the target's top-k after each verified node (any node of any source teaches it).
+        tokens [n], logits [n, V]."""
+        top = kernels.topk_rows(logits, self.k)                        # [n, k] (torch.topk's indices)
+        rows = tokens.to(self.M.device)
         self.M[rows] = top.to(self.M.device)
         self.seen[rows] = True
-        ids = tree.template_ids
+
+    def record(self, template_ids: torch.Tensor, accepted: torch.Tensor) -> None:
+        """Acceptance statistics of drafted template nodes ([m] ids, [m] bool accepted); old evidence fades."""
         self.proposed *= self.decay
         self.accepted *= self.decay
-        if ids is not None:
-            self.proposed[ids] += 1
-            self.accepted[ids[torch.tensor(accepted.path)]] += 1
+        self.proposed[template_ids] += 1
+        self.accepted[template_ids[accepted]] += 1
 
     def describe(self) -> dict:
         return {"method": self.name, "k": self.k, "template_nodes": self.parents.numel() - 1,

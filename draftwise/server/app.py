@@ -134,7 +134,7 @@ async def _next(job: Job, request: Request):
                 raise ClientGone from None
 
 
-def create_app(engine, method: str = "ar", method_opts: dict | None = None, max_queue: int = 64,
+def create_app(engine, method: str = "auto", method_opts: dict | None = None, max_queue: int = 64,
                timeout_s: float = 600.0, max_body: int = MAX_BODY, api_key: str | None = None,
                host: str = "127.0.0.1", allowed_hosts: tuple[str, ...] = (), allow_paths: tuple[str, ...] = ()):
     """The FastAPI app serving ``engine``; ``method`` is the default for requests that name none."""
@@ -180,7 +180,8 @@ def create_app(engine, method: str = "ar", method_opts: dict | None = None, max_
 
         def ext(st: Stats, reason: str) -> dict:
             return {"method": job.method, "tau": round(st.tau, 4), "tokens_per_s": round(st.tokens_per_s, 3),
-                    "target_passes": st.steps + (1 if st.new_tokens else 0), "stopped": reason}
+                    "target_passes": st.steps + (1 if st.new_tokens else 0), "stopped": reason,
+                    "sources": dict(st.sources)}
 
         if not stream:
             parts = []

@@ -41,7 +41,7 @@ class RequestError(Exception):
 @dataclass(frozen=True)
 class Policy:
     """What the operator decided when starting the server."""
-    method: str = "ar"                        # for requests that name none
+    method: str = "auto"                       # for requests that name none
     method_opts: dict | None = None
     context: int = 2048                       # the model's context in tokens
     allow_paths: tuple[Path, ...] = ()        # directories whose files requests may name

@@ -77,6 +77,7 @@ class DraftwiseStats(BaseModel):
     tokens_per_s: float
     target_passes: int
     stopped: str = Field(description="stop | length | deadline | cancelled")
+    sources: dict[str, int] = Field(default_factory=dict, description="accepted draft tokens per source (auto)")
 
 
 class AssistantMessage(BaseModel):

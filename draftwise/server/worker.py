@@ -138,6 +138,8 @@ class Metrics:
                          registry=self.registry)
         self.tau = Gauge("draftwise_tau", "tokens per target pass of the latest request", ["method"],
                          registry=self.registry)
+        self.sources = Counter("draftwise_accepted_draft_tokens", "accepted draft tokens per source",
+                               ["method", "source"], registry=self.registry)
 
     def record(self, method: str, st: Stats) -> None:
         self.tokens.labels(method).inc(st.new_tokens)
@@ -145,6 +147,8 @@ class Metrics:
         self.seconds.labels(method).inc(st.wall_s)
         self.tps.labels(method).set(st.tokens_per_s)
         self.tau.labels(method).set(st.tau)
+        for source, n in st.sources.items():
+            self.sources.labels(method, source).inc(n)
 
     def text(self) -> tuple[bytes, str]:
         from prometheus_client import CONTENT_TYPE_LATEST, generate_latest

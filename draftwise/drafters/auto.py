@@ -1,0 +1,185 @@
+"""``auto``: one drafter over every source the engine has; it picks the mix per step by measured
+tokens per second, and with the loop's guard it never drafts when nothing pays.
+
+Terms
+- sources: Token Recycling's matrix (always), retrieval (prompt lookup over the context, plus a
+  datastore when given), and the draft model when the engine has one loaded.
+- free arm: recycling's whole template tree and the retrieval trie fused into one tree
+  (``merge_trees``). Each node's p̂ is the product of conditional acceptance rates along its path;
+  a node's rate is the larger of those of the sources that proposed it, each the source's own
+  online-calibrated estimate (recycling: accepted / drafted per template node; retrieval: its
+  ``Calibration`` tables). The kept set is the best-p̂ prefix that maximizes expected tokens per ms
+  of the step under the target's measured cost curve, this drafter's own time included.
+- model arm: the draft model's tree (its OPT-Tree planner grows a layer only while it pays for both
+  models' time) with the retrieval trie fused and pruned as RASD does; recycling learns from these
+  passes too.
+- arm choice (``ArmRates``): each arm's realized tokens per second over its recent steps (drafting,
+  target pass and bookkeeping timed); the better one runs, the other is retried now and then. A
+  draft model that does not pay for its forwards therefore stops running; the loop's guard adds
+  plain decoding as the last resort.
+- origin bits per node: 1 recycling, 2 retrieval, 4 draft model (a node two sources proposed
+  carries both); the loop counts accepted tokens per source from them (``Stats.sources``).
+"""
+from __future__ import annotations
+
+import time
+
+import torch
+
+from draftwise import methods
+from draftwise.drafters.base import Context, Drafter
+from draftwise.drafters.rasd import Rasd
+from draftwise.drafters.recycling import TokenRecycling
+from draftwise.drafters.retrieval import RetrievalSource, load_store
+from draftwise.policies.budget import OnlineCost, Overhead, best_prefix
+from draftwise.policies.guard import ArmRates
+from draftwise.tree import DraftTree, merge_trees, tried_nodes
+
+RECYCLING, RETRIEVAL, DRAFT_MODEL = 1, 2, 4
+
+
+class Auto(Drafter):
+    name = "auto"
+    origin_bits = {RECYCLING: "recycling", RETRIEVAL: "retrieval", DRAFT_MODEL: "draft-model"}
+
+    def __init__(self, recycling: TokenRecycling, source: RetrievalSource, cost: OnlineCost,
+                 model: Rasd | None = None, max_nodes: int | None = None):
+        self.recycling, self.source, self.cost, self.model, self.max_nodes = recycling, source, cost, model, max_nodes
+        self.needs = model.needs if model is not None else self.needs
+        self.pausable = model is None or model.pausable
+        self.arms = ArmRates(["model", "free"] if model is not None else ["free"])
+        self.overhead = Overhead()
+        self._arm: str | None = None
+        self._t_propose = 0.0
+        self._kept: dict | None = None          # the free arm's bookkeeping for observe
+
+    # ------------------------------------------------------------------ drafter API
+    def reset(self, ctx: Context) -> None:
+        if self.model is not None:
+            self.model.reset(ctx)               # the draft model's cache and the retrieval source
+        else:
+            self.source.reset(ctx)
+
+    def begin(self, ctx: Context, out) -> None:
+        if self.model is not None:
+            self.model.begin(ctx, out)
+
+    def propose(self, ctx: Context) -> DraftTree:
+        t0 = time.perf_counter()
+        self._arm = self.arms.choose()
+        if self._arm == "model":
+            tree = self.model.propose(ctx)
+            bits = torch.full((tree.size,), RETRIEVAL, dtype=torch.int8)
+            bits[: self.model.last_base_size] = DRAFT_MODEL
+        else:
+            with self.overhead:
+                tree, bits = self._free(ctx)
+        bits[0] = 0
+        tree.origin = bits.to(tree.tokens.device)
+        self._t_propose = time.perf_counter() - t0
+        return tree
+
+    def observe(self, tree: DraftTree, out, accepted, ctx: Context) -> None:
+        t0 = time.perf_counter()
+        if self._arm == "model":
+            self.model.observe(tree, out, accepted, ctx)
+            self.recycling.learn_rows(tree.tokens, out.logits)
+        else:
+            with self.overhead:
+                self._learn(tree, out, accepted)
+            self.overhead.commit()
+            self.source.remember(ctx)
+            if ctx.last_pass is not None:
+                self.cost.observe(*ctx.last_pass, context=len(ctx.tokens))
+        verify_s = ctx.last_pass[1] / 1e3 if ctx.last_pass is not None else 0.0
+        self.arms.record(self._arm, len(accepted.tokens), self._t_propose + verify_s + time.perf_counter() - t0)
+
+    # ------------------------------------------------------------------ the free arm
+    def _free(self, ctx: Context) -> tuple[DraftTree, torch.Tensor]:
+        rec = self.recycling.candidates(ctx).to("cpu")
+        cand = self.source.candidates(ctx)
+        fused, mapping = (rec, None) if cand is None else merge_trees(rec, cand.tree)
+        n, par = fused.size, fused.parents
+        rate = torch.zeros(n, dtype=torch.float64)
+        bits = torch.zeros(n, dtype=torch.int8)
+        s = rec.scores.double()
+        rate[1:rec.size] = torch.where(s[rec.parents[1:]] > 0, s[1:] / s[rec.parents[1:]].clamp_min(1e-12), 0.0)
+        bits[1:rec.size] = RECYCLING
+        ret_of = torch.full((n,), -1, dtype=torch.long)          # fused node -> retrieval trie node
+        if cand is not None:
+            b = cand.tree.scores.double()
+            b_rate = b[1:] / b[cand.tree.parents[1:]].clamp_min(1e-12)
+            m = mapping[1:]
+            rate[m] = torch.maximum(rate[m], b_rate)
+            bits[m] |= RETRIEVAL
+            ret_of[m] = torch.arange(1, cand.tree.size)
+        r, p = rate.clamp(0.0, 1.0).tolist(), par.tolist()
+        sc = [1.0] * n
+        for i in range(1, n):                                     # parents first
+            sc[i] = sc[p[i]] * r[i]
+        score = torch.tensor(sc, dtype=torch.float64)
+        order = torch.sort(-score[1:], stable=True).indices + 1  # best first; parents first on ties
+        order = order[(score[order] > 0) & (fused.depths[order] < max(1, ctx.remaining))]
+        if self.cost.probe_due():
+            k = 0                                                 # a timed one-node pass keeps t(1) measured
+        else:
+            k = best_prefix(score[order], self.cost, self.max_nodes, self.overhead.ms, len(ctx.tokens))
+        keep = torch.sort(torch.cat([torch.zeros(1, dtype=torch.long), order[:k]])).values
+        self._kept = {"template": rec.template_ids, "rec_size": rec.size, "bits": bits[keep],
+                      "index": keep, "ret_of": ret_of[keep], "cand": cand}
+        tree = fused.select(keep)
+        tree.scores = score[keep].float()
+        return tree, bits[keep].clone()
+
+    def _learn(self, tree: DraftTree, out, accepted) -> None:
+        k = self._kept
+        self.recycling.learn_rows(tree.tokens, out.logits)       # every node teaches the matrix
+        on_path = torch.zeros(tree.size, dtype=torch.bool)
+        on_path[torch.tensor(accepted.path)] = True
+        rec = (k["bits"] & RECYCLING).bool()
+        rec[0] = True                                             # the root is template node 0
+        self.recycling.record(k["template"][k["index"][rec]], on_path[rec])
+        ret = (k["bits"] & RETRIEVAL).bool()
+        if ret.any() and k["cand"] is not None:
+            tried, hit = tried_nodes(tree, accepted.path)
+            tried, hit = torch.cat([torch.zeros(1, dtype=torch.bool), tried]), torch.cat(
+                [torch.zeros(1, dtype=torch.bool), hit])
+            sel = ret & tried
+            if sel.any():
+                j = k["ret_of"][sel]
+                c = k["cand"]
+                self.source.learn(c.top1[j], c.share[j], c.kind[j], hit[sel])
+        self._kept = None
+
+    def describe(self) -> dict:
+        return {"method": self.name, "sources": ["recycling", "retrieval"] + (["draft-model"] if self.model else []),
+                "datastore": None if self.source.store is None else str(self.source.store.path),
+                "arm_tokens_per_s": {a: round(r.value, 2) for a, r in self.arms.rates.items()}}
+
+
+def _factory(engine, datastore, online: bool, max_nodes, use_draft: bool) -> Auto:
+    from draftwise.drafters.draft_model import _factory as draft_factory
+
+    store = load_store(engine, datastore, online)
+    source = RetrievalSource(store, lookup=True, online=online)
+    rec = TokenRecycling(engine.model.cfg.vocab_size, device="cpu")
+    model = None
+    if use_draft and engine.draft_model is not None:
+        spec = methods.get("draft-model")
+        base = draft_factory(engine, **spec.validate({}))
+        model = Rasd(base, source, cost=OnlineCost(engine.cost_curve()))
+    return Auto(rec, source, OnlineCost(engine.cost_curve()), model=model, max_nodes=max_nodes)
+
+
+methods.register(methods.MethodSpec(
+    "auto", "every source the engine has (Token Recycling, retrieval from the context and a datastore, the draft "
+    "model when loaded) fused into one tree, the mix chosen per step by measured tokens/s", _factory,
+    options={
+        "datastore": methods.Option(str, None, "datastore file for retrieval (draftwise datastore build); null: the "
+                                    "context only", optional=True, path=True),
+        "online": methods.Option(bool, False, "add each finished sequence to the datastore's in-memory overlay"),
+        "max_nodes": methods.Option(int, None, "most nodes verified per step without the draft model (null: the "
+                                    "cost curve decides)", optional=True, lo=1, hi=256),
+        "use_draft": methods.Option(bool, True, "use the engine's draft model when one is loaded"),
+    },
+    test_opts=[{}, {"max_nodes": 6}, {"use_draft": False}]))

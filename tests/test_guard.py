@@ -1,0 +1,81 @@
+"""The realized-throughput guard: its decisions on hand-made timings, and in the loop a drafter made
+to lose (slow, never accepted) is paused while one that wins keeps drafting; outputs stay plain
+decoding's."""
+import time
+
+import torch
+
+from draftwise.decoding import generate
+from draftwise.drafters.base import Drafter
+from draftwise.policies.guard import ThroughputGuard
+from draftwise.tree import DraftTree
+from tests.helpers import tiny_model
+
+
+def run(guard: ThroughputGuard, steps: int, draft_tokens: float, draft_s: float, plain_s: float) -> list[bool]:
+    """Feed the guard steps with fixed costs; returns its choices."""
+    out = []
+    for i in range(steps):
+        d = guard.drafting()
+        out.append(d)
+        if d:
+            guard.record(True, int(draft_tokens) + (i % 2 if draft_tokens % 1 else 0), draft_s)
+        else:
+            guard.record(False, 1, plain_s)
+    return out
+
+
+def test_losing_drafting_is_paused_with_growing_backoff():
+    g = ThroughputGuard()
+    choices = run(g, 400, draft_tokens=1, draft_s=0.012, plain_s=0.010)     # 83 vs 100 tokens/s
+    assert choices[:2] == [False, False]                                     # the request's own baseline
+    assert sum(choices) < 0.15 * len(choices)                                # mostly plain
+    runs, cur = [], 0
+    for c in choices[2:]:
+        if c:
+            if cur:
+                runs.append(cur)
+            cur = 0
+        else:
+            cur += 1
+    assert runs[0] >= 16 and max(runs) > runs[0]                             # backoff grows
+
+
+def test_winning_drafting_keeps_drafting_with_rare_probes():
+    g = ThroughputGuard()
+    choices = run(g, 400, draft_tokens=2.5, draft_s=0.013, plain_s=0.010)   # ~190 vs 100 tokens/s
+    assert sum(choices) > 0.9 * len(choices) and g.plain_steps < 25
+
+
+def test_drafting_that_stops_paying_is_caught():
+    g = ThroughputGuard()
+    first = run(g, 100, draft_tokens=2.5, draft_s=0.013, plain_s=0.010)
+    later = run(g, 300, draft_tokens=1, draft_s=0.013, plain_s=0.010)
+    assert sum(first) > 90 and sum(later) < 0.2 * len(later)
+
+
+class SlowWrong(Drafter):
+    """Proposes 4 tokens nobody accepts, slowly: drafting loses."""
+    name = "slow-wrong"
+
+    def __init__(self):
+        self.proposed = 0
+
+    def propose(self, ctx):
+        self.proposed += 1
+        time.sleep(0.004)
+        root = ctx.root
+        return DraftTree.chain(root, [(root + k) % 90 + 1 for k in (7, 11, 13, 17)])
+
+
+def test_a_losing_drafter_is_paused_in_the_loop_and_the_output_is_unchanged(tmp_path):
+    m = tiny_model(tmp_path, arch="llama", seed=3, dtype=torch.float32)
+    prompt = list(range(1, 20))
+    ref, _ = generate(m, prompt, max_new_tokens=120)
+    d = SlowWrong()
+    out, st = generate(m, prompt, drafter=d, max_new_tokens=120, guard=True)
+    assert out == ref
+    assert st.guard_plain_steps > 0.7 * st.steps and d.proposed < 0.3 * st.steps
+    d2 = SlowWrong()
+    out, st = generate(m, prompt, drafter=d2, max_new_tokens=120, guard=False)
+    assert out == ref and st.guard_plain_steps == 0 and d2.proposed == st.steps
