@@ -149,15 +149,17 @@ class Engine:
     def has_method(self, method: str) -> bool:
         return method in self._custom or method in methods.names()
 
-    def drafter(self, method: str, method_opts: dict | None = None) -> Drafter:
-        """The drafter for a method and its options; kept across calls so state hot-starts."""
+    def drafter(self, method: str, method_opts: dict | None = None, instance: str | None = None) -> Drafter:
+        """The drafter for a method and its options; kept across calls so state hot-starts. ``instance``
+        names a separate drafter for the same method and options (the bench gives each label its own,
+        so two labels never share what one of them learned)."""
         if method in self._custom:
             if method_opts:
                 raise ConfigError(f"method {method!r} is a registered instance and takes no options")
             return self._custom[method]
         spec = methods.get(method)
         opts = spec.validate(method_opts)
-        key = (method, json.dumps(opts, sort_keys=True))
+        key = (method, json.dumps(opts, sort_keys=True), instance)
         if key in self._drafters:
             self._drafters.move_to_end(key)
             return self._drafters[key]
@@ -173,9 +175,10 @@ class Engine:
     # ------------------------------------------------------------------ generation
     def _tokens(self, prompt: str | list[int], method: str, max_new_tokens: int, temperature: float,
                 top_k: int, top_p: float, seed: int | None, chat: bool, stop, stats: Stats,
-                method_opts: dict | None, interrupt=None, guard: bool | None = None) -> Iterator[list[int]]:
+                method_opts: dict | None, interrupt=None, guard: bool | None = None,
+                instance: str | None = None) -> Iterator[list[int]]:
         sampling = Sampling(temperature=temperature, top_k=top_k, top_p=top_p, seed=seed)
-        d = self.drafter(method, method_opts)
+        d = self.drafter(method, method_opts, instance)
         ids = list(prompt) if isinstance(prompt, list) else self.encode(prompt, chat=chat)
         if self._cache is None:
             self._cache = self.model.new_cache()
@@ -186,12 +189,13 @@ class Engine:
     def generate(self, prompt: str | list[int], method: str = "auto", max_new_tokens: int = 128,
                  temperature: float = 0.0, top_k: int = 0, top_p: float = 1.0, seed: int | None = None,
                  chat: bool = False, stop: list[str] | None = None, method_opts: dict | None = None,
-                 guard: bool | None = None) -> GenerationResult:
-        """guard: the throughput guard for this call (None: ``engine.guard``, on by default)."""
+                 guard: bool | None = None, instance: str | None = None) -> GenerationResult:
+        """guard: the throughput guard for this call (None: ``engine.guard``, on by default); instance: a
+        separate drafter (see ``drafter``)."""
         stats = Stats()
         out: list[int] = []
         for piece in self._tokens(prompt, method, max_new_tokens, temperature, top_k, top_p, seed, chat,
-                                  stop, stats, method_opts, guard=guard):
+                                  stop, stats, method_opts, guard=guard, instance=instance):
             out.extend(piece)
         return GenerationResult(self._final_text(out, stop), out, stats, method)
 

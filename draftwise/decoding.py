@@ -221,9 +221,11 @@ def _steps(model, prompt_ids, drafter, sampling, stopper, stats, cache, interrup
             ctx.last_pass = (tree.size, (t2 - t1) * 1e3)
             if drafting:
                 drafter.observe(tree, fwd, acc, ctx)
+            else:
+                drafter.watch(tree, fwd, acc, ctx)
             t3 = time.perf_counter()
             if guard is not None:
-                guard.record(drafting, len(acc.tokens), t3 - t0)
+                guard.record(drafting, len(acc.tokens), t3 - t0, tree.size)
                 stats.guard_plain_steps = guard.plain_steps
             emitted = stopper.push(acc.tokens)
             stats.draft_s += (t1 - t0) + (t3 - t2)

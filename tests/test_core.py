@@ -63,7 +63,7 @@ class RandomPauses:
     def drafting(self) -> bool:
         return self.rng.random() < 0.6
 
-    def record(self, drafted, tokens, seconds) -> None:
+    def record(self, drafted, tokens, seconds, nodes=2) -> None:
         self.plain_steps += not drafted
 
 

@@ -38,7 +38,7 @@ def test_losing_drafting_is_paused_with_growing_backoff():
             cur = 0
         else:
             cur += 1
-    assert runs[0] >= 16 and max(runs) > runs[0]                             # backoff grows
+    assert runs[0] >= 8 and max(runs) > runs[0]                              # backoff grows
 
 
 def test_winning_drafting_keeps_drafting_with_rare_probes():
@@ -51,7 +51,8 @@ def test_drafting_that_stops_paying_is_caught():
     g = ThroughputGuard()
     first = run(g, 100, draft_tokens=2.5, draft_s=0.013, plain_s=0.010)
     later = run(g, 300, draft_tokens=1, draft_s=0.013, plain_s=0.010)
-    assert sum(first) > 90 and sum(later) < 0.2 * len(later)
+    assert sum(first) > 90 and sum(later) < 0.25 * len(later)
+    assert not all(later[:50])                               # the first pause comes within ~30 steps
 
 
 class SlowWrong(Drafter):
@@ -79,3 +80,26 @@ def test_a_losing_drafter_is_paused_in_the_loop_and_the_output_is_unchanged(tmp_
     d2 = SlowWrong()
     out, st = generate(m, prompt, drafter=d2, max_new_tokens=120, guard=False)
     assert out == ref and st.guard_plain_steps == 0 and d2.proposed == st.steps
+
+
+def test_steps_that_draft_nothing_are_no_evidence():
+    g = ThroughputGuard()
+    for _ in range(2):                                   # the request's baseline
+        assert not g.drafting()
+        g.record(False, 1, 0.010)
+    for _ in range(50):                                  # the drafter found nothing to propose: one node
+        assert g.drafting()
+        g.record(True, 1, 0.0101, nodes=1)
+    assert g.plain_steps == 2
+
+
+def test_a_burst_after_a_dry_spell_is_not_paused_away():
+    """Bursty gains (copying): slow stretches with some acceptance do not pause a drafter that pays overall."""
+    g = ThroughputGuard()
+    choices = []
+    for i in range(300):
+        d = g.drafting()
+        choices.append(d)
+        burst = (i // 10) % 3 == 0                       # 10 steps of copying, then 20 of slow going
+        g.record(d, (4 if burst else 1 + (i % 4 == 0)) if d else 1, 0.012 if d else 0.010)
+    assert sum(choices) > 0.85 * len(choices)

@@ -126,6 +126,8 @@ class Runner:
         for m in methods:
             if not engine.has_method(base_method(m)) and m not in EXTERNAL_METHODS:
                 raise ConfigError(f"unknown method {m!r}; choose from {', '.join(registry.names() + list(EXTERNAL_METHODS))}")
+        # every label keeps its own drafter for the whole run (the engine's LRU would drop some)
+        engine.max_drafters = max(getattr(engine, "max_drafters", 0), len(methods) + 1)
         self.method_opts = {m: dict(o) for m, o in (method_opts or {}).items()}
         # "guard": a bench setting per label, not a method option: the throughput guard on or off
         self.guard = {m: o.pop("guard") for m, o in self.method_opts.items() if "guard" in o}
@@ -137,7 +139,7 @@ class Runner:
                 raise ConfigError(f"--method-opts names {m!r}, which is not a method; choose from "
                                   f"{', '.join(registry.names())}")
             if m in methods:
-                engine.drafter(base_method(m), o)     # validates the options (and needs) before any sample runs
+                engine.drafter(base_method(m), o, instance=m)   # validates options (and needs) before any sample runs
             elif base_method(m) in registry.names():
                 registry.get(base_method(m)).validate(o)   # a variant this run skips: its options only
         self.baselines = Baselines(engine, draft, early_exit_layer)
@@ -233,7 +235,7 @@ class Runner:
                 self.baselines.generate(m, ids, 8)
             else:
                 self.engine.generate(ids, method=base_method(m), max_new_tokens=8, method_opts=self.method_opts.get(m),
-                                     guard=self.guard.get(m))
+                                     guard=self.guard.get(m), instance=m)
 
     def _prompt_ids(self, q: dict, history: list[tuple[str, str]], turn: str) -> list[int]:
         if not q.get("chat", True):
@@ -257,7 +259,8 @@ class Runner:
             else:
                 r = self.engine.generate(ids, method=base_method(method), max_new_tokens=self.max_new,
                                          temperature=self.temperature, seed=0 if self.temperature else None,
-                                         method_opts=self.method_opts.get(method), guard=self.guard.get(method))
+                                         method_opts=self.method_opts.get(method), guard=self.guard.get(method),
+                                         instance=method)
                 toks, wall, steps = r.token_ids, r.stats.wall_s, r.stats.steps + 1
                 acc, dt, vt = [1] + r.stats.accept_lengths, r.stats.draft_s, r.stats.verify_s
                 size = r.stats.as_dict()["mean_tree_size"]

@@ -94,6 +94,9 @@ class Auto(Drafter):
         verify_s = ctx.last_pass[1] / 1e3 if ctx.last_pass is not None else 0.0
         self.arms.record(self._arm, len(accepted.tokens), self._t_propose + verify_s + time.perf_counter() - t0)
 
+    def watch(self, tree: DraftTree, out, accepted, ctx: Context) -> None:
+        self.recycling.learn_rows(tree.tokens, out.logits)
+
     # ------------------------------------------------------------------ the free arm
     def _free(self, ctx: Context) -> tuple[DraftTree, torch.Tensor]:
         rec = self.recycling.candidates(ctx).to("cpu")

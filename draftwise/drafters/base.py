@@ -99,6 +99,10 @@ class Drafter:
         """Called after each target pass with its ForwardOut (out.logits [n, V] at every node) and
         the accepted path; ctx.tokens already ends with the accepted tokens and the bonus."""
 
+    def watch(self, tree: DraftTree, out, accepted, ctx: Context) -> None:
+        """Called instead of ``observe`` after a plain step the guard chose (``propose`` was not called):
+        a drafter that learns from the target's passes (Token Recycling's matrix) may learn from it."""
+
     def describe(self) -> dict:
         return {"method": self.name}
 

@@ -199,6 +199,9 @@ class Rasd(Drafter):
             self.cost.observe(*ctx.last_pass, context=len(ctx.tokens))
         self._a, self._added = None, None
 
+    def watch(self, tree: DraftTree, out, accepted, ctx: Context) -> None:
+        self.base.watch(tree, out, accepted, ctx)
+
     def describe(self) -> dict:
         s = self.source
         return {"method": self.name, "base": self.base.describe(),

@@ -123,6 +123,9 @@ class TokenRecycling(Drafter):
         if self.cost is not None and ctx.last_pass is not None:
             self.cost.observe(*ctx.last_pass, context=len(ctx.tokens))
 
+    def watch(self, tree: DraftTree, out, accepted, ctx: Context) -> None:
+        self.learn_rows(tree.tokens, out.logits)
+
     def learn_rows(self, tokens: torch.Tensor, logits: torch.Tensor) -> None:
         """M[token] = the target's top-k after each verified node (any node of any source teaches it).
         tokens [n], logits [n, V]."""

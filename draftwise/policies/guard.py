@@ -14,8 +14,12 @@ Terms
   context — is not paused between bursts, short enough to follow the context and the clock).
 - probe: a plain step taken while drafting, so the plain rate stays current (every ``probe_every``
   drafting steps, and two at the start).
-- backoff: after drafting loses, this many plain steps before a trial of ``trial`` drafting steps;
-  it doubles each time a trial loses again (up to ``max_backoff``), resets when drafting wins.
+- pause: after ``quick`` drafting steps that accepted nothing at all, or once ``trial`` drafting steps
+  deliver fewer tokens/s than plain steps (by ``margin``), the next ``backoff`` steps are plain; the
+  backoff doubles each time drafting loses again (up to ``max_backoff``) and resets when it wins;
+  after a loss, the next trials are judged after ``retrial`` steps.
+  During a pause the drafter's ``watch`` hook still sees every pass (Token Recycling keeps learning),
+  so a pause does not starve the drafter that would end it.
 """
 from __future__ import annotations
 
@@ -27,10 +31,12 @@ class _Rate:
     tokens: float = 0.0
     seconds: float = 0.0
     steps: int = 0
+    steps_weight: float = 0.0            # decayed step count: tokens == steps_weight means one per step
 
     def add(self, tokens: int, seconds: float, decay: float) -> None:
         self.tokens = self.tokens * decay + tokens
         self.seconds = self.seconds * decay + seconds
+        self.steps_weight = self.steps_weight * decay + 1
         self.steps += 1
 
     @property
@@ -41,14 +47,14 @@ class _Rate:
 class ThroughputGuard:
     """Decides per step whether the loop drafts; ``record`` after each step with what it cost."""
 
-    def __init__(self, margin: float = 0.02, trial: int = 10, probe_every: int = 24, backoff: int = 16,
-                 max_backoff: int = 256, decay: float = 0.97):
-        self.margin, self.trial, self.probe_every, self.first_backoff = margin, trial, probe_every, backoff
-        self.max_backoff, self.decay = max_backoff, decay
+    def __init__(self, margin: float = 0.02, trial: int = 16, retrial: int = 6, quick: int = 4, probe_every: int = 24,
+                 backoff: int = 8, max_backoff: int = 128, decay: float = 0.97):
+        self.margin, self.trial, self.retrial, self.quick, self.probe_every = margin, trial, retrial, quick, probe_every
+        self.first_backoff, self.max_backoff, self.decay = backoff, max_backoff, decay
         self.draft, self.plain = _Rate(), _Rate()
         self.backoff = backoff
+        self.judge_after = trial               # drafting steps before drafting is judged (shorter after a loss)
         self.plain_left = 2                    # start with two plain steps: the baseline of this request
-        self.trial_left = trial
         self.since_probe = 0
         self.plain_steps = 0                   # plain steps the guard chose (probes included)
 
@@ -62,25 +68,33 @@ class ThroughputGuard:
             return False
         return True
 
-    def record(self, drafted: bool, tokens: int, seconds: float) -> None:
+    def record(self, drafted: bool, tokens: int, seconds: float, nodes: int = 2) -> None:
+        """One step: whether it drafted, tokens emitted, its time, the nodes verified. A drafting step
+        whose drafter proposed nothing (one node) costs what a plain step does: no evidence either way."""
+        if drafted and nodes <= 1:
+            return
         if not drafted:
             self.plain.add(tokens, seconds, self.decay)
             self.plain_steps += 1
             self.plain_left -= 1
-            if self.plain_left == 0:
-                self.draft = _Rate()           # a new trial is judged on its own steps
-                self.trial_left = self.trial
+            if self.plain_left == 0 and self.draft.steps and self._losing():
+                self.draft = _Rate()           # after a pause, drafting is judged on its own new steps
             return
         self.draft.add(tokens, seconds, self.decay)
         self.since_probe += 1
-        self.trial_left -= 1
-        if self.trial_left > 0 or self.plain.steps == 0:
+        if self.plain.steps == 0:
             return
-        if self.draft.value < self.plain.value * (1.0 - self.margin):
+        n = self.draft.steps
+        nothing = n >= self.quick and self.draft.tokens <= self.draft.steps_weight + 1e-9
+        if nothing or (n >= self.judge_after and self._losing()):
             self.plain_left = self.backoff     # drafting loses in this request: plain steps for a while
             self.backoff = min(self.max_backoff, self.backoff * 2)
-        else:
-            self.backoff = self.first_backoff
+            self.judge_after = self.retrial    # it lost once here: later trials are judged sooner
+        elif n >= self.trial:
+            self.backoff, self.judge_after = self.first_backoff, self.trial
+
+    def _losing(self) -> bool:
+        return self.draft.value < self.plain.value * (1.0 - self.margin)
 
 
 class ArmRates:
