@@ -106,36 +106,26 @@ def exact_third_token(model, prompt, s: Sampling) -> np.ndarray:
 @pytest.mark.parametrize("name,opts", [c[1:] for c in CASES if methods.get(c[1]).sampling],
                          ids=[c[0] for c in CASES if methods.get(c[1]).sampling])
 def test_every_registered_method_samples_the_target_distribution(tmp_path_factory, name, opts):
-    from tests.conftest import make_tiny_hf  # noqa: F401  (fixtures build on it)
-    from tests.fixtures import VOCAB  # noqa: F401
-
-    target, draft = _small_pair(tmp_path_factory)
-    s = Sampling(temperature=1.0)
-    prompt = [1, 2, 3, 1, 2, 3, 1, 2]
-    p = exact_third_token(target, prompt, s)
-    d = build(name, target, draft, opts)
-    counts = np.zeros(p.size)
-    n = 1500
-    for i in range(n):
-        out, _ = generate(target, prompt, drafter=d, sampling=Sampling(temperature=1.0, seed=i), max_new_tokens=3,
-                          guard=False)                      # the drafter drafts every step
-        counts[out[2]] += 1
-    _chi_square_ok(counts, p, n)
+    _third_token_matches_the_target(tmp_path_factory, name, opts, lambda i: False)   # drafts every step
 
 
 @pytest.mark.parametrize("name,opts", [("draft-model", {"tree": "chain", "vocab_subset": 0}),
                                        ("recycling", {"max_nodes": 6})])
 def test_sampling_stays_exact_when_the_guard_pauses_the_drafter(tmp_path_factory, name, opts):
+    _third_token_matches_the_target(tmp_path_factory, name, opts, RandomPauses)
+
+
+def _third_token_matches_the_target(tmp_path_factory, name, opts, guard_of) -> None:
+    """Chi-square of the 3rd sampled token (1,500 seeds) against its exact distribution under the target."""
     target, draft = _small_pair(tmp_path_factory)
-    s = Sampling(temperature=1.0)
     prompt = [1, 2, 3, 1, 2, 3, 1, 2]
-    p = exact_third_token(target, prompt, s)
+    p = exact_third_token(target, prompt, Sampling(temperature=1.0))
     d = build(name, target, draft, opts)
     counts = np.zeros(p.size)
     n = 1500
     for i in range(n):
         out, _ = generate(target, prompt, drafter=d, sampling=Sampling(temperature=1.0, seed=i), max_new_tokens=3,
-                          guard=RandomPauses(i))
+                          guard=guard_of(i))
         counts[out[2]] += 1
     _chi_square_ok(counts, p, n)
 
