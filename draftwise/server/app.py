@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import asyncio
 import hmac
+import json
 import ipaddress
 import logging
 import time
@@ -118,20 +119,17 @@ class ClientGone(Exception):
 async def _next(job: Job, request: Request):
     """The job's next event; a client that hung up (checked at most every 0.25 s, also while events keep
     coming) cancels the job: ClientGone."""
-    now = time.monotonic()
-    if now - job.checked > 0.25:
-        job.checked = now
-        if await request.is_disconnected():
-            job.cancel.set()
-            raise ClientGone
     while True:
+        now = time.monotonic()
+        if now - job.checked > 0.25:
+            job.checked = now
+            if await request.is_disconnected():
+                job.cancel.set()
+                raise ClientGone
         try:
             return await asyncio.wait_for(job.out.get(), timeout=0.25)
         except asyncio.TimeoutError:
-            job.checked = time.monotonic()
-            if await request.is_disconnected():
-                job.cancel.set()
-                raise ClientGone from None
+            pass
 
 
 def create_app(engine, method: str = "auto", method_opts: dict | None = None, max_queue: int = 64,
@@ -219,8 +217,6 @@ def create_app(engine, method: str = "auto", method_opts: dict | None = None, ma
             return {"index": 0, "text": text or "", "logprobs": None, "finish_reason": reason}
 
         def sse(d: dict) -> str:
-            import json
-
             return f"data: {json.dumps(d)}\n\n"
 
         async def events():
