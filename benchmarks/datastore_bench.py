@@ -20,7 +20,7 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from draftwise import datastore  # noqa: E402
-from draftwise.bench.datasets import humaneval, mtbench  # noqa: E402
+from draftwise.corpora import humaneval, mtbench  # noqa: E402
 from draftwise.models.checkpoint import resolve  # noqa: E402
 
 

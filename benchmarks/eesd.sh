@@ -16,10 +16,10 @@ TOKENS=${TOKENS:-64}
 OPTS=$(python - "$EXIT" "$LAYER" <<'PY'
 import json, sys
 e, n = sys.argv[1], int(sys.argv[2])
-o = {f"early-exit/k{k}": {"exit": e, "control": f"fixed:{k}"} for k in range(1, 7)}
-o["early-exit/beta-ts"] = {"exit": e, "control": "beta-ts"}
-o["early-exit/calibration-ts"] = {"exit": e, "control": "calibration-ts"}
-o["early-exit/untrained-k2"] = {"layer": n, "control": "fixed:2"}
+o = {f"early-exit/k{k}": {"exit": e, "length": f"fixed:{k}"} for k in range(1, 7)}
+o["early-exit/beta-ts"] = {"exit": e, "length": "beta-ts"}
+o["early-exit/calibration-ts"] = {"exit": e, "length": "calibration-ts"}
+o["early-exit/untrained-k2"] = {"layer": n, "length": "fixed:2"}
 print(json.dumps(o))
 PY
 )

@@ -13,8 +13,9 @@ import time
 import torch
 
 import draftwise
-from draftwise.drafters.early_exit import EarlyExit, exit_layer, PREFIX, layer_names
+from draftwise.drafters.early_exit import PREFIX, EarlyExit, exit_layer
 from draftwise.models.checkpoint import load_state_dict
+from draftwise.models.layout import layer_names
 from draftwise.policies.length import FixedK
 
 
@@ -59,14 +60,14 @@ def main() -> None:
         d = EarlyExit(m, N, FixedK(1), exit=ex, subset=sub)
         d.cache.truncate(0)
         h = m.forward(ctx, torch.arange(a.context), m.new_cache(), end_layer=N).hidden
-        d._exit(h, torch.arange(a.context), logits=False)
+        d.exit_forward(h, torch.arange(a.context), logits=False)
         d.cache.commit(a.context)
         pos = torch.tensor([a.context])
         tok = torch.tensor([17])
 
         def draft_step():
             x = m.forward(tok, pos, cache, end_layer=N).hidden
-            d._exit(x, pos, logits=True)
+            d.exit_forward(x, pos, logits=True)
             d.cache.discard()
             cache.discard()
 

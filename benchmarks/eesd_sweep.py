@@ -12,7 +12,7 @@ import json
 from pathlib import Path
 
 import draftwise
-from draftwise.drafters.early_exit import train_exit
+from draftwise.train.early_exit import train_exit
 
 
 def main() -> None:

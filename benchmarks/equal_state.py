@@ -16,7 +16,7 @@ import collections
 import json
 
 import draftwise
-from draftwise.bench.datasets import balanced, load
+from draftwise.corpora import balanced, load
 from draftwise.drafters.base import Context
 from draftwise.drafters.draft_model import DraftModel
 from draftwise.sampling import Sampling

@@ -25,7 +25,8 @@ import torch
 import draftwise
 from draftwise.bench.baselines import Baselines
 from draftwise.decoding import generate
-from draftwise.models.transformer import Linear, QLinear, Transformer, prefill
+from draftwise.models.layers import Linear, QLinear
+from draftwise.models.transformer import Transformer, prefill
 
 
 def streamed_bytes(m: Transformer) -> int:

@@ -59,12 +59,12 @@ def copy_rate() -> float:
 
 
 class BenchEngine:
-    """What method factories read from an Engine, over models built in this process."""
+    """An EngineView (draftwise/drafters/spec.py) over models built in this process."""
 
     def __init__(self, model, draft_model, curve: CostCurve, draft_curve: CostCurve):
         self.model, self.draft_model = model, draft_model
         self._curve, self._draft_curve = curve, draft_curve
-        self.tokenizer = None
+        self.tokenizer, self.shared = None, {}
 
     def cost_curve(self, refresh: bool = False) -> CostCurve:
         return self._curve

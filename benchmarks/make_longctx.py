@@ -13,7 +13,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from draftwise.bench.datasets import EVAL_SPLIT, _sharegpt_conversations  # noqa: E402
+from draftwise.corpora import EVAL_SPLIT, sharegpt_conversations  # noqa: E402
 from draftwise.datastore import stdlib_files  # noqa: E402
 
 MODULES = ("textwrap", "shlex", "fnmatch", "colorsys", "bisect", "heapq", "ipaddress", "statistics", "difflib",
@@ -34,7 +34,7 @@ def functions() -> list[tuple[str, str]]:
 
 def documents(n: int) -> list[str]:
     out = []
-    for k, conv in enumerate(_sharegpt_conversations()):
+    for k, conv in enumerate(sharegpt_conversations()):
         if k >= EVAL_SPLIT or len(out) >= n:
             break
         for turn in conv.get("conversations", []):

@@ -1,7 +1,7 @@
 """Results tables from bench summary.json files: one summary row per run, then each run's table.
 
     python benchmarks/make_table.py bench_out/quick/*/summary.json              # print markdown
-    python benchmarks/make_table.py --readme README.md bench_out/quick/*/summary.json
+    python benchmarks/make_table.py --readme docs/results.md bench_out/quick/*/summary.json
         # rewrite the README's table between <!-- results:begin --> and <!-- results:end -->
 """
 import argparse

@@ -17,7 +17,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import draftwise  # noqa: E402
-from draftwise.bench.datasets import balanced, load  # noqa: E402
+from draftwise.corpora import balanced, load  # noqa: E402
 
 
 def main() -> None:

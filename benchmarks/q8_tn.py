@@ -11,13 +11,13 @@ import time
 import torch
 
 from draftwise import kernels
-from draftwise.models import registry
+from draftwise.models import catalog
 from draftwise.models.transformer import Transformer
 
 
 def main():
     ap = argparse.ArgumentParser()
-    ap.add_argument("model", nargs="?", default=registry.DEFAULT_MODEL)
+    ap.add_argument("model", nargs="?", default=catalog.DEFAULT_MODEL)
     ap.add_argument("--ns", default="1,2,3,4,6,8,12,16,24,32,48,64")
     ap.add_argument("--reps", type=int, default=7)
     ap.add_argument("--ctx", type=int, default=128, help="committed tokens in the cache")
@@ -25,7 +25,7 @@ def main():
     ap.add_argument("--out")
     a = ap.parse_args()
     torch.set_num_threads(2)
-    path = registry.model_dir(a.model)
+    path = catalog.model_dir(a.model)
     ns = [int(v) for v in a.ns.split(",")]
     engines = {}
     for mode in a.modes.split(","):

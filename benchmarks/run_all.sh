@@ -32,6 +32,6 @@ if [ "${FULL:-0}" = 1 ]; then
     python benchmarks/roofline.py $S && python benchmarks/roofline.py $L
     python benchmarks/make_table.py $SUMS > benchmarks/RESULTS.md
 else
-    python benchmarks/make_table.py --readme README.md $SUMS
+    python benchmarks/make_table.py --readme docs/results.md $SUMS
     python benchmarks/make_table.py $SUMS
 fi

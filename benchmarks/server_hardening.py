@@ -104,7 +104,7 @@ def main():
         post(url, msg("Hi", max_tokens=4))
         out["rss_start_mb"] = round(rss_mb(p.pid))
         st, text, s = post(url, msg("Hi", max_tokens=8, draftwise={"method": "eagle", "method_opts": {
-            "head": "untrained", "k_max": 1_000_000}}), timeout=600)
+            "head": "untrained", "max_depth": 1_000_000}}), timeout=600)
         out["item3_kmax_1e6"] = {"status": st, "s": round(s, 2), "rss_after_mb": round(rss_mb(p.pid))}
         base = rss_mb(p.pid)
         for i in range(40):

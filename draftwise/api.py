@@ -13,13 +13,11 @@ from draftwise import methods
 from draftwise.decoding import Stats, decode
 from draftwise.drafters.base import Drafter
 from draftwise.errors import ConfigError, PromptError
-from draftwise.models.transformer import WEIGHT_MODES
-from draftwise.models import registry
+from draftwise.models import catalog
 from draftwise.models.checkpoint import resolve
-from draftwise.models.transformer import Transformer
+from draftwise.models.transformer import WEIGHT_MODES, Transformer
 from draftwise.policies.budget import CostCurve, load_or_measure
 from draftwise.sampling import Sampling
-
 
 MAX_DRAFTERS = 8      # drafters kept per engine (least recently used dropped): one per method + option set
 
@@ -49,6 +47,7 @@ class Engine:
         self.max_drafters = MAX_DRAFTERS
         self._custom: dict[str, Drafter] = {}
         self._subsets: dict[int, object] = {}
+        self.shared: dict = {}                # objects drafters share (drafters/spec.py EngineView)
         self._cost: CostCurve | None = None
         self._draft_cost: CostCurve | None = None
         self._cache = None
@@ -56,7 +55,7 @@ class Engine:
         self.guard = True                     # the realized-throughput guard (draftwise/policies/guard.py)
 
     @classmethod
-    def load(cls, model: str = registry.DEFAULT_MODEL, device: str = "cpu", dtype: torch.dtype | str | None = None,
+    def load(cls, model: str = catalog.DEFAULT_MODEL, device: str = "cpu", dtype: torch.dtype | str | None = None,
              max_len: int | None = None, threads: int | None = None, fast: bool = True,
              progress: bool = True, draft: str | None = None, graphs: str = "auto", compile: str = "off",
              weights: str = "auto", draft_weights: str = "auto") -> "Engine":
@@ -153,20 +152,14 @@ class Engine:
         """The drafter for a method and its options; kept across calls so state hot-starts. ``instance``
         names a separate drafter for the same method and options (the bench gives each label its own,
         so two labels never share what one of them learned)."""
-        if method in self._custom:
-            if method_opts:
-                raise ConfigError(f"method {method!r} is a registered instance and takes no options")
+        opts = methods.check(method, method_opts, self.draft_model is not None, self._custom)
+        if opts is None:
             return self._custom[method]
-        spec = methods.get(method)
-        opts = spec.validate(method_opts)
         key = (method, json.dumps(opts, sort_keys=True), instance)
         if key in self._drafters:
             self._drafters.move_to_end(key)
             return self._drafters[key]
-        if "draft_model" in spec.requires(opts) and self.draft_model is None:
-            raise ConfigError(f"method {method!r} needs a draft model: load one with --draft NAME "
-                              f"(draftwise.load(..., draft=NAME))")
-        d = spec.factory(self, **opts)
+        d = methods.get(method).factory(self, **opts)
         self._drafters[key] = d
         while len(self._drafters) > self.max_drafters:      # each option set is a drafter with its own state
             self._drafters.popitem(last=False)

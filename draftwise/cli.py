@@ -3,19 +3,33 @@ from __future__ import annotations
 
 import argparse
 import sys
-import time
-from pathlib import Path
 
+from draftwise.commands import (  # noqa: F401
+    bench_exit_code,
+    cmd_bench,
+    cmd_bench_forward,
+    cmd_chat,
+    cmd_datastore_build,
+    cmd_datastore_info,
+    cmd_generate,
+    cmd_methods,
+    cmd_models_install,
+    cmd_models_list,
+    cmd_serve,
+    cmd_train_eagle,
+    cmd_train_early_exit,
+    cmd_train_ldlp,
+)
 from draftwise.errors import DraftwiseError
-from draftwise.models import registry
+from draftwise.models import catalog
 from draftwise.models.transformer import WEIGHT_MODES
 
 
 def _add_target_args(p: argparse.ArgumentParser) -> None:
     """How the target model loads: every command that loads one takes these (one list, so a parser can
     never lack an option its load call reads)."""
-    p.add_argument("--model", default=registry.DEFAULT_MODEL,
-                   help=f"known name, local HF directory or .gguf file (default {registry.DEFAULT_MODEL})")
+    p.add_argument("--model", default=catalog.DEFAULT_MODEL,
+                   help=f"known name, local HF directory or .gguf file (default {catalog.DEFAULT_MODEL})")
     p.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1 ... (default cpu)")
     p.add_argument("--threads", type=int, default=None, help="CPU threads (default: torch's choice)")
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"],
@@ -45,292 +59,10 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
                         "its speed, never the output (auto: gguf on CPU fp32 when the draft's .gguf is there)")
 
 
-def _load(a):
-    """The engine of a command: the target (``_add_target_args``) and, where the parser has them, --draft
-    and --draft-weights."""
-    import draftwise
-
-    eng = draftwise.load(a.model, device=a.device, dtype=a.dtype, threads=a.threads, graphs=a.graphs,
-                         compile=a.compile, weights=a.weights, draft=getattr(a, "draft", None),
-                         draft_weights=getattr(a, "draft_weights", "auto"))
-    eng.guard = getattr(a, "guard", "on") == "on"
-    return eng
-
-
 def _method_help() -> str:
     from draftwise import methods
 
     return " | ".join(methods.names())
-
-
-def cmd_methods(a) -> int:
-    from draftwise import methods
-
-    print(methods.describe_all())
-    return 0
-
-
-def cmd_generate(a) -> int:
-    from draftwise import methods
-
-    opts = methods.parse_opts(a.method_opts)
-    if a.max_nodes is not None:
-        opts["max_nodes"] = a.max_nodes
-    methods.get(a.method).validate(opts)          # a bad method or option fails before any model loads
-    eng = _load(a)
-    kw = dict(max_new_tokens=a.max_new_tokens, temperature=a.temperature, top_k=a.top_k, top_p=a.top_p,
-              seed=a.seed, chat=a.chat, stop=a.stop or None)
-    from draftwise.decoding import Stats
-
-    stats = Stats()
-    # one-time setup before anything is timed: the method's drafter (the cost curve, measured once per
-    # machine and cached; vocabulary subsets), then, to compare, one short untimed pass
-    eng.drafter(a.method, opts or None)
-    if a.compare_ar:
-        eng.generate(a.prompt, method="ar", **{**kw, "max_new_tokens": 2})
-    for piece in eng.stream(a.prompt, method=a.method, stats=stats, method_opts=opts, **kw):
-        sys.stdout.write(piece)
-        sys.stdout.flush()
-    sys.stdout.write("\n")
-    line = (f"[draftwise] {a.method}: {stats.new_tokens} tokens in {stats.wall_s:.2f} s, "
-            f"{stats.tokens_per_s:.2f} tok/s, tau {stats.tau:.2f}, {stats.steps} target passes"
-            + (f" ({stats.guard_plain_steps} plain: the guard)" if stats.guard_plain_steps else "")
-            + ("; accepted from " + ", ".join(f"{k} {v}" for k, v in stats.sources.items()) if stats.sources else ""))
-    if a.compare_ar and a.method != "ar":
-        ar = eng.generate(a.prompt, method="ar", **kw)
-        same = "identical" if ar.token_ids == eng.last_token_ids else "DIFFERENT"
-        line += (f"; ar {ar.stats.tokens_per_s:.2f} tok/s, speedup {stats.tokens_per_s / ar.stats.tokens_per_s:.2f}x, "
-                 f"text {same}")
-    print(line, file=sys.stderr)
-    return 0
-
-
-def _load_for_serving(a):
-    from draftwise import methods
-
-    opts = methods.parse_opts(a.method_opts) or None
-    methods.get(a.method).validate(opts)          # a bad method or option fails before any model loads
-    eng = _load(a)
-    eng.drafter(a.method, opts)                   # build it now (cost curves, subsets): the first request stays fast
-    return eng, opts
-
-
-def cmd_serve(a) -> int:
-    import os
-
-    from draftwise.server import serve
-
-    for d in a.allow_path or ():
-        if not Path(d).is_dir():
-            raise DraftwiseError(f"--allow-path {d} is not a directory")
-    key = a.api_key if a.api_key is not None else os.environ.get("DRAFTWISE_API_KEY") or None
-    if key is not None and len(key) < 8:
-        raise DraftwiseError("--api-key must be at least 8 characters")
-    eng, opts = _load_for_serving(a)
-    serve(eng, host=a.host, port=a.port, method=a.method, method_opts=opts, max_queue=a.max_queue,
-          timeout_s=a.timeout, max_body=a.max_body, api_key=key, allowed_hosts=tuple(a.allowed_host or ()),
-          allow_paths=tuple(a.allow_path or ()))
-    return 0
-
-
-CHAT_HELP = "commands: /reset (forget the conversation), /method NAME, /stats, /quit (or Ctrl-D)"
-
-
-def cmd_chat(a) -> int:
-    """Interactive chat: history, streaming output; Ctrl-C stops the current answer."""
-    from draftwise import methods
-    from draftwise.decoding import Stats
-
-    eng, opts = _load_for_serving(a)
-    method, history, last = a.method, [], None
-    print(f"[draftwise] {eng.model_id}, method {method}. {CHAT_HELP}", file=sys.stderr)
-    while True:
-        try:
-            line = input("> " if sys.stdin.isatty() else "")
-        except EOFError:
-            return 0
-        except UnicodeDecodeError:
-            raise DraftwiseError("the input is not UTF-8 text") from None
-        except KeyboardInterrupt:
-            print(file=sys.stderr)
-            continue
-        text = line.strip()
-        if not text:
-            continue
-        if text.startswith("/"):
-            cmd, _, arg = text.partition(" ")
-            if cmd in ("/quit", "/exit"):
-                return 0
-            if cmd == "/reset":
-                history = []
-                print("[draftwise] conversation cleared", file=sys.stderr)
-            elif cmd == "/method":
-                try:
-                    methods.get(arg.strip()).validate(None)
-                    eng.drafter(arg.strip())
-                    method, opts = arg.strip(), None
-                    print(f"[draftwise] method {method}", file=sys.stderr)
-                except DraftwiseError as e:
-                    print(f"draftwise: error: {e}", file=sys.stderr)
-            elif cmd == "/stats":
-                print("[draftwise] no answer yet" if last is None else
-                      f"[draftwise] {last[0]}: {last[1].new_tokens} tokens, {last[1].tokens_per_s:.2f} tok/s, "
-                      f"tau {last[1].tau:.2f}", file=sys.stderr)
-            else:
-                print(f"[draftwise] unknown command {cmd}; {CHAT_HELP}", file=sys.stderr)
-            continue
-        history.append({"role": "user", "content": text})
-        stats, parts = Stats(), []
-        try:
-            ids = eng.encode_messages(history)
-            for piece in eng.stream(ids, method=method, method_opts=opts, max_new_tokens=a.max_new_tokens,
-                                    temperature=a.temperature, seed=a.seed, stats=stats):
-                parts.append(piece)
-                sys.stdout.write(piece)
-                sys.stdout.flush()
-        except KeyboardInterrupt:
-            print("\n[draftwise] stopped", file=sys.stderr)
-        except DraftwiseError as e:
-            history.pop()
-            print(f"draftwise: error: {e}", file=sys.stderr)
-            continue
-        sys.stdout.write("\n")
-        sys.stdout.flush()
-        history.append({"role": "assistant", "content": "".join(parts)})
-        last = (method, stats)
-
-
-def cmd_models_list(a) -> int:
-    for m in registry.list_models():
-        flag = "installed" if m["installed"] else "not installed"
-        print(f"{m['name']:32s} {flag:14s} {'(default) ' if m['default'] else ''}{m['hf_name']}, "
-              f"{m['license']}, from {m['source']}")
-    return 0
-
-
-def cmd_models_install(a) -> int:
-    path = registry.install(a.name)
-    print(path)
-    return 0
-
-
-def cmd_datastore_build(a) -> int:
-    from transformers import AutoTokenizer
-
-    from draftwise import datastore
-    from draftwise.models.checkpoint import resolve
-
-    tok = AutoTokenizer.from_pretrained(str(resolve(a.model)))
-    t0 = time.perf_counter()
-    h = datastore.build(tok, a.input, a.out, model=a.model, max_tokens=a.max_tokens, progress=not a.quiet)
-    print(f"{a.out}: {h['tokens']:,} tokens, {h['documents']:,} documents, built in {time.perf_counter() - t0:.1f} s")
-    return 0
-
-
-def cmd_datastore_info(a) -> int:
-    from draftwise.datastore import Datastore
-
-    ds = Datastore.load(a.path, verify=not a.no_verify)
-    h = ds.header
-    for k in ("version", "model", "tokenizer", "vocab_size", "tokens", "documents", "sa_dtype", "checksum"):
-        print(f"{k:12s} {h.get(k)}")
-    src = h.get("sources", [])
-    print(f"{'sources':12s} {len(src)}" + (f" (first: {src[0]})" if src else ""))
-    return 0
-
-
-def cmd_train_early_exit(a) -> int:
-    from draftwise.drafters.early_exit import train_exit
-
-    eng = _load(a)
-    info = train_exit(eng, a.layer, Path(a.out), data=a.data, max_tokens=a.max_tokens, max_steps=a.max_steps,
-                      epochs=a.epochs, batch=a.batch, lr=a.lr, init=a.init,
-                      features=Path(a.features) if a.features else None, vocab_subset=a.vocab_subset,
-                      progress=not a.quiet, extra_layers=tuple(a.extra_layer or ()), val_every=a.val_every)
-    print(f"{a.out}: exit layer after layer {info['layer']} (init from layer {info['init']}), "
-          f"{info['train_tokens']:,} training tokens, {info['steps']} steps in {info['train_s']:.0f} s; "
-          f"validation agreement with the target {info['val_agree_init']:.3f} -> {info['val_agree']:.3f}")
-    return 0
-
-
-def cmd_train_eagle(a) -> int:
-    from draftwise.drafters.eagle import train_head
-
-    eng = _load(a)
-    info = train_head(eng, Path(a.out), data=a.data, max_tokens=a.max_tokens, max_steps=a.max_steps, epochs=a.epochs,
-                      batch=a.batch, lr=a.lr, init=a.init, features=Path(a.features) if a.features else None,
-                      vocab_subset=a.vocab_subset, progress=not a.quiet, val_every=a.val_every)
-    print(f"{a.out}: EAGLE head (init {info['init']}), {info['train_tokens']:,} training tokens, {info['steps']} steps "
-          f"in {info['train_s']:.0f} s; validation top-1 accuracy {info['val_agree_init']:.3f} -> {info['val_agree']:.3f}")
-    return 0
-
-
-def cmd_train_ldlp(a) -> int:
-    from draftwise.drafters.eagle import train_ldlp
-
-    eng = _load(a)
-    info = train_ldlp(eng, a.head, Path(a.out), prompts=a.prompts, k_max=a.k_max, max_new_tokens=a.max_new_tokens,
-                      max_steps=a.max_steps, vocab_subset=a.vocab_subset, progress=not a.quiet)
-    best = next(r for r in info["sweep"] if r["lambda"] == info["lambda"])
-    print(f"{a.out}: LDLP from {info['labels']} labels ({info['prompts']} prompts, {info['label_s']:.0f} s), "
-          f"lambda {info['lambda']} (validation MAE {best['val_mae']:.2f}); expected tokens/ms on validation: "
-          f"LDLP {best['val_tok_per_ms']:.4f}, best fixed k {max(info['val_tok_per_ms_fixed'].values()):.4f}, "
-          f"oracle {info['val_tok_per_ms_oracle']:.4f}")
-    return 0
-
-
-def cmd_bench_forward(a) -> int:
-    import draftwise
-    from draftwise import kernels
-    from draftwise.policies.budget import load_or_measure
-
-    eng = draftwise.load(a.name, device=a.device, dtype=a.dtype, threads=a.threads)
-    t0 = time.time()
-    curve = load_or_measure(eng.model, eng.model_id, refresh=a.refresh, progress=True)
-    for n, ms in zip(curve.ns, curve.ms):
-        print(f"n={n:<3d} {ms:7.1f} ms")
-    print(f"[draftwise] {'measured' if time.time() - t0 > 0.5 else 'cached'} "
-          f"(kernels: {kernels.describe() if eng.model.fast else 'torch'}, weights: {eng.model.weights})", file=sys.stderr)
-    return 0
-
-
-def cmd_bench(a) -> int:
-    from pathlib import Path
-
-    from draftwise.bench import datasets
-    from draftwise.bench.runner import Runner
-
-    from draftwise import methods as registry
-
-    opts = registry.parse_opts(a.method_opts)
-    if any(not isinstance(v, dict) for v in opts.values()):
-        raise DraftwiseError('bench --method-opts maps method names to options: \'{"recycling": {"max_nodes": 8}}\'')
-    eng = _load(a)
-    if a.max_turns is not None and a.max_turns < 1:
-        raise DraftwiseError(f"--max-turns must be >= 1, got {a.max_turns}")
-    qs = datasets.balanced(datasets.load(a.dataset), a.limit)
-    if a.max_turns:
-        qs = [{**q, "turns": q["turns"][: a.max_turns]} for q in qs]
-    methods = [m.strip() for m in a.methods.split(",") if m.strip()]
-    r = Runner(eng, methods, qs, Path(a.out), max_new_tokens=a.max_new_tokens, temperature=a.temperature,
-               draft=a.draft, config={"dataset": a.dataset, "limit": a.limit,
-                                                                 "max_turns": a.max_turns}, method_opts=opts,
-               early_exit_layer=a.early_exit_layer)
-    summary = r.run()
-    from draftwise.bench.report import table
-
-    print(table(summary))
-    print(f"[draftwise] report: {Path(a.out) / 'report.md'}", file=sys.stderr)
-    return bench_exit_code(summary)
-
-
-def bench_exit_code(summary: dict) -> int:
-    """1 when any greedy output differs from AR (the lossless check failed), else 0."""
-    if summary["mismatches"]:
-        print(f"draftwise: error: {len(summary['mismatches'])} outputs differ from AR (lossless check failed)",
-              file=sys.stderr)
-        return 1
-    return 0
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -409,7 +141,7 @@ def build_parser() -> argparse.ArgumentParser:
     ds = sub.add_parser("datastore", help="build and inspect retrieval datastores (methods retrieval, rasd)")
     dsub = ds.add_subparsers(dest="dcmd", required=True)
     db = dsub.add_parser("build", help="tokenize text and build a suffix-array datastore")
-    db.add_argument("--model", default=registry.DEFAULT_MODEL, help="whose tokenizer to use")
+    db.add_argument("--model", default=catalog.DEFAULT_MODEL, help="whose tokenizer to use")
     db.add_argument("--input", action="append", required=True,
                     help="a file, a directory, stdlib: (Python standard library) or sharegpt: (repeatable)")
     db.add_argument("--out", required=True, help="datastore file to write")
@@ -475,7 +207,7 @@ def build_parser() -> argparse.ArgumentParser:
     mi.add_argument("name")
     mi.set_defaults(func=cmd_models_install)
     mb = msub.add_parser("bench-forward", help="measure the cost curve t(n) of one forward")
-    mb.add_argument("name", nargs="?", default=registry.DEFAULT_MODEL)
+    mb.add_argument("name", nargs="?", default=catalog.DEFAULT_MODEL)
     mb.add_argument("--device", default="cpu")
     mb.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
     mb.add_argument("--threads", type=int, default=None)

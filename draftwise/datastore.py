@@ -24,12 +24,12 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import sysconfig
 from collections.abc import Iterable, Iterator
 from pathlib import Path
 
 import numpy as np
 
+from draftwise.corpora import sharegpt_texts, stdlib_files
 from draftwise.errors import CheckpointError, ConfigError
 
 MAGIC = b"DWDS"
@@ -245,13 +245,6 @@ def _checksum(stream: np.ndarray, sa: np.ndarray) -> str:
 TEXT_SUFFIXES = {".py", ".txt", ".md", ".rst", ".c", ".h", ".js", ".ts", ".java", ".go", ".rs", ".json", ".jsonl"}
 
 
-def stdlib_files() -> list[Path]:
-    """The Python standard library's sources on this machine (tests excluded)."""
-    root = Path(sysconfig.get_paths()["stdlib"])
-    return [f for f in sorted(root.rglob("*.py"))
-            if not ({"site-packages", "test", "tests", "idle_test"} & set(f.relative_to(root).parts))]
-
-
 def _conversation_text(obj) -> str | None:
     """Text of one JSON record: ShareGPT {"conversations": [{"value"}]}, {"messages": [{"content"}]}
     or {"text"}."""
@@ -274,8 +267,6 @@ def iter_documents(inputs: list[str]) -> Iterator[tuple[str, str]]:
             for f in stdlib_files():
                 yield str(f), f.read_text(errors="ignore")
         elif spec == "sharegpt:":
-            from draftwise.bench.datasets import sharegpt_texts
-
             for i, text in enumerate(sharegpt_texts()):
                 yield f"sharegpt:{i}", text
         else:

@@ -7,7 +7,6 @@ import torch
 
 from draftwise.errors import ConfigError
 
-
 # A temperature below this divides logits into infinities (1e-320 is a denormal); 0 means greedy.
 MIN_TEMPERATURE, MAX_TEMPERATURE = 1e-3, 100.0
 MAX_SEED = 2**64 - 1                       # torch.Generator.manual_seed takes 64 bits

@@ -52,11 +52,18 @@ class DraftTree:
         return cls(torch.tensor([token], device=device), z - 1, z)
 
     @classmethod
-    def chain(cls, root: int, tokens: list[int] | torch.Tensor, device="cpu") -> "DraftTree":
+    def chain(cls, root: int, tokens: list[int] | torch.Tensor, device="cpu",
+              q: list[torch.Tensor | None] | None = None) -> "DraftTree":
+        """root -> tokens[0] -> tokens[1] ...; q: the draft distribution [V] each token was drawn from
+        (sampled drafts; None entries: greedy), stored as tree.q [n, V], the last node's row zero."""
         toks = torch.cat([torch.tensor([root]), torch.as_tensor(tokens, dtype=torch.long).cpu()]).to(device)
         n = toks.numel()
         ar = torch.arange(n, device=device)
-        return cls(toks, ar - 1, ar)
+        tree = cls(toks, ar - 1, ar)
+        if q and n > 1 and q[0] is not None:
+            rows = list(q[: n - 1])
+            tree.q = torch.stack(rows + [torch.zeros_like(rows[0])])        # [n, V]; the last node has no child
+        return tree
 
     @classmethod
     def from_parents(cls, tokens, parents, scores=None, device="cpu") -> "DraftTree":

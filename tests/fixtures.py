@@ -43,6 +43,7 @@ class TinyEngine:
 
     def __init__(self, model, draft_model=None):
         self.model, self.draft_model = model, draft_model
+        self.tokenizer, self.shared = None, {}
 
     def cost_curve(self) -> CostCurve:
         return CostCurve.flat()

@@ -2,7 +2,6 @@
 are credited to their sources; (its losslessness, greedy and sampled, is in the registry-wide tests
 of tests/test_core.py, with and without a draft model)."""
 import pytest
-import torch
 
 from draftwise import methods
 from draftwise.decoding import generate

@@ -37,7 +37,7 @@ def questions(tmp_path):
     p.write_text("\n".join(json.dumps(q) for q in [
         {"question_id": 1, "category": "count", "turns": ["Count from one to ten.", "Now backwards."]},
         {"question_id": 2, "category": "code", "turns": ["Write a Python hello world."]}]))
-    from draftwise.bench import datasets
+    from draftwise import corpora as datasets
 
     return datasets.load(str(p))
 
@@ -81,7 +81,7 @@ def test_mismatch_is_reported_and_fails(engine, questions, tmp_path):
 
 
 def test_unknown_method_and_dataset(engine, tmp_path):
-    from draftwise.bench import datasets
+    from draftwise import corpora as datasets
 
     with pytest.raises(ConfigError):
         Runner(engine, ["nope"], [], tmp_path)
@@ -94,7 +94,7 @@ def test_unknown_method_and_dataset(engine, tmp_path):
 
 
 def test_balanced_limit_covers_categories():
-    from draftwise.bench.datasets import balanced
+    from draftwise.corpora import balanced
 
     qs = [{"question_id": i, "category": c} for i, c in enumerate("aaabbc")]
     assert [q["question_id"] for q in balanced(qs, 4)] == [0, 3, 5, 1]

@@ -10,7 +10,7 @@ import time
 
 import pytest
 
-from draftwise import cli
+from draftwise import commands
 from draftwise.cli import build_parser, main
 
 SMOL = ["--model", "smollm2-135m-instruct"]
@@ -53,7 +53,7 @@ def no_model_load(monkeypatch):
         raise AssertionError("a model was loaded before the arguments were checked")
 
     monkeypatch.setattr(draftwise, "load", refuse)
-    monkeypatch.setattr(cli, "_load", refuse)
+    monkeypatch.setattr(commands, "_load", refuse)
 
 
 @pytest.mark.parametrize("argv,msg", [
@@ -62,11 +62,11 @@ def no_model_load(monkeypatch):
     (["generate", *SMOL, "--device", "tpu", "hi"], "device"),
     (["generate", *SMOL, "--method", "recycling", "--method-opts", '{"k": 9}', "hi"], "'k' must be in [1, 8]"),
     (["generate", *SMOL, "--method", "lookup", "--method-opts", '{"min_ngram": 4}', "hi"], "min_ngram <= max_ngram"),
-    (["generate", *SMOL, "--method", "eagle", "--method-opts", '{"head": "untrained", "k_max": 1000000}', "hi"],
-     "k_max"),
+    (["generate", *SMOL, "--method", "eagle", "--method-opts", '{"head": "untrained", "max_depth": 1000000}', "hi"],
+     "max_depth"),
     (["generate", *SMOL, "--method", "eagle", "--method-opts", '{"head": "untrained", "tree": "bogus"}', "hi"],
      "tree"),
-    (["generate", *SMOL, "--method", "early-exit", "--method-opts", '{"control": "fixed:0"}', "hi"], "fixed:"),
+    (["generate", *SMOL, "--method", "early-exit", "--method-opts", '{"length": "fixed:0"}', "hi"], "fixed:"),
     (["generate", *SMOL, "--max-new-tokens", "0", "hi"], "--max-new-tokens"),
     (["generate", *SMOL, ""], "empty prompt"),
     (["generate", *SMOL, "--threads", "0", "hi"], "--threads"),

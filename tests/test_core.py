@@ -583,7 +583,6 @@ def test_draft_weights_are_chosen_apart_from_the_target():
     the output still equals the fp32 target's plain decoding; a draft kind that cannot load fails
     with one clear line."""
     import draftwise
-
     from draftwise.errors import DraftwiseError
 
     eng = draftwise.load("smollm2-135m-instruct", draft="smollm2-135m-instruct", weights="fp32",

@@ -2,23 +2,24 @@
 resume), saved and public-format heads and their errors, LDLP labels and the length policies
 (hand-checked), lossless decoding with every length policy."""
 import json
+
 import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
 
 from draftwise.decoding import generate
-from draftwise.drafters.eagle import (Eagle, HeadLoss, collect_labels, init_head, load_head, save_head, train_head,
-                                      untrained_head)
+from draftwise.drafters.eagle import Eagle, load_head, untrained_head
 from draftwise.errors import CheckpointError, ConfigError
 from draftwise.models.checkpoint import load_state_dict
-from draftwise.policies.length import (DDD, LDLPControl, FixedK, asymmetric_l1, fit_ldlp, ldlp_forward, ldlp_init,
-                                       load_ldlp, parse_length, save_ldlp)
+from draftwise.parts import model_fingerprint
+from draftwise.policies.length import DDD, FixedK, LDLPControl, ldlp_forward, ldlp_init, load_ldlp, parse_length, save_ldlp
 from draftwise.sampling import Sampling
-from draftwise.training import model_fingerprint
+from draftwise.train.eagle import HeadLoss, init_head, train_head
+from draftwise.train.ldlp import asymmetric_l1, collect_labels, fit_ldlp
 from tests.conftest import DEVICE
 from tests.helpers import tiny_model
-from tests.test_early_exit import ByteTokenizer, TinyTrainEngine, corpus
+from tests.test_early_exit import TinyTrainEngine, corpus
 
 
 @pytest.fixture(scope="module")
@@ -62,8 +63,8 @@ def test_cached_head_forward_equals_the_training_pass(model_dir):
         cache.commit(1)
     torch.testing.assert_close(torch.cat(rows), whole, rtol=0, atol=1e-10)
     # the training pass computes the same function (float32 there)
-    from draftwise.models.transformer import build_layer, layer_forward
-    from draftwise.training import ChunkOps
+    from draftwise.models.layers import build_layer, layer_forward
+    from draftwise.train.pipeline import ChunkOps
 
     ops = ChunkOps(m, 8, torch.arange(m.cfg.vocab_size), DEVICE)
     L = build_layer(m.cfg, lambda n, required=True: p[n].double().to(DEVICE), "layers.0.", packed=False)
@@ -167,8 +168,8 @@ def test_head_file_errors(model_dir, trained, tmp_path):
     with pytest.raises(CheckpointError, match="fingerprint"):
         load_head(trained[0], other)
     with pytest.raises(ConfigError, match="needs a draft head"):
-        from tests.fixtures import TinyEngine
         from draftwise import methods
+        from tests.fixtures import TinyEngine
 
         methods.get("eagle").factory(TinyEngine(m), **methods.get("eagle").validate({}))
 
@@ -346,7 +347,7 @@ def test_every_length_policy_is_lossless_and_ldlp_files_are_checked(model_dir, t
 
 
 def test_training_prompts_come_from_training_sources_only():
-    from draftwise.drafters.eagle import training_prompts
+    from draftwise.train.ldlp import training_prompts
 
     class Enc:
         seen: list = []

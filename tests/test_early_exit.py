@@ -6,13 +6,14 @@ import numpy as np
 import pytest
 import torch
 
-from draftwise import training
 from draftwise.decoding import generate
-from draftwise.drafters.early_exit import EarlyExit, exit_layer, load_exit, train_exit
+from draftwise.drafters.early_exit import EarlyExit, exit_layer, load_exit
 from draftwise.errors import CheckpointError, ConfigError
 from draftwise.policies.budget import CostCurve
 from draftwise.policies.length import BetaTS, CalibrationTS, FixedK, StepCosts, parse_control
 from draftwise.sampling import Sampling
+from draftwise.train import pipeline as training
+from draftwise.train.early_exit import train_exit
 from draftwise.vocab import VocabSubset
 from tests.helpers import tiny_model
 
@@ -34,9 +35,15 @@ class ByteTokenizer:
 
 
 class TinyTrainEngine:
+    """An EngineView (drafters/spec.py) plus what training reads: path, eos_ids, model_id."""
+
     def __init__(self, model, path):
         self.model, self.path, self.tokenizer = model, path, ByteTokenizer()
         self.eos_ids, self.model_id = (0,), "tiny"
+        self.draft_model, self.shared = None, {}
+
+    def draft_cost_curve(self):
+        raise AssertionError("no draft model")
 
     def vocab_subset(self, k):
         return VocabSubset(torch.arange(k), self.model.cfg.vocab_size)
@@ -204,7 +211,7 @@ def test_plain_steps_owe_exit_rows_and_the_exit_cache_follows_the_sequence(model
     assert n >= len(prompt) + 20
     h = m.forward(seq[:n], torch.arange(n), m.new_cache(), end_layer=1).hidden
     fresh = EarlyExit(m, 1, FixedK(1), exit=ex)
-    fresh._exit(h, torch.arange(n), logits=False)
+    fresh.exit_forward(h, torch.arange(n), logits=False)
     torch.testing.assert_close(d.cache.k[0, :, :n], fresh.cache.k[0, :, :n], rtol=0, atol=1e-9)
 
 
@@ -280,7 +287,14 @@ def test_method_options_need_an_exit_or_a_layer(model_dir, tmp_path):
     spec = methods.get("early-exit")
     with pytest.raises(ConfigError, match="needs an exit layer"):
         spec.factory(TinyEngine(m), **spec.validate({}))
-    with pytest.raises(ConfigError, match="'control' must be one of"):
-        spec.factory(TinyEngine(m), **spec.validate({"layer": 1, "control": "sometimes"}))
+    with pytest.raises(ConfigError, match="'length' must be one of"):
+        spec.factory(TinyEngine(m), **spec.validate({"layer": 1, "length": "sometimes"}))
+    # the old option names still work for one release, with a warning; both names at once is an error
+    with pytest.warns(FutureWarning) as seen:
+        opts = spec.validate({"layer": 1, "control": "fixed:2", "k_max": 4})
+    assert (opts["length"], opts["max_depth"]) == ("fixed:2", 4)
+    assert {str(w.message).split("'")[5] for w in seen} == {"length", "max_depth"}   # "... 'old' is now 'new'"
+    with pytest.raises(ConfigError, match="give 'length' only"):
+        spec.validate({"layer": 1, "control": "fixed:2", "length": "fixed:3"})
     with pytest.raises(CheckpointError, match="not found"):
         spec.factory(TinyEngine(m), **spec.validate({"exit": str(tmp_path / "missing.safetensors")}))

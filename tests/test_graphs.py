@@ -172,6 +172,10 @@ def test_graph_mode_is_checked(tmp_path, monkeypatch):
     monkeypatch.setenv("DRAFTWISE_GRAPHS", "sometimes")
     with pytest.raises(ConfigError, match="DRAFTWISE_GRAPHS"):
         Transformer.from_pretrained(tmp_path)
+    monkeypatch.delenv("DRAFTWISE_GRAPHS")
+    monkeypatch.setenv("DRAFTWISE_NO_GRAPHS", "1")                        # the old name: one more release
+    with pytest.warns(FutureWarning, match="DRAFTWISE_GRAPHS=off"):
+        assert Transformer.from_pretrained(tmp_path).graphs == "off"
 
 
 @pytest.mark.parametrize("mode", ["glue", "layer"])

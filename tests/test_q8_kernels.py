@@ -181,13 +181,13 @@ def test_mixed_segments_and_row_subsets():
 def test_isa_choice_from_the_environment(monkeypatch):
     from draftwise.errors import ConfigError
 
-    monkeypatch.setattr(kernels, "_isa", None)
+    monkeypatch.setattr(kernels.build, "_isa", None)
     monkeypatch.setenv(kernels.ISA_ENV, "sse2")
     with pytest.raises(ConfigError, match="must be one of"):
         kernels.isa()
     monkeypatch.setenv(kernels.ISA_ENV, "avx2")
     assert kernels.isa() == "avx2" and kernels.version().endswith("-avx2")
-    monkeypatch.setattr(kernels, "_isa", None)
+    monkeypatch.setattr(kernels.build, "_isa", None)
     monkeypatch.delenv(kernels.ISA_ENV)
     assert kernels.isa() == ("vnni512" if "vnni512" in kernels.supported_isas() else "avx2")
     with pytest.raises(ConfigError, match="not supported"):

@@ -65,13 +65,13 @@ def test_real_gguf_tensors_dequantize_exactly_and_equal_the_fp32_checkpoint():
     from gguf.quants import dequantize
     from safetensors.torch import load_file
 
-    from draftwise.models import registry
+    from draftwise.models import catalog
     from draftwise.models.checkpoint import load_config
-    from draftwise.quant import load_gguf_linears
+    from draftwise.models.gguf import load_gguf_linears
 
     tested = 0
     for name in ("smollm2-135m-instruct", "qwen2.5-coder-0.5b-instruct"):     # the 0.5B where installed
-        d = registry.model_dir(name)
+        d = catalog.model_dir(name)
         files = sorted(d.glob("*.gguf")) if d.is_dir() else []
         if not files or not (d / "model.safetensors").is_file():
             continue
@@ -107,7 +107,7 @@ def _random_qweight(rows, cols, group, offset, seed, lo=-32, hi=32):
     (16, 96, 16, True, 0, 16, 4), (50, 160, 32, True, 0, 16, 4), (130, 544, 32, True, 0, 16, 4),
     (21, 64, 32, False, 0, 16, 4)])
 def test_block_kernel_matches_float64_and_rows_do_not_depend_on_n(rows, cols, group, offset, lo, hi, bits):
-    from draftwise.models.transformer import QLinear
+    from draftwise.models.layers import QLinear
 
     w = _random_qweight(rows, cols, group, offset, seed=rows, lo=lo, hi=hi)
     bias = torch.randn(rows)
@@ -138,7 +138,7 @@ def test_compact_scale_forms_give_the_fp32_scales_results_bit_for_bit():
     """fp16 scales (Q8_0/Q5_0/Q4_1-like) and base x int factors (k-quants, regrouped and fused too) are
     read by the kernel as the very same fp32 values: outputs equal the fp32-scale layout's bit for bit; a
     fusion of both forms falls back to fp32 scales."""
-    from draftwise.models.transformer import QLinear
+    from draftwise.models.layers import QLinear
     from draftwise.quant import Factors
 
     g = torch.Generator().manual_seed(3)
@@ -272,10 +272,10 @@ def test_real_model_gguf_weights_match_the_fp32_logits_and_load_from_the_cache()
     import time
 
     import draftwise
-    from draftwise.models import registry
+    from draftwise.models import catalog
     from draftwise.models.transformer import Transformer, prefill
 
-    d = registry.model_dir("smollm2-135m-instruct")
+    d = catalog.model_dir("smollm2-135m-instruct")
     eng = draftwise.load("smollm2-135m-instruct", progress=False)
     assert eng.model.weights == "gguf" and type(eng.model.lm_head).__name__ == "QLinear"
     assert eng.model.lm_head.act == "q8" and all(L.gate_up.act == "q8" for L in eng.model.layers)

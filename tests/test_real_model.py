@@ -2,7 +2,7 @@
 import pytest
 import torch
 
-from draftwise.models import registry
+from draftwise.models import catalog
 
 NAME = "smollm2-135m-instruct"
 
@@ -19,9 +19,9 @@ def test_logits_match_transformers(engine, weights):
     """gguf-f32 (the GGUF blocks, fp32 activations) computes the fp32 weights: logits within 1e-4 of
     transformers. gguf (the default: 8-bit activations, llama.cpp's scheme) is another computation of
     the same file: its logits stay within 10% and its tree rows equal its own sequential rows bit for bit."""
-    import draftwise
     from transformers import AutoModelForCausalLM
 
+    import draftwise
     from draftwise.models.transformer import prefill
     from draftwise.tree import DraftTree
 
@@ -70,6 +70,6 @@ def test_chat_and_stream(engine):
 
 
 def test_models_list_shows_install_state():
-    names = {m["name"]: m for m in registry.list_models()}
+    names = {m["name"]: m for m in catalog.list_models()}
     assert names[NAME]["installed"]
-    assert names[registry.DEFAULT_MODEL]["default"]
+    assert names[catalog.DEFAULT_MODEL]["default"]

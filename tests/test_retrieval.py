@@ -10,7 +10,7 @@ import torch
 
 from draftwise import datastore as D
 from draftwise.decoding import generate
-from draftwise.drafters.base import Context
+from draftwise.drafters.base import Context, Drafter
 from draftwise.drafters.rasd import Rasd
 from draftwise.drafters.retrieval import Retrieval, RetrievalSource
 from draftwise.errors import CheckpointError, ConfigError
@@ -154,12 +154,15 @@ def test_retrieval_drafter_keeps_its_budget_and_merges_sources(tmp_path):
         RetrievalSource(None, lookup=False, online=False)
 
 
-class _StubBase:
-    """A base drafter that proposes a fixed chain and knows the draft distribution at its root."""
-    needs = None
+class _StubBase(Drafter):
+    """A base drafter that proposes a fixed chain and knows the draft distribution at its root
+    (through the composition hook RASD reads)."""
 
     def __init__(self, tree, root_dist):
         self.tree, self.dists, self.calib, self.observed = tree, {0: root_dist}, None, []
+
+    def node_dists(self):
+        return self.dists
 
     def reset(self, ctx):
         pass

@@ -263,8 +263,8 @@ NESTED = b'{"messages": ' + b"[" * 100_000 + b"]" * 100_000 + b"}"
     (_msg(stream_options=[1]), "stream_options"),
     (_ext("recycling", k=9), "'k' must be in [1, 8]"),
     (_ext("lookup", min_ngram=5), "min_ngram <= max_ngram"),
-    (_ext("eagle", head="untrained", k_max=1_000_000), "k_max"),
-    (_ext("eagle", head="untrained", k_max=0), "k_max"),
+    (_ext("eagle", head="untrained", max_depth=1_000_000), "max_depth"),
+    (_ext("eagle", head="untrained", max_depth=0), "max_depth"),
     (_ext("eagle", head="untrained", tree="bogus"), "tree"),
     (_ext("early-exit", layer=999), "layer"),                       # refused when the drafter is built
     ({**_ext("early-exit", layer=999), "stream": True}, "layer"),   # ... and before a stream starts: a 400

@@ -6,7 +6,7 @@ import torch
 from draftwise import kernels
 from draftwise.errors import CheckpointError, ConfigError
 from draftwise.policies.budget import CostCurve, best_prefix
-from draftwise.tree import DraftTree, merge_tries, merge_trees
+from draftwise.tree import DraftTree, merge_trees, merge_tries
 
 
 def test_ancestor_mask_paths_and_select():
@@ -158,7 +158,7 @@ def test_online_cost_learns_the_real_pass_times_and_probes_one_node_passes():
 @pytest.mark.skipif(not kernels.available(), reason=f"kernels unavailable: {kernels.why_unavailable()}")
 @pytest.mark.parametrize("n,H,Hkv,Dh,T", [(1, 14, 2, 64, 37), (6, 12, 2, 128, 90), (3, 9, 3, 20, 11)])
 def test_native_attention_matches_sdpa_and_each_row_stands_alone(n, H, Hkv, Dh, T):
-    from draftwise.models.transformer import attention, native_attention
+    from draftwise.models.layers import attention, native_attention
 
     g = torch.Generator().manual_seed(n * 100 + T)
     q = torch.randn(n, H, Dh, generator=g)
@@ -187,7 +187,7 @@ def test_native_attention_of_a_scattered_path_equals_the_contiguous_one(H, Hkv, 
     their keys at consecutive slots. The attention must give the same bits either way (the softmax sum
     runs in lanes by rank among the visible slots): with slot-indexed lanes the 1.5B's greedy output
     changed under trees with 8-bit activations."""
-    from draftwise.models.transformer import native_attention
+    from draftwise.models.layers import native_attention
 
     g = torch.Generator().manual_seed(H * Dh + prefix)
     for trial in range(6):

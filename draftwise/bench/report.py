@@ -5,7 +5,11 @@ import json
 from pathlib import Path
 
 from draftwise.bench.baselines import EXTERNAL_METHODS
-from draftwise.bench.runner import answers_file
+
+
+def answers_file(label: str) -> str:
+    """The JSONL file of one method label's answers inside a run's folder."""
+    return f"answers-{label.replace('/', '--')}.jsonl"
 
 
 def _fmt(x, spec=".2f") -> str:
@@ -40,7 +44,8 @@ def write_report(out: Path, summary: dict, engine=None) -> None:
              f"max_new_tokens {cfg['max_new_tokens']}, temperature {cfg['temperature']}, threads {cfg['threads']}, "
              f"device {cfg['device']} ({cfg.get('processor', '')}), torch {cfg['torch']}, "
              f"prepacked kernels {cfg['kernels']}, weights {cfg.get('weights', 'fp32')}"
-             f"{', int8 activations on ' + cfg['isa'] if cfg.get('isa') and cfg.get('weights') == 'gguf' else ''}.", "", "## Overall", "", table(summary), ""]
+             f"{', int8 activations on ' + cfg['isa'] if cfg.get('isa') and cfg.get('weights') == 'gguf' else ''}.",
+             "", "## Overall", "", table(summary), ""]
     cats = sorted({c for d in summary["methods"].values() for c in d["categories"]})
     if len(cats) > 1:
         lines += ["## Speedup vs our AR by category", "",
@@ -65,6 +70,49 @@ def write_report(out: Path, summary: dict, engine=None) -> None:
     _plots(out, summary, engine)               # matplotlib is a dependency: plots always come
 
 
+def _speedup_map(path: Path, methods: dict, plt) -> None:
+    """Speedup over our AR by method (rows) and category (columns, then overall) as a heat map centred
+    on 1.0 (AR): blue wins, red loses, each cell labelled with its value."""
+    import numpy as np
+    from matplotlib.colors import TwoSlopeNorm
+
+    rows = [m for m in methods if m != "ar"] or list(methods)
+    cats = sorted({c for d in methods.values() for c in d["categories"]})
+    cols = cats + ["overall"] if len(cats) != 1 else cats            # one category: it is the overall
+    val = np.full((len(rows), len(cols)), np.nan)
+    for i, m in enumerate(rows):
+        d = methods[m]
+        for j, c in enumerate(cats):
+            v = d["categories"].get(c, {}).get("speedup_vs_ar")
+            val[i, j] = np.nan if v is None else v
+        if len(cols) > len(cats):
+            v = d["overall"].get("speedup_vs_ar")
+            val[i, -1] = np.nan if v is None else v
+    finite = val[np.isfinite(val)]
+    span = max(0.05, float(np.abs(finite - 1.0).max())) if finite.size else 0.5
+    w = min(14.0, max(4.8, 2.4 + 0.8 * len(cols)))
+    h = min(10.0, max(3.4, 1.6 + 0.42 * len(rows)))
+    fig, ax = plt.subplots(figsize=(w, h))
+    im = ax.imshow(val, cmap="RdBu", norm=TwoSlopeNorm(1.0, 1.0 - span, 1.0 + span), aspect="auto")
+    ax.set_xticks(range(len(cols)), cols, rotation=30, ha="right", fontsize=9)
+    ax.set_yticks(range(len(rows)), rows, fontsize=9)
+    if len(cols) > len(cats):
+        ax.axvline(len(cats) - 0.5, color="k", lw=1.2)                 # categories | overall
+    for i in range(len(rows)):
+        for j in range(len(cols)):
+            if np.isfinite(val[i, j]):
+                dark = abs(val[i, j] - 1.0) > 0.6 * span
+                ax.text(j, i, f"{val[i, j]:.2f}", ha="center", va="center", fontsize=8,
+                        color="white" if dark else "black")
+    cb = fig.colorbar(im, ax=ax, fraction=0.04, pad=0.02)
+    cb.set_label("speedup vs our AR (1.0 = AR)", fontsize=9)
+    cb.ax.tick_params(labelsize=8)
+    ax.set_title("speedup over plain decoding, by category", fontsize=10)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
 def _plots(out: Path, summary: dict, engine) -> None:
     import matplotlib
 
@@ -72,16 +120,7 @@ def _plots(out: Path, summary: dict, engine) -> None:
     import matplotlib.pyplot as plt
 
     methods = summary["methods"]
-    cats = sorted({c for d in methods.values() for c in d["categories"]})
-    fig, ax = plt.subplots(figsize=(max(5, 1.2 * len(cats) * max(1, len(methods)) / 2), 3.5))
-    w = 0.8 / max(1, len(methods))
-    for i, (m, d) in enumerate(methods.items()):
-        ys = [d["categories"].get(c, {}).get("speedup_vs_ar") or 0 for c in cats]
-        ax.bar([j + i * w for j in range(len(cats))], ys, w, label=m)
-    ax.axhline(1.0, color="k", lw=0.8)
-    ax.set_xticks([j + w * (len(methods) - 1) / 2 for j in range(len(cats))], cats, rotation=20)
-    ax.set_ylabel("speedup vs our AR"); ax.legend(fontsize=7); fig.tight_layout()
-    fig.savefig(out / "speedup.png", dpi=110); plt.close(fig)
+    _speedup_map(out / "speedup.png", methods, plt)
 
     fig, ax = plt.subplots(figsize=(5, 3.5))
     for m in methods:

@@ -17,6 +17,7 @@ from pathlib import Path
 import torch
 
 from draftwise.bench.baselines import EXTERNAL_METHODS, Baselines
+from draftwise.bench.report import answers_file, write_report
 from draftwise.errors import ConfigError
 
 
@@ -64,10 +65,6 @@ def base_method(label: str) -> str:
     """A bench label is a method name, or METHOD/VARIANT to run one method under several option
     sets in one bench (e.g. draft-model/chain with --method-opts '{"draft-model/chain": {...}}')."""
     return label.split("/", 1)[0]
-
-
-def answers_file(label: str) -> str:
-    return f"answers-{label.replace('/', '--')}.jsonl"
 
 
 def summarize(samples: dict[str, list[Sample]], ref: str = "ar") -> dict:
@@ -121,11 +118,11 @@ class Runner:
                  temperature: float = 0.0, draft: str | None = None, config: dict | None = None,
                  progress: bool = True, method_opts: dict[str, dict] | None = None,
                  early_exit_layer: int | None = None):
-        from draftwise import methods as registry
+        from draftwise import methods as method_registry
 
         for m in methods:
             if not engine.has_method(base_method(m)) and m not in EXTERNAL_METHODS:
-                raise ConfigError(f"unknown method {m!r}; choose from {', '.join(registry.names() + list(EXTERNAL_METHODS))}")
+                raise ConfigError(f"unknown method {m!r}; choose from {', '.join(method_registry.names() + list(EXTERNAL_METHODS))}")
         # every label keeps its own drafter for the whole run (the engine's LRU would drop some)
         engine.max_drafters = max(getattr(engine, "max_drafters", 0), len(methods) + 1)
         self.method_opts = {m: dict(o) for m, o in (method_opts or {}).items()}
@@ -137,11 +134,11 @@ class Runner:
         for m, o in self.method_opts.items():
             if not engine.has_method(base_method(m)):
                 raise ConfigError(f"--method-opts names {m!r}, which is not a method; choose from "
-                                  f"{', '.join(registry.names())}")
+                                  f"{', '.join(method_registry.names())}")
             if m in methods:
                 engine.drafter(base_method(m), o, instance=m)   # validates options (and needs) before any sample runs
-            elif base_method(m) in registry.names():
-                registry.get(base_method(m)).validate(o)   # a variant this run skips: its options only
+            elif base_method(m) in method_registry.names():
+                method_registry.get(base_method(m)).validate(o)   # a variant this run skips: its options only
         self.baselines = Baselines(engine, draft, early_exit_layer)
         self.baselines.check(methods)
         if "ar" not in methods:
@@ -216,8 +213,6 @@ class Runner:
         summary = {"config": self.config, "methods": summarize(samples),
                    "mismatches": self.mismatches, "peak_rss_mb": _peak_rss_mb(), "weights_mb": self._weights_mb()}
         (self.out / "summary.json").write_text(json.dumps(summary, indent=1))
-        from draftwise.bench.report import write_report
-
         write_report(self.out, summary, self.engine)
         return summary
 

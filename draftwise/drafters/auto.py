@@ -26,11 +26,11 @@ import time
 
 import torch
 
-from draftwise import methods
 from draftwise.drafters.base import Context, Drafter
 from draftwise.drafters.rasd import Rasd
 from draftwise.drafters.recycling import TokenRecycling
 from draftwise.drafters.retrieval import RetrievalSource, load_store
+from draftwise.drafters.spec import MethodSpec, Option
 from draftwise.policies.budget import OnlineCost, Overhead, best_prefix
 from draftwise.policies.guard import ArmRates
 from draftwise.tree import DraftTree, merge_trees, tried_nodes
@@ -161,28 +161,27 @@ class Auto(Drafter):
 
 
 def _factory(engine, datastore, online: bool, max_nodes, use_draft: bool) -> Auto:
-    from draftwise.drafters.draft_model import _factory as draft_factory
+    from draftwise.drafters import draft_model
 
     store = load_store(engine, datastore, online)
     source = RetrievalSource(store, lookup=True, online=online)
     rec = TokenRecycling(engine.model.cfg.vocab_size, device="cpu")
     model = None
     if use_draft and engine.draft_model is not None:
-        spec = methods.get("draft-model")
-        base = draft_factory(engine, **spec.validate({}))
+        base = draft_model.SPEC.factory(engine, **draft_model.SPEC.validate({}))
         model = Rasd(base, source, cost=OnlineCost(engine.cost_curve()))
     return Auto(rec, source, OnlineCost(engine.cost_curve()), model=model, max_nodes=max_nodes)
 
 
-methods.register(methods.MethodSpec(
+SPEC = MethodSpec(
     "auto", "every source the engine has (Token Recycling, retrieval from the context and a datastore, the draft "
     "model when loaded) fused into one tree, the mix chosen per step by measured tokens/s", _factory,
     options={
-        "datastore": methods.Option(str, None, "datastore file for retrieval (draftwise datastore build); null: the "
+        "datastore": Option(str, None, "datastore file for retrieval (draftwise datastore build); null: the "
                                     "context only", optional=True, path=True),
-        "online": methods.Option(bool, False, "add each finished sequence to the datastore's in-memory overlay"),
-        "max_nodes": methods.Option(int, None, "most nodes verified per step without the draft model (null: the "
+        "online": Option(bool, False, "add each finished sequence to the datastore's in-memory overlay"),
+        "max_nodes": Option(int, None, "most nodes verified per step without the draft model (null: the "
                                     "cost curve decides)", optional=True, lo=1, hi=256),
-        "use_draft": methods.Option(bool, True, "use the engine's draft model when one is loaded"),
+        "use_draft": Option(bool, True, "use the engine's draft model when one is loaded"),
     },
-    test_opts=[{}, {"max_nodes": 6}, {"use_draft": False}]))
+    test_opts=[{}, {"max_nodes": 6}, {"use_draft": False}])

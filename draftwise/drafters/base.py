@@ -18,6 +18,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
+from draftwise.drafters.spec import MethodSpec
 from draftwise.sampling import Sampling
 from draftwise.tree import DraftTree
 
@@ -84,6 +85,8 @@ class Drafter:
     # names of the bits of DraftTree.origin, for drafters that mix sources: the loop counts accepted
     # tokens per source (Stats.sources)
     origin_bits: dict[int, str] = {}
+    # the vocabulary subset whose ids index ``node_dists``' columns (None: the full vocabulary)
+    subset = None
 
     def reset(self, ctx: Context) -> None:
         """Called once per prompt, before prefill."""
@@ -106,11 +109,19 @@ class Drafter:
     def describe(self) -> dict:
         return {"method": self.name}
 
+    # ------------------------------------------------------------------ composition hooks (RASD, auto)
+    def offered(self, scores: np.ndarray) -> None:
+        """Another source will verify nodes with these expected acceptances [m] beside this drafter's
+        next tree; a drafter that sizes its tree by expected gain may grow less. Called before ``propose``."""
+
+    def node_dists(self) -> dict[int, torch.Tensor]:
+        """The draft distribution after each node of the last proposed tree (node -> [K] probabilities
+        over ``subset``'s ids, or the full vocabulary); empty for a drafter without a model."""
+        return {}
+
 
 def _ar(engine) -> Drafter:
     return Drafter()
 
 
-from draftwise import methods as _methods  # noqa: E402  (registry import after the class it registers)
-
-_methods.register(_methods.MethodSpec("ar", "plain autoregressive decoding (the baseline; no drafts)", _ar))
+SPEC = MethodSpec("ar", "plain autoregressive decoding (the baseline; no drafts)", _ar)

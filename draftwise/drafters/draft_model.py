@@ -22,15 +22,16 @@ import time
 
 import torch
 
-from draftwise import methods
 from draftwise.drafters.base import Context
 from draftwise.drafters.model_base import ModelDrafter, next_token
+from draftwise.drafters.spec import VOCAB_SUBSET, MethodSpec, Option
 from draftwise.errors import ConfigError
-from draftwise.models.transformer import ForwardOut, Transformer
+from draftwise.models.layers import ForwardOut
+from draftwise.models.transformer import Transformer
 from draftwise.policies.length import CONTROLS, check_name
 from draftwise.policies.opt_tree import Calibration, DeltaStop, Planner, TopNStop, grow, top_nodes
 from draftwise.tree import DraftTree, make_template, tried_nodes
-from draftwise.vocab import VocabSubset
+from draftwise.vocab import VocabSubset, subset_for
 
 SHAPES = ("chain", "static", "opt-tree")
 # Prior acceptance of the draft's rank-r prediction (ours; it only shapes the static tree).
@@ -52,7 +53,7 @@ class DraftModel(ModelDrafter):
         if delta is not None and delta < 0:
             raise ConfigError(f"draft-model needs delta >= 0 (or null), got {delta}")
         if control is not None and tree != "chain":
-            raise ConfigError(f"draft-model option 'control' needs tree 'chain', got {tree!r}")
+            raise ConfigError(f"draft-model length control needs tree 'chain', got {tree!r}")
         if planner is None and max_nodes is None and tree != "static" and control is None:
             raise ConfigError("draft-model needs cost curves (a planner) unless max_nodes is fixed")
         extra = max(width, max_nodes or 0) * max_depth + 1
@@ -62,6 +63,7 @@ class DraftModel(ModelDrafter):
         self.control = control               # a chain length control (policies/length.py) or None
         self._tops: list[float] = []
         self._t0 = self._draft_ms = 0.0
+        self._k = 0                          # the chain length planned for this step (with a control)
         self.subset = None if subset is None else subset.to(net.device)
         self._ids_cpu = None if subset is None else subset.ids.cpu()       # for sampled drafts (q on the CPU)
         self.head = net.lm_head if subset is None else net.lm_head.rows(self.subset.ids)
@@ -95,13 +97,31 @@ class DraftModel(ModelDrafter):
                                             context=len(ctx.tokens))
         return out
 
+    def chain_length(self, ctx: Context) -> int:
+        """Extension point: how many tokens a chain with a length control drafts this step, decided
+        before any draft forward (a subclass may first show the control what it reads: EAGLE's LDLP)."""
+        return min(self.max_depth, max(0, ctx.remaining - 1), self.control.plan(len(ctx.tokens)))
+
     def propose(self, ctx: Context):
         self._t0 = time.perf_counter()
+        if self.control is not None:
+            self._k = self.chain_length(ctx)
+            if self._k == 0:                           # a plain step: no draft forward at all
+                self._tops, self._info, self.dists = [], None, {}
+                self._draft_ms = (time.perf_counter() - self._t0) * 1e3
+                return DraftTree.root_only(ctx.root, device=ctx.device)
         if self.planner is not None:
             self.planner.begin(len(ctx.tokens))          # the catch-up counts as spent
         tree = super().propose(ctx)
         self._draft_ms = (time.perf_counter() - self._t0) * 1e3
         return tree
+
+    def offered(self, scores) -> None:
+        if self.planner is not None:
+            self.planner.extra = scores
+
+    def node_dists(self) -> dict[int, torch.Tensor]:
+        return self.dists
 
     def _probs(self, logits: torch.Tensor) -> torch.Tensor:
         return logits.float().softmax(-1)
@@ -125,7 +145,7 @@ class DraftModel(ModelDrafter):
         k = depth if self.max_nodes is None else min(depth, self.max_nodes)
         ctl = self.control
         if ctl is not None:
-            k = min(depth, ctl.plan(len(ctx.tokens)))
+            k = min(depth, self._k)                      # planned in propose
         tokens, qs, tops, scores = [], [], [], [1.0]
         logits = first.logits[-1]
         for d in range(k):
@@ -151,12 +171,9 @@ class DraftModel(ModelDrafter):
             m = self.planner.size(torch.tensor(scores[1:]).numpy())
             tokens, tops = tokens[:m], tops[:m]
         self._tops = tops[: len(tokens)]
-        tree = DraftTree.chain(ctx.root, tokens, device=ctx.device)
+        tree = DraftTree.chain(ctx.root, tokens, device=ctx.device, q=qs)
         tree.scores = torch.tensor(scores[: len(tokens) + 1], dtype=torch.float32, device=ctx.device)
         self._info = (torch.ones(len(tokens), dtype=torch.bool), torch.tensor(tops, dtype=torch.float64))
-        if tokens and qs[0] is not None:
-            rows = qs[: len(tokens)] + [torch.zeros_like(qs[0])]               # the last node has no child
-            tree.q = torch.stack(rows)                                        # [n, V]
         return tree
 
     def _static(self, ctx: Context, first, depth: int) -> DraftTree:
@@ -219,7 +236,7 @@ class DraftModel(ModelDrafter):
     # ------------------------------------------------------------------ feedback
     def observe(self, tree, out, accepted, ctx) -> None:
         if self.control is not None:
-            costs = getattr(self.control, "costs", None)
+            costs = self.control.costs
             if costs is not None:
                 costs.observe_draft(tree.size - 1, self._draft_ms)     # k tokens: k draft forwards
                 if ctx.last_pass is not None:
@@ -247,52 +264,55 @@ class DraftModel(ModelDrafter):
 
 
 def _factory(engine, tree: str, max_nodes, max_depth: int, width: int, delta, vocab_subset: int,
-             calibrate: bool, control) -> DraftModel:
+             calibrate: bool, length) -> DraftModel:
     from draftwise.policies.budget import OnlineCost
     from draftwise.policies.length import StepCosts, parse_control
 
-    if tree not in SHAPES:
-        raise ConfigError(f"draft-model option 'tree' must be one of {', '.join(SHAPES)}, got {tree!r}")
     ctl = None
-    if control is not None:
-        if tree != "chain":
-            raise ConfigError(f"draft-model option 'control' needs tree 'chain', got {tree!r}")
+    if length is not None:
         costs = None
-        if not control.startswith("fixed:"):
+        if not length.startswith("fixed:"):
             t_d = float(engine.draft_cost_curve().t(1))
             costs = StepCosts(OnlineCost(engine.cost_curve()), draft_ms=t_d, plain_ms=t_d)
-        ctl = parse_control(control, costs, max_depth)
+        ctl = parse_control(length, costs, max_depth)
     need_plan = max_nodes is None and tree != "static" and ctl is None
     planner = Planner(OnlineCost(engine.cost_curve()), OnlineCost(engine.draft_cost_curve())) if need_plan else None
-    sub = engine.vocab_subset(vocab_subset) if 0 < vocab_subset < engine.draft_model.cfg.vocab_size else None
+    sub = subset_for(engine, vocab_subset, engine.draft_model.cfg.vocab_size)
     return DraftModel(engine.draft_model, tree=tree, max_nodes=max_nodes, max_depth=max_depth, width=width,
                       delta=delta, subset=sub, planner=planner, calibrate=calibrate, max_len=engine.model.max_len,
                       control=ctl)
 
 
-methods.register(methods.MethodSpec(
+def _check(o: dict) -> None:
+    check_name(o["length"], CONTROLS, "draft-model option 'length'", o["max_depth"])
+    if o["length"] is not None and o["tree"] != "chain":
+        raise ConfigError(f"draft-model option 'length' needs tree 'chain', got {o['tree']!r}")
+
+
+SPEC = MethodSpec(
     "draft-model", "a smaller model with the same tokenizer drafts a chain, a static tree or an OPT-Tree "
-    "(arXiv 2406.17276)", _factory, needs=("draft_model",),
+    "(arXiv 2406.17276)", _factory, resources=("draft_model",),
     options={
-        "tree": methods.Option(str, "opt-tree", "draft shape: chain | static | opt-tree",
+        "tree": Option(str, "opt-tree", "draft shape: chain | static | opt-tree",
                                choices=("chain", "static", "opt-tree")),
-        "max_nodes": methods.Option(int, None, "draft nodes verified per step (null: chosen each step from both "
+        "max_nodes": Option(int, None, "draft nodes verified per step (null: chosen each step from both "
                                     f"models' cost curves; static: {STATIC_NODES})", optional=True, lo=1, hi=256),
-        "max_depth": methods.Option(int, 10, "deepest draft layer (chain: most tokens)", lo=1, hi=32),
-        "width": methods.Option(int, 8, "opt-tree: candidates kept per layer (paper: 50-60 on a GPU)", lo=1, hi=64),
-        "delta": methods.Option(float, None, "opt-tree: the paper's stop rule, grow while a layer raises E by more "
+        "max_depth": Option(int, 10, "deepest draft layer (chain: most tokens)", lo=1, hi=32),
+        "width": Option(int, 8, "opt-tree: candidates kept per layer (paper: 50-60 on a GPU)", lo=1, hi=64),
+        "delta": Option(float, None, "opt-tree: the paper's stop rule, grow while a layer raises E by more "
                                 "(null: decided from both cost curves)", optional=True, lo=0.0, hi=64.0),
-        "vocab_subset": methods.VOCAB_SUBSET,
-        "calibrate": methods.Option(bool, True, "score nodes by learned acceptance rates instead of raw draft "
+        "vocab_subset": VOCAB_SUBSET,
+        "calibrate": Option(bool, True, "score nodes by learned acceptance rates instead of raw draft "
                                     "probabilities"),
-        "control": methods.Option(str, None, "chain only: length control fixed:K | beta-ts | calibration-ts "
+        "length": Option(str, None, "chain only: length control fixed:K | beta-ts | calibration-ts "
                                   "(null: the cost-curve planner)", optional=True),
     },
-    check=lambda o: check_name(o["control"], CONTROLS, "draft-model option 'control'", o["max_depth"]),
+    check=lambda o: _check(o),
+    renamed={"control": "length"},
     test_opts=[{"tree": "chain", "max_nodes": 3, "vocab_subset": 0},
                {"tree": "chain", "vocab_subset": 0},
-               {"tree": "chain", "control": "beta-ts", "max_depth": 5, "vocab_subset": 0},
-               {"tree": "chain", "control": "calibration-ts", "max_depth": 5, "vocab_subset": 0},
+               {"tree": "chain", "length": "beta-ts", "max_depth": 5, "vocab_subset": 0},
+               {"tree": "chain", "length": "calibration-ts", "max_depth": 5, "vocab_subset": 0},
                {"tree": "static", "max_nodes": 5, "vocab_subset": 0},
                {"tree": "opt-tree", "width": 4, "max_depth": 4, "vocab_subset": 0},
-               {"tree": "opt-tree", "width": 4, "max_depth": 4, "delta": 0.05, "max_nodes": 6, "vocab_subset": 0}]))
+               {"tree": "opt-tree", "width": 4, "max_depth": 4, "delta": 0.05, "max_nodes": 6, "vocab_subset": 0}])

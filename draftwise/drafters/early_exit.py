@@ -31,80 +31,52 @@ import time
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 
-from draftwise import methods
 from draftwise.drafters.base import Context, Drafter, Needs, Proposal
 from draftwise.drafters.model_base import next_token
+from draftwise.drafters.spec import VOCAB_SUBSET, MethodSpec, Option
 from draftwise.errors import CheckpointError, ConfigError
 from draftwise.models.cache import KVCache
-from draftwise.models.transformer import Layer, Transformer, build_layer, layer_forward, rms_norm
+from draftwise.models.layers import Layer, build_layer, layer_forward, rms_norm
+from draftwise.models.layout import layer_names, layer_shapes
+from draftwise.models.transformer import Transformer
 from draftwise.policies.length import CONTROLS, LengthControl, StepCosts, check_name, parse_control
 from draftwise.tree import DraftTree
-from draftwise.vocab import VocabSubset
+from draftwise.vocab import VocabSubset, subset_for
 
 KIND = "draftwise-early-exit"
 PREFIX = "model.layers.0."
-LAYER_TENSORS = ("input_layernorm.weight", "self_attn.q_proj.weight", "self_attn.k_proj.weight",
-                 "self_attn.v_proj.weight", "self_attn.o_proj.weight", "post_attention_layernorm.weight",
-                 "mlp.gate_proj.weight", "mlp.up_proj.weight", "mlp.down_proj.weight")
 
 
 # ---------------------------------------------------------------------- the exit layer on disk
-def layer_names(cfg) -> list[str]:
-    names = list(LAYER_TENSORS)
-    if cfg.attention_bias:
-        names += ["self_attn.q_proj.bias", "self_attn.k_proj.bias", "self_attn.v_proj.bias"]
-    if cfg.qk_norm:
-        names += ["self_attn.q_norm.weight", "self_attn.k_norm.weight"]
-    return names
-
-
 def save_exit(path: Path, tensors: dict[str, torch.Tensor], meta: dict) -> None:
     """tensors: Hugging Face layer names (``model.layers.0.*``); meta: JSON-able (layer, fingerprint...)."""
-    from draftwise.training import save_tensors
+    from draftwise.parts import save_tensors
 
     save_tensors(path, tensors, KIND, meta)
 
 
 def load_exit(path: str | Path, model: Transformer) -> tuple[dict[str, torch.Tensor], dict]:
     """(tensors, meta) of a saved exit layer, checked against the target (one-line errors)."""
-    from draftwise.training import model_fingerprint, read_tensors
+    from draftwise.parts import check_part, read_tensors
 
     path = Path(path)
     if not path.is_file():
         raise CheckpointError(f"exit layer {path} not found (train one: draftwise train early-exit --model M "
                               f"--layer N --out {path})")
     tensors, meta = read_tensors(path, "exit layer")
-    if meta.get("kind") != KIND:
-        raise CheckpointError(f"{path} is not a draftwise early-exit layer")
-    fp = model_fingerprint(model)
-    if meta.get("fingerprint") != fp:
-        raise CheckpointError(f"exit layer {path} was trained for {meta.get('model', 'another model')} "
-                              f"(fingerprint {meta.get('fingerprint')}), not this target ({fp})")
+    check_part(meta, KIND, model, "early-exit layer", path)
     n = meta.get("layer")
     if not isinstance(n, int) or not 1 <= n < model.cfg.num_layers:
         raise CheckpointError(f"exit layer {path} has layer {n!r}; the target has {model.cfg.num_layers} layers")
     want = {PREFIX + k for k in layer_names(model.cfg)}
     if set(tensors) != want:
         raise CheckpointError(f"exit layer {path} is missing tensors {sorted(want - set(tensors))[:3]}")
-    ref = _target_layer_shapes(model)
+    ref = layer_shapes(model.cfg, PREFIX)
     for k, t in tensors.items():
         if tuple(t.shape) != ref[k]:
             raise CheckpointError(f"exit layer {path}: {k} has shape {tuple(t.shape)}, the target needs {ref[k]}")
     return tensors, meta
-
-
-def _target_layer_shapes(model: Transformer) -> dict[str, tuple[int, ...]]:
-    c = model.cfg
-    D, Dh, H, Hkv, inter = c.hidden_size, c.head_dim, c.num_heads, c.num_kv_heads, model.layers[0].down.in_features
-    s = {"input_layernorm.weight": (D,), "post_attention_layernorm.weight": (D,),
-         "self_attn.q_proj.weight": (H * Dh, D), "self_attn.k_proj.weight": (Hkv * Dh, D),
-         "self_attn.v_proj.weight": (Hkv * Dh, D), "self_attn.o_proj.weight": (D, H * Dh),
-         "mlp.gate_proj.weight": (inter, D), "mlp.up_proj.weight": (inter, D), "mlp.down_proj.weight": (D, inter),
-         "self_attn.q_proj.bias": (H * Dh,), "self_attn.k_proj.bias": (Hkv * Dh,), "self_attn.v_proj.bias": (Hkv * Dh,),
-         "self_attn.q_norm.weight": (Dh,), "self_attn.k_norm.weight": (Dh,)}
-    return {PREFIX + k: v for k, v in s.items()}
 
 
 def exit_layer(model: Transformer, tensors: dict[str, torch.Tensor], packed: bool | None = None) -> Layer:
@@ -143,13 +115,13 @@ class EarlyExit(Drafter):
         self._plain: tuple[torch.Tensor, int] | None = None
 
     # ------------------------------------------------------------------ network
-    def _exit(self, h: torch.Tensor, positions: torch.Tensor, logits: bool) -> torch.Tensor | None:
+    def exit_forward(self, h: torch.Tensor, positions: torch.Tensor, logits: bool) -> torch.Tensor | None:
         """Exit layer (own cache, rows held pending) + final norm + head over h [n, D] -> [n, K]."""
         m = self.model
         if self.exit is not None:
             cache, n = self.cache, h.shape[0]
             start = cache.reserve(n)
-            mask = m._attn_mask(n, cache.length, cache.pending, None)
+            mask = m.attn_mask(n, cache.length, cache.pending, None)
             cos, sin = m.cos[positions].unsqueeze(1), m.sin[positions].unsqueeze(1)
             h = layer_forward(m.cfg, self.exit, h, cos, sin, lambda k, v: cache.write(0, k, v, start), mask)
             cache.hold(n)
@@ -168,7 +140,7 @@ class EarlyExit(Drafter):
     def begin(self, ctx: Context, out) -> None:
         if self.exit is not None:                  # the prompt through the exit layer, committed
             h = out.layer_hidden[self.n - 1]
-            self._exit(h, torch.arange(h.shape[0], device=h.device), logits=False)
+            self.exit_forward(h, torch.arange(h.shape[0], device=h.device), logits=False)
             self.cache.commit(h.shape[0])
 
     def propose(self, ctx: Context) -> Proposal:
@@ -180,7 +152,7 @@ class EarlyExit(Drafter):
         dev = m.device
         self._plain = None
         if self.lag and (k_max > 0 or len(self.lag) >= 64):   # pay the owed exit rows (committed)
-            self._exit(torch.cat([h for h, _ in self.lag]),
+            self.exit_forward(torch.cat([h for h, _ in self.lag]),
                        torch.tensor([p for _, p in self.lag], device=dev), logits=False)
             self.cache.commit(len(self.lag))
             self.lag = []
@@ -198,7 +170,7 @@ class EarlyExit(Drafter):
             h = m.forward(torch.tensor([toks[-1]], device=dev), pos, cache, end_layer=self.n).hidden   # [1, D]
             cache.hold(1)
             hs.append(h)
-            logits = self._exit(h, pos, logits=d < k_max)
+            logits = self.exit_forward(h, pos, logits=d < k_max)
             if logits is None:
                 break
             tok, conf, q = next_token(logits[0], ctx.sampling, self.g, self._ids_cpu, m.cfg.vocab_size)
@@ -207,9 +179,7 @@ class EarlyExit(Drafter):
             toks.append(tok)
             qs.append(q)
             self._confs.append(conf)
-        tree = DraftTree.chain(ctx.root, toks[1:], device=dev)
-        if qs and qs[0] is not None:
-            tree.q = torch.stack(qs + [torch.zeros_like(qs[0])])              # [n, V]; the last node has no child
+        tree = DraftTree.chain(ctx.root, toks[1:], device=dev, q=qs)
         if self.costs is not None:
             if dev.type == "cuda":
                 torch.cuda.synchronize(dev)
@@ -228,10 +198,10 @@ class EarlyExit(Drafter):
 
     def describe(self) -> dict:
         return {"method": self.name, "layer": self.n, "exit": self.exit is not None,
-                "control": self.control.describe(), "vocab_subset": None if self.subset is None else self.subset.size}
+                "length": self.control.describe(), "vocab_subset": None if self.subset is None else self.subset.size}
 
 
-def _factory(engine, exit, layer, control: str, k_max: int, vocab_subset: int) -> EarlyExit:
+def _factory(engine, exit, layer, length: str, max_depth: int, vocab_subset: int) -> EarlyExit:
     from draftwise.policies.budget import OnlineCost
 
     model = engine.model
@@ -249,128 +219,32 @@ def _factory(engine, exit, layer, control: str, k_max: int, vocab_subset: int) -
     if not 1 <= layer < L:
         raise ConfigError(f"early-exit layer must be in [1, {L - 1}] for this {L}-layer target, got {layer}")
     costs = None
-    if not control.startswith("fixed:"):
+    if not length.startswith("fixed:"):
         full = engine.cost_curve()
         rest = (L - layer) / L                                  # verification runs layers [N, L) only
         verify = OnlineCost(full.scaled(rest))
         t1 = float(full.t(1))
         costs = StepCosts(verify, draft_ms=t1 * (layer + (layer_t is not None)) / L, plain_ms=t1 * layer / L)
-    ctl = parse_control(control, costs, k_max)
-    sub = engine.vocab_subset(vocab_subset) if 0 < vocab_subset < model.cfg.vocab_size else None
+    ctl = parse_control(length, costs, max_depth)
+    sub = subset_for(engine, vocab_subset, model.cfg.vocab_size)
     return EarlyExit(model, layer, ctl, exit=layer_t, subset=sub, costs=costs)
 
 
-methods.register(methods.MethodSpec(
+SPEC = MethodSpec(
     "early-exit", "EESD: the target's first N layers + a trained exit layer draft a chain, Thompson sampling "
     "sets its length (arXiv 2406.03853)", _factory,
     options={
-        "exit": methods.Option(str, None, "trained exit layer (draftwise train early-exit); null: no exit layer, "
+        "exit": Option(str, None, "trained exit layer (draftwise train early-exit); null: no exit layer, "
                                "layer N's output read out directly (untrained, like HF assistant_early_exit)",
                                optional=True, path=True),
-        "layer": methods.Option(int, None, "N, the target layers that draft (taken from the exit layer's file)",
+        "layer": Option(int, None, "N, the target layers that draft (taken from the exit layer's file)",
                                 optional=True, lo=1, hi=1024),
-        "control": methods.Option(str, "beta-ts", "draft length: fixed:K | beta-ts | calibration-ts"),
-        "k_max": methods.Option(int, 8, "most tokens drafted per step", lo=1, hi=32),
-        "vocab_subset": methods.VOCAB_SUBSET,
+        "length": Option(str, "beta-ts", "draft length: fixed:K | beta-ts | calibration-ts"),
+        "max_depth": Option(int, 8, "most tokens drafted per step", lo=1, hi=32),
+        "vocab_subset": VOCAB_SUBSET,
     },
-    check=lambda o: check_name(o["control"], CONTROLS, "early-exit option 'control'", o["k_max"]),
-    test_opts=[{"layer": 1, "control": "fixed:3", "vocab_subset": 0},
-               {"layer": 1, "control": "beta-ts", "k_max": 5, "vocab_subset": 0},
-               {"layer": 1, "control": "calibration-ts", "k_max": 5, "vocab_subset": 0}]))
-
-
-# ---------------------------------------------------------------------- self-distillation
-def init_tensors(state: dict[str, torch.Tensor], cfg, source: int) -> dict[str, torch.Tensor]:
-    """The exit layer's starting point: a copy of target layer ``source`` (float32)."""
-    return {PREFIX + k: state[f"model.layers.{source}.{k}"].float().clone() for k in layer_names(cfg)}
-
-
-class DistillLoss:
-    """Cross-entropy of the exit layer's subset distribution against the target's top-k
-    distribution (``ChunkOps.soft_ce``); metric ``agree``: draft argmax == target argmax."""
-
-    def __init__(self, model: Transformer, feats, layer: int, head_w: torch.Tensor, subset_ids: torch.Tensor,
-                 params: dict[str, torch.Tensor], device):
-        from draftwise.training import ChunkOps
-
-        self.model, self.feats, self.layer, self.params, self.device = model, feats, layer, params, device
-        self.head_w = head_w.to(device)                                    # [K, D] frozen
-        self.seq = feats.manifest["spec"]["seq_len"]
-        self.ops = ChunkOps(model, self.seq, subset_ids, device)
-        self.norm = model.norm.to(device).float()
-
-    def __call__(self, batch: list[tuple[int, int]]) -> tuple[torch.Tensor, dict]:
-        L = build_layer(self.model.cfg, lambda n, required=True: self.params[n], PREFIX, packed=False)
-        losses, agree = [], 0.0
-        amp = torch.autocast("cuda", dtype=torch.bfloat16, enabled=self.device.type == "cuda")
-        for s, r in batch:
-            with amp:
-                loss, hit = self._chunk(L, s, r)
-            losses.append(loss)
-            agree += hit
-        return torch.stack(losses).mean(), {"agree": agree / (len(batch) * self.seq)}
-
-    def _chunk(self, L: Layer, s: int, r: int) -> tuple[torch.Tensor, float]:
-        cfg, ops = self.model.cfg, self.ops
-        x = self.feats.get(s, r, f"h{self.layer - 1}").to(self.device).float()          # [S, D]
-        top = self.feats.get(s, r, "top_ids").to(self.device).long()                    # [S, k]
-        logp_t = self.feats.get(s, r, "top_logp").to(self.device).float()               # [S, k]
-        z = layer_forward(cfg, L, x, ops.cos, ops.sin, lambda k, v: (k, v), ops.mask(self.seq))
-        logq = torch.log_softmax(F.linear(rms_norm(z, self.norm, cfg.rms_norm_eps), self.head_w), -1)  # [S, K]
-        return ops.soft_ce(logq, top, logp_t)
-
-
-def subset_head(engine, state: dict[str, torch.Tensor], vocab_subset: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """(subset ids [K], the frozen LM head's rows for them [K, D] float32) from a state dict."""
-    model = engine.model
-    sub = engine.vocab_subset(vocab_subset) if 0 < vocab_subset < model.cfg.vocab_size else None
-    ids = sub.ids.cpu() if sub is not None else torch.arange(model.cfg.vocab_size)
-    head = state.get("lm_head.weight")
-    if head is None or model.cfg.tie_word_embeddings:
-        head = state["model.embed_tokens.weight"]
-    return ids, head[ids].float()
-
-
-def train_exit(engine, layer: int, out: Path, data: list[str] | None = None, max_tokens: int = 400_000,
-               max_steps: int | None = None, epochs: float = 1.5, batch: int = 4, lr: float = 6e-4,
-               init: str = "next", features: Path | None = None, vocab_subset: int = 32768, seq_len: int = 512,
-               topk: int = 32, device: str | None = None, progress: bool = True, extra_layers: tuple[int, ...] = (),
-               val_every: int = 0) -> dict:
-    """Self-distil an exit layer after the target's first ``layer`` layers; save it to ``out``.
-
-    Teacher features (layer ``layer``'s input and the target's top-k log-probabilities) are
-    extracted once into ``features`` (default: ``out`` + ``.features``) and reused by later runs.
-    init: ``next`` (a copy of target layer N: it already reads layer N's input, the residual
-    stream it is given; on the 0.5B at N = 6 it reached 0.295 validation agreement after 60 steps
-    against 0.271 from the last layer, benchmarks/results/eesd/sweep.json), ``last`` (a copy of the
-    target's last layer, which writes into the space the final norm and head read) or an index.
-    """
-    from draftwise import training
-
-    model = engine.model
-    L = model.cfg.num_layers
-    if not 1 <= layer < L:
-        raise ConfigError(f"--layer must be in [1, {L - 1}] for {engine.model_id} ({L} layers), got {layer}")
-    src = {"last": L - 1, "next": layer}.get(init)
-    if src is None:
-        try:
-            src = int(init)
-        except ValueError:
-            raise ConfigError(f"--init must be last, next or a layer index, got {init!r}") from None
-    if not 0 <= src < L:
-        raise ConfigError(f"--init layer {src} is outside the target's {L} layers")
-    from draftwise.models.checkpoint import load_state_dict
-
-    def make(feats, dev):
-        state = load_state_dict(engine.path)
-        params = {k: v.to(dev) for k, v in init_tensors(state, model.cfg, src).items()}
-        ids, head_w = subset_head(engine, state, vocab_subset)
-        return params, DistillLoss(model, feats, layer, head_w, ids, params, dev), {"vocab_subset": len(ids)}
-
-    spec = training.FeatureSpec(tuple(sorted({layer - 1, *extra_layers})), topk, seq_len)
-    params, info = training.fit(engine, spec, Path(out), make, {"layer": layer, "init": src}, data=data,
-                                max_tokens=max_tokens, max_steps=max_steps, epochs=epochs, batch=batch, lr=lr,
-                                features=features, device=device, progress=progress, val_every=val_every,
-                                desc=f"exit layer after {layer}")
-    save_exit(out, params, info)
-    return info
+    check=lambda o: check_name(o["length"], CONTROLS, "early-exit option 'length'", o["max_depth"]),
+    renamed={"control": "length", "k_max": "max_depth"},
+    test_opts=[{"layer": 1, "length": "fixed:3", "vocab_subset": 0},
+               {"layer": 1, "length": "beta-ts", "max_depth": 5, "vocab_subset": 0},
+               {"layer": 1, "length": "calibration-ts", "max_depth": 5, "vocab_subset": 0}])

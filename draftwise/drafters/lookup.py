@@ -9,9 +9,9 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from draftwise import methods
 from draftwise.datastore import brute_force_matches
 from draftwise.drafters.base import Context, Drafter
+from draftwise.drafters.spec import DECAY, MAX_NODES, MethodSpec, Option
 from draftwise.errors import ConfigError
 from draftwise.policies.budget import CostCurve, OnlineCost, Overhead, best_prefix, online_cost
 from draftwise.tree import DraftTree, merge_tries
@@ -133,15 +133,15 @@ def _check(o: dict) -> None:
         raise ConfigError(f"method 'lookup' needs min_ngram <= max_ngram, got {o['min_ngram']} > {o['max_ngram']}")
 
 
-methods.register(methods.MethodSpec(
+SPEC = MethodSpec(
     "lookup", "prompt lookup (PLD): continuations of earlier occurrences of the newest n-gram", _factory,
     options={
-        "max_nodes": methods.MAX_NODES,
-        "max_ngram": methods.Option(int, 3, "longest n-gram matched", lo=1, hi=32),
-        "min_ngram": methods.Option(int, 1, "shortest n-gram matched", lo=1, hi=32),
-        "max_depth": methods.Option(int, 16, "longest continuation drafted", lo=1, hi=64),
-        "max_matches": methods.Option(int, 4, "continuations merged into the draft trie", lo=1, hi=64),
-        "decay": methods.DECAY,
+        "max_nodes": MAX_NODES,
+        "max_ngram": Option(int, 3, "longest n-gram matched", lo=1, hi=32),
+        "min_ngram": Option(int, 1, "shortest n-gram matched", lo=1, hi=32),
+        "max_depth": Option(int, 16, "longest continuation drafted", lo=1, hi=64),
+        "max_matches": Option(int, 4, "continuations merged into the draft trie", lo=1, hi=64),
+        "decay": DECAY,
     },
     check=_check,
-    test_opts={"max_depth": 6}))
+    test_opts={"max_depth": 6})

@@ -29,6 +29,9 @@ from draftwise.tree import DraftTree
 
 class ModelDrafter(Drafter, metaclass=abc.ABCMeta):
     name = "model-drafter"
+    # True: an accepted node's pending row becomes committed; False: every drafted row is dropped and the
+    # accepted tokens are fed again at the next catch-up (rows computed from predicted inputs: EAGLE)
+    keep_drafted_rows = True
 
     def __init__(self, cache: KVCache):
         self.cache = cache
@@ -96,7 +99,7 @@ class ModelDrafter(Drafter, metaclass=abc.ABCMeta):
         return self.draft(ctx, first)
 
     def observe(self, tree: DraftTree, out, accepted, ctx: Context) -> None:
-        row_of = {node: r for r, node in enumerate(self.fed)}
+        row_of = {node: r for r, node in enumerate(self.fed)} if self.keep_drafted_rows else {}
         rows = []
         for node in accepted.path[1:]:
             if node not in row_of:

@@ -34,11 +34,11 @@ import time
 import numpy as np
 import torch
 
-from draftwise import methods
 from draftwise.drafters.base import Context, Drafter, Proposal
 from draftwise.drafters.retrieval import SOURCE_OPTIONS, RetrievalSource, source_from_opts
+from draftwise.drafters.spec import MethodSpec, Option
 from draftwise.errors import ConfigError
-from draftwise.models.transformer import ForwardOut
+from draftwise.models.layers import ForwardOut
 from draftwise.policies.budget import CostCurve, OnlineCost, online_cost
 from draftwise.policies.opt_tree import Calibration
 from draftwise.tree import DraftTree, merge_trees, tried_nodes
@@ -69,7 +69,7 @@ class Rasd(Drafter):
             raise ConfigError("rasd needs a cost curve unless retrieval_nodes is fixed")
         self.base, self.source, self.retrieval_nodes, self.cost, self.prune = base, source, retrieval_nodes, cost, prune
         self.needs = base.needs
-        self.pausable = getattr(base, "pausable", False)   # a base that does not say: never paused
+        self.pausable = base.pausable
         self.calib = Calibration()                 # draft probability -> acceptance, for retrieval nodes
         self._a: DraftTree | None = None
         self._added: _Added | None = None
@@ -87,9 +87,8 @@ class Rasd(Drafter):
     def propose(self, ctx: Context) -> DraftTree:
         t0 = time.perf_counter()
         cand = self.source.candidates(ctx)
-        planner = getattr(self.base, "planner", None)
-        if planner is not None:        # the base grows less where retrieval already offers likely nodes
-            planner.extra = cand.tree.scores[1:].double().numpy() if cand is not None else np.empty(0)
+        # the base grows less where retrieval already offers likely nodes
+        self.base.offered(cand.tree.scores[1:].double().numpy() if cand is not None else np.empty(0))
         prop = self.base.propose(ctx)
         if isinstance(prop, Proposal):
             raise ConfigError("rasd fuses plain draft trees; this base drafter returns an early-exit proposal")
@@ -109,7 +108,7 @@ class Rasd(Drafter):
         b_rate = cand.tree.scores.double()
         b_rate[1:] = b_rate[1:] / b_rate[cand.tree.parents[1:]].clamp_min(1e-12)     # conditional rates
         score = fused.scores.double().clone()
-        dists = getattr(self.base, "dists", {})
+        dists = self.base.node_dists()
         n = fused.size
         dropped = torch.zeros(n, dtype=torch.bool)
         info: dict[int, tuple[bool, bool, float, int]] = {}      # fused node -> (by_draft, top1, p, kind)
@@ -152,7 +151,7 @@ class Rasd(Drafter):
 
     def _draft_prob(self, dist: torch.Tensor, token: int) -> tuple[float, bool]:
         """(draft probability of a full-vocabulary token, whether it is the draft's argmax)."""
-        subset = getattr(self.base, "subset", None)
+        subset = self.base.subset
         if subset is None:
             col = token if token < dist.numel() else -1
         else:
@@ -209,6 +208,12 @@ class Rasd(Drafter):
                 "online": s.online, "retrieval_nodes": self.retrieval_nodes, "prune": self.prune}
 
 
+def _base_specs() -> dict:
+    from draftwise.drafters import draft_model, recycling
+
+    return {"draft-model": draft_model.SPEC, "recycling": recycling.SPEC}
+
+
 def _factory(engine, base: str, base_max_nodes, retrieval_nodes, prune: float, datastore, lookup: bool,
              online: bool, max_conts: int, max_len: int) -> Rasd:
     if base not in BASES:
@@ -216,26 +221,26 @@ def _factory(engine, base: str, base_max_nodes, retrieval_nodes, prune: float, d
     if base == "draft-model" and engine.draft_model is None:
         raise ConfigError("rasd with base draft-model needs a draft model: load one with --draft NAME "
                           "(or use base recycling, the train-free fusion)")
-    spec = methods.get(base)
+    spec = _base_specs()[base]
     b = spec.factory(engine, **spec.validate({} if base_max_nodes is None else {"max_nodes": base_max_nodes}))
     src = source_from_opts(engine, datastore, lookup, online, max_conts, max_len)
     return Rasd(b, src, retrieval_nodes=retrieval_nodes, cost=online_cost(engine, retrieval_nodes), prune=prune)
 
 
-methods.register(methods.MethodSpec(
+SPEC = MethodSpec(
     "rasd", "RASD: retrieval trees pruned by the draft model and fused with its tree (arXiv 2503.03434); "
     "base recycling: the train-free fusion", _factory,
     options={
-        "base": methods.Option(str, "draft-model", "the model tree: draft-model (needs --draft) | recycling",
+        "base": Option(str, "draft-model", "the model tree: draft-model (needs --draft) | recycling",
                                choices=("draft-model", "recycling")),
-        "base_max_nodes": methods.Option(int, None, "the base drafter's max_nodes (null: its cost-curve budget)",
+        "base_max_nodes": Option(int, None, "the base drafter's max_nodes (null: its cost-curve budget)",
                                          optional=True, lo=1, hi=256),
-        "retrieval_nodes": methods.Option(int, None, "retrieval nodes added per step (null: while they pay under "
+        "retrieval_nodes": Option(int, None, "retrieval nodes added per step (null: while they pay under "
                                           "the cost curve)", optional=True, lo=0, hi=256),
-        "prune": methods.Option(float, 0.01, "drop a retrieval branch whose token the draft gives less", lo=0.0, hi=1.0),
+        "prune": Option(float, 0.01, "drop a retrieval branch whose token the draft gives less", lo=0.0, hi=1.0),
         **SOURCE_OPTIONS,
     },
-    needs_if=lambda o: ("draft_model",) if o.get("base") == "draft-model" else (),
+    resources_if=lambda o: ("draft_model",) if o.get("base") == "draft-model" else (),
     test_opts=[{"base": "recycling", "base_max_nodes": 6, "retrieval_nodes": 6},
                {"base": "draft-model", "base_max_nodes": 4, "retrieval_nodes": 6, "prune": 0.0},
-               {"base": "draft-model", "retrieval_nodes": 4}]))
+               {"base": "draft-model", "retrieval_nodes": 4}])

@@ -17,8 +17,9 @@ from pathlib import Path
 
 import torch
 
-from draftwise import kernels, methods
+from draftwise import kernels
 from draftwise.drafters.base import Context, Drafter
+from draftwise.drafters.spec import DECAY, MAX_NODES, MethodSpec, Option
 from draftwise.errors import CheckpointError, ConfigError
 from draftwise.policies.budget import CostCurve, OnlineCost, Overhead, best_prefix, online_cost
 from draftwise.tree import DraftTree, make_template
@@ -176,13 +177,13 @@ def _factory(engine, max_nodes=None, **opts) -> TokenRecycling:
     return TokenRecycling(engine.model.cfg.vocab_size, max_nodes=max_nodes, cost=cost, device=engine.model.device, **opts)
 
 
-methods.register(methods.MethodSpec(
+SPEC = MethodSpec(
     "recycling", "Token Recycling: train-free tree from the target's own past top-k (arXiv 2408.08696)", _factory,
     options={
-        "max_nodes": methods.MAX_NODES,
-        "k": methods.Option(int, 8, "next-token candidates kept per token in the adjacency matrix (the rank prior covers 8)",
+        "max_nodes": MAX_NODES,
+        "k": Option(int, 8, "next-token candidates kept per token in the adjacency matrix (the rank prior covers 8)",
                             lo=1, hi=len(RANK_PRIOR)),
-        "template_nodes": methods.Option(int, 80, "nodes of the tree template the budget chooses from", lo=1, hi=512),
-        "decay": methods.DECAY,
+        "template_nodes": Option(int, 80, "nodes of the tree template the budget chooses from", lo=1, hi=512),
+        "decay": DECAY,
     },
-    test_opts={"max_nodes": 12}))
+    test_opts={"max_nodes": 12})

@@ -21,10 +21,10 @@ from dataclasses import dataclass
 
 import torch
 
-from draftwise import methods
 from draftwise.datastore import Datastore
 from draftwise.drafters.base import Context, Drafter
 from draftwise.drafters.lookup import PromptLookup
+from draftwise.drafters.spec import MAX_NODES, MethodSpec, Option
 from draftwise.errors import ConfigError
 from draftwise.policies.budget import CostCurve, OnlineCost, Overhead, best_prefix, online_cost
 from draftwise.policies.opt_tree import Calibration, top_nodes
@@ -182,7 +182,7 @@ def load_store(engine, path: str | None, online: bool) -> Datastore | None:
     """The engine's datastore for a path (loaded once per engine and shared by its drafters)."""
     from draftwise.vocab import fingerprint
 
-    cache = engine.__dict__.setdefault("_datastores", {})
+    cache = engine.shared.setdefault("datastores", {})
     key = (path, online)
     if key not in cache:
         if path:
@@ -205,15 +205,15 @@ def _factory(engine, max_nodes=None, datastore=None, lookup=True, online=False, 
 
 
 SOURCE_OPTIONS = {
-    "datastore": methods.Option(str, None, "datastore file (draftwise datastore build); null: none", optional=True,
+    "datastore": Option(str, None, "datastore file (draftwise datastore build); null: none", optional=True,
                                  path=True),
-    "lookup": methods.Option(bool, True, "also draft continuations found in the context itself (prompt lookup)"),
-    "online": methods.Option(bool, False, "add each finished sequence to the datastore's in-memory overlay"),
-    "max_conts": methods.Option(int, 64, "continuations retrieved per step", lo=1, hi=1024),
-    "max_len": methods.Option(int, 16, "tokens per continuation", lo=1, hi=64),
+    "lookup": Option(bool, True, "also draft continuations found in the context itself (prompt lookup)"),
+    "online": Option(bool, False, "add each finished sequence to the datastore's in-memory overlay"),
+    "max_conts": Option(int, 64, "continuations retrieved per step", lo=1, hi=1024),
+    "max_len": Option(int, 16, "tokens per continuation", lo=1, hi=64),
 }
 
-methods.register(methods.MethodSpec(
+SPEC = MethodSpec(
     "retrieval", "REST datastore retrieval and prompt lookup merged into a trie (arXiv 2311.08252)", _factory,
-    options={"max_nodes": methods.MAX_NODES, **SOURCE_OPTIONS},
-    test_opts=[{"max_nodes": 8}, {"online": True, "max_nodes": 6}]))
+    options={"max_nodes": MAX_NODES, **SOURCE_OPTIONS},
+    test_opts=[{"max_nodes": 8}, {"online": True, "max_nodes": 6}])

@@ -6,6 +6,7 @@
 // the FMA latency. Every output row is computed by the same sequence of operations whatever n
 // is, so results are bit-identical between one-token steps and tree verification.
 #include <immintrin.h>
+#include "kernels.h"
 #include "common.h"
 #include <omp.h>
 #include <stdlib.h>
@@ -18,19 +19,24 @@
 #endif
 
 
-#define K16(R) \
-static inline void k16_##R(const float* x, long ldx, const float* P, long I, float* y, long ldy, \
-                           const float* bias, int valid) { \
-  __m256 a0[R], a1[R]; \
-  UNROLL for (int r = 0; r < R; r++) { a0[r] = _mm256_setzero_ps(); a1[r] = _mm256_setzero_ps(); } \
-  for (long i = 0; i < I; i++) { \
-    _mm_prefetch((const char*)(P + i * 16 + 512), _MM_HINT_T0); \
+// The inner loop every 16-column tile shares: over columns i < K of the panel P, the accumulators
+// a0/a1 of rows r < R take x[r, i] * P[i, 0..15] in one FMA each (PF: a prefetch, or (void)0).
+#define PANEL_FMA(R, K, PF) \
+  for (long i = 0; i < (K); i++) { \
+    PF; \
     __m256 w0 = _mm256_loadu_ps(P + i * 16), w1 = _mm256_loadu_ps(P + i * 16 + 8); \
     UNROLL for (int r = 0; r < R; r++) { \
       __m256 xv = _mm256_broadcast_ss(x + r * ldx + i); \
       a0[r] = _mm256_fmadd_ps(xv, w0, a0[r]); a1[r] = _mm256_fmadd_ps(xv, w1, a1[r]); \
     } \
-  } \
+  }
+
+#define K16(R) \
+static inline void k16_##R(const float* x, long ldx, const float* P, long I, float* y, long ldy, \
+                           const float* bias, int valid) { \
+  __m256 a0[R], a1[R]; \
+  UNROLL for (int r = 0; r < R; r++) { a0[r] = _mm256_setzero_ps(); a1[r] = _mm256_setzero_ps(); } \
+  PANEL_FMA(R, I, _mm_prefetch((const char*)(P + i * 16 + 512), _MM_HINT_T0)) \
   UNROLL for (int r = 0; r < R; r++) store16(y + r * ldy, a0[r], a1[r], bias, valid); \
 }
 
@@ -65,13 +71,7 @@ static inline void ka_##R(const float* x, long ldx, const float* P, long kc, flo
     if (first) { a0[r] = _mm256_setzero_ps(); a1[r] = _mm256_setzero_ps(); } \
     else { a0[r] = _mm256_loadu_ps(acc + r * 16); a1[r] = _mm256_loadu_ps(acc + r * 16 + 8); } \
   } \
-  for (long i = 0; i < kc; i++) { \
-    __m256 w0 = _mm256_loadu_ps(P + i * 16), w1 = _mm256_loadu_ps(P + i * 16 + 8); \
-    UNROLL for (int r = 0; r < R; r++) { \
-      __m256 xv = _mm256_broadcast_ss(x + r * ldx + i); \
-      a0[r] = _mm256_fmadd_ps(xv, w0, a0[r]); a1[r] = _mm256_fmadd_ps(xv, w1, a1[r]); \
-    } \
-  } \
+  PANEL_FMA(R, kc, (void)0) \
   UNROLL for (int r = 0; r < R; r++) { _mm256_storeu_ps(acc + r * 16, a0[r]); _mm256_storeu_ps(acc + r * 16 + 8, a1[r]); } \
 }
 

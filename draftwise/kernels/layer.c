@@ -5,30 +5,8 @@
 #include <stdint.h>
 #include <stdlib.h>
 #include <string.h>
-#include "q8.h"
+#include "kernels.h"
 
-void dw_linear(const float* x, long n, long I, const float* P, const float* bias_padded, long O, float* y);
-void dw_qlinear(const float* x, long n, long I, const void* Q, int bits, int fmt, const void* S, const int8_t* SC,
-                const void* M, const int8_t* MC, long G, long per, const float* bias_padded, long O, float* y);
-void dw_rms_norm(const float* x, long rows, long D, const float* w, float eps, float* y);
-void dw_add_rms_norm(const float* x, const float* y, long rows, long D, const float* w, float eps, float* xo, float* h);
-void dw_rope(float* x, long rows, long ld, long heads, long Dh, const float* cos_, const float* sin_);
-int dw_attention(const float* q, long n, long ldq, long H, long Hkv, long Dh, const float* K, const float* V,
-                 long hs, long T, const float* mask, long ldm, float scale, float* out);
-void dw_swiglu(const float* gu, long n, long I, float* out);
-
-typedef struct {                     // one linear: prepacked fp32 (bits 32), GGUF blocks with fp32
-                                     // activations (bits 8, 4) or with 8-bit ones (bits 1: Q is a dw_q8lin_t)
-  long bits, fmt, G, per, I, O;
-  const void *Q, *S, *M, *SC, *MC, *bias;
-} dw_lin_t;
-
-typedef struct {
-  long D, H, Hkv, Dh, F;             // hidden size, heads, kv heads, head dim, MLP size
-  float eps, scale;                  // RMSNorm epsilon, attention scale
-  const float *attn_norm, *mlp_norm; // attn_norm NULL: no input norm
-  dw_lin_t qkv, o, gate_up, down;
-} dw_layer_t;
 
 static int lin(const dw_lin_t* l, const float* x, long n, float* y) {
   if (l->bits == 1)

@@ -2,6 +2,7 @@
 // each (dispatch, not arithmetic, dominates them at these sizes). Every row is computed on its own,
 // so a row's result does not depend on how many rows a call has.
 #include <immintrin.h>
+#include "kernels.h"
 #include "common.h"
 #include <math.h>
 #include <stdint.h>

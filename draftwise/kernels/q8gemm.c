@@ -13,6 +13,7 @@
 // On AVX2, Q8_0 values (bias 128) would overflow vpmaddubsw's int16 pairs, so there the stored byte is
 // turned back into the signed q and multiplied as |q| x sign(q) * qa (llama.cpp's trick): same integers.
 #include <immintrin.h>
+#include "kernels.h"
 #include "common.h"
 #include "q8.h"
 #include <omp.h>

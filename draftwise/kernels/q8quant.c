@@ -9,6 +9,7 @@
 //     (nearest_int: + 12582912.0f, low mantissa bits: round half to even);  d = 1 / iscale (fp32)
 // Both also give the block sums of q over 16 and 32 values (the weights' offsets and mins need them).
 #include <immintrin.h>
+#include "kernels.h"
 #include "q8.h"
 #include <omp.h>
 #include <stdint.h>

@@ -23,6 +23,7 @@
 // whose 16 accumulators spill) dequantize in registers as the panel streams (read once per call);
 // n >= 40: each panel is dequantized chunk by chunk into L1 as floats and row tiles of 6 pass over it.
 #include <immintrin.h>
+#include "kernels.h"
 #include "common.h"
 #include <omp.h>
 #include <stdint.h>

@@ -10,45 +10,17 @@ from pathlib import Path
 
 import torch
 
-from draftwise.errors import CORRUPT_FILE_ERRORS, CheckpointError, InstallError
-from draftwise.models import registry
+from draftwise.errors import CheckpointError
+from draftwise.models import catalog
 from draftwise.models.config import ModelConfig
-
-
-def convert_gguf(gguf: Path, out_dir: Path, progress: bool = True) -> None:
-    """Dequantize a GGUF file to an fp32 HF-format directory (config, safetensors, tokenizer)."""
-    try:
-        from transformers import AutoModelForCausalLM, AutoTokenizer
-        from transformers.utils import logging as hf_logging
-    except ImportError as e:  # pragma: no cover - transformers is a hard dependency
-        raise InstallError(f"transformers is required to import GGUF files: {e}") from None
-    from safetensors.torch import save_file
-
-    if not progress:
-        hf_logging.disable_progress_bar()
-    try:
-        model = AutoModelForCausalLM.from_pretrained(str(gguf.parent), gguf_file=gguf.name, dtype=torch.float32)
-        tok = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
-    except CORRUPT_FILE_ERRORS as e:
-        raise InstallError(f"could not read GGUF file {gguf}: {e or type(e).__name__}") from None
-    cfg = model.config.to_dict()
-    cfg.pop("quantization_config", None)
-    cfg["torch_dtype"] = "float32"
-    state = {k: v.contiguous() for k, v in model.state_dict().items()}
-    if cfg.get("tie_word_embeddings"):
-        state.pop("lm_head.weight", None)
-    save_file(state, str(out_dir / "model.safetensors"), metadata={"format": "pt"})
-    (out_dir / "config.json").write_text(json.dumps(cfg, indent=1))
-    if model.generation_config is not None:
-        model.generation_config.save_pretrained(str(out_dir))
-    tok.save_pretrained(str(out_dir))
-    del model
+from draftwise.models.convert import convert_gguf
+from draftwise.paths import cache_root
 
 
 def _gguf_dir(path: Path, progress: bool) -> Path:
     st = path.stat()
     key = hashlib.sha256(f"{path.resolve()}:{st.st_size}:{st.st_mtime_ns}".encode()).hexdigest()[:16]
-    final = registry.cache_root() / "gguf" / f"{path.stem}-{key}"
+    final = cache_root() / "gguf" / f"{path.stem}-{key}"
     if (final / "model.safetensors").is_file():
         return final
     final.parent.mkdir(parents=True, exist_ok=True)
@@ -64,8 +36,8 @@ def _gguf_dir(path: Path, progress: bool) -> Path:
 
 def resolve(model: str, progress: bool = True) -> Path:
     """Turn a model argument (known name, HF dir, .gguf file, hub id) into an HF-format dir."""
-    if model in registry.MODELS:
-        return registry.install(model, progress=progress)
+    if model in catalog.MODELS:
+        return catalog.install(model, progress=progress)
     p = Path(model).expanduser()
     if p.is_dir():
         if not (p / "config.json").is_file():
@@ -83,8 +55,8 @@ def resolve(model: str, progress: bool = True) -> Path:
         except Exception as e:  # noqa: BLE001 - the hub client raises many unrelated types
             raise CheckpointError(f"{model!r} is not a known model or local path, and the hub "
                                   f"download failed ({type(e).__name__}); known models: "
-                                  f"{', '.join(sorted(registry.MODELS))}") from None
-    raise CheckpointError(f"model {model!r} not found: not a known name ({', '.join(sorted(registry.MODELS))}), "
+                                  f"{', '.join(sorted(catalog.MODELS))}") from None
+    raise CheckpointError(f"model {model!r} not found: not a known name ({', '.join(sorted(catalog.MODELS))}), "
                           "a local HF directory or a .gguf file")
 
 

@@ -33,6 +33,8 @@ from dataclasses import dataclass, field
 
 import torch
 
+from draftwise.models.layers import ForwardOut, layer_forward
+
 BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128)
 MAX_BUCKET = BUCKETS[-1]
 MIN_SPAN = 256
@@ -88,8 +90,6 @@ class StaticForward:
 
     def __call__(self, tokens, positions, cache, tree_mask, logits_rows, hidden_layers, start_layer, end_layer,
                  hidden_in, compute_logits):
-        from draftwise.models.transformer import ForwardOut
-
         with torch.inference_mode():     # the buffers are inference tensors, written only in this mode
             o, n = self._forward(tokens, positions, cache, tree_mask, hidden_layers, start_layer, end_layer,
                                  hidden_in, compute_logits)
@@ -183,8 +183,6 @@ class StaticForward:
 
     def _run(self, e: _Entry, cache, t: int, start_layer: int, end_layer: int, hidden_layers, logits_on: bool) -> dict:
         """The static forward itself: fixed shapes, device-side indexing only."""
-        from draftwise.models.transformer import layer_forward
-
         m = self.model
         cfg = m.cfg
         b = e.tokens.shape[0]

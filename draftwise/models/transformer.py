@@ -9,23 +9,33 @@ layers [start_layer, end_layer) and resuming from given hidden states (early exi
 ``graphs`` picks how forwards of up to 128 new tokens run (models/graphs.py): "off" (eager, any
 shape), "static" (padded to a node-count bucket with device-side cache indexing, run eagerly: the
 CPU tests of the CUDA path), "on" (the same, captured and replayed as CUDA graphs), "auto" ("on"
-on CUDA unless DRAFTWISE_NO_GRAPHS is set, else "off"). Prefill and other large passes stay eager.
+on CUDA unless DRAFTWISE_GRAPHS says otherwise, else "off"). Prefill and other large passes stay eager.
 """
 from __future__ import annotations
 
-import math
 import os
-from dataclasses import dataclass, field
+import warnings
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 
 from draftwise import kernels
 from draftwise.errors import CheckpointError, ConfigError
 from draftwise.models.cache import KVCache
 from draftwise.models.config import ModelConfig
 from draftwise.models.graphs import MAX_BUCKET, StaticForward
+from draftwise.models.layers import (
+    EAGER,
+    NATIVE,
+    ForwardOut,
+    Linear,
+    QLinear,
+    attn_mask,
+    build_layer,
+    cached_layer,
+    compiled_glue,
+    rope_tables,
+)
 
 GRAPH_MODES = ("auto", "on", "static", "off")
 COMPILE_MODES = ("off", "glue", "layer")
@@ -33,174 +43,6 @@ COMPILE_MODES = ("off", "glue", "layer")
 # default), "gguf-f32" the same blocks with fp32 activations (exactly the dequantized weights), "fp32"
 # the checkpoint's fp32 tensors (training, parity tests, GPUs); "auto" picks gguf on CPU where it can.
 WEIGHT_MODES = ("auto", "gguf", "gguf-f32", "fp32")     # torch.compile: nothing, the non-matmul steps, whole layers
-
-
-class Linear:
-    """y = x W^T + b. On CPU fp32 it runs the prepacked kernel; elsewhere F.linear."""
-
-    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None, packed: bool):
-        self.out_features, self.in_features = weight.shape
-        self.packed = kernels.pack_weight(weight) if packed else None
-        self.weight = None if packed else weight
-        self.bias = (kernels.pad_bias(bias) if packed else bias) if bias is not None else None
-
-    def __call__(self, x: torch.Tensor) -> torch.Tensor:   # [n, in] -> [n, out]
-        if self.packed is not None:
-            if torch.compiler.is_compiling():                  # traced: the same kernel as a custom op
-                from draftwise.kernels import op
-                return op.linear(x, self.packed, self.bias, self.out_features)
-            return kernels.linear(x.contiguous(), self.packed, self.bias, self.out_features)
-        return F.linear(x, self.weight, self.bias)
-
-    def tensors(self) -> tuple:
-        return self.packed, self.weight, self.bias
-
-    def rows(self, ids: torch.Tensor) -> "Linear":
-        """A Linear computing only the output rows ``ids`` (a vocabulary-subset LM head)."""
-        ids = ids.to((self.packed if self.packed is not None else self.weight).device)
-        if self.packed is None:
-            w = self.weight[ids]
-        else:   # gather rows straight from the packed layout [O/16, in, 16]
-            w = self.packed[ids // 16, :, ids % 16]
-        bias = None
-        if self.bias is not None:
-            bias = self.bias[ids]
-        return Linear(w.contiguous(), bias, self.packed is not None)
-
-
-class QLinear:
-    """y = x W^T + b with W kept in a GGUF file's quantized blocks (draftwise.quant.QWeight, or a list of them
-    stacked along the rows: fused q/k/v, gate/up). act "q8": the activations quantized to 8 bits per block
-    and integer block dot products (kernels/q8gemm.c: the model as llama.cpp computes it); act "f32": fp32
-    activations and arithmetic on the exact dequantized weights (kernels/qgemm.c). A stack the q8 kernel
-    cannot take (another block type, segments not on 16-row panels) runs with "f32"; ``act`` says which.
-    Attributes: ``segs`` (kernels.pack_q8 segments) for q8, else kernels.pack_quant's layout."""
-
-    packed = weight = None
-    segs = None
-
-    def __init__(self, w, bias: torch.Tensor | None, act: str = "f32"):
-        parts = list(w) if isinstance(w, (list, tuple)) else [w]
-        self.out_features, self.in_features = sum(p.shape[0] for p in parts), parts[0].shape[1]
-        self.bias = kernels.pad_bias(bias) if bias is not None else None
-        self.act = "f32"
-        if act == "q8":
-            self.segs = _q8_segments(parts)
-            if self.segs is not None:
-                self.act, self.group, self._plan = "q8", None, None
-                self.kind = "+".join(s.kind for s in self.segs)
-                return
-        from draftwise.quant import concat_rows
-
-        w = concat_rows(parts) if len(parts) > 1 else parts[0]
-        self.group, self.kind = w.group, w.kind
-        self.__dict__.update(vars(kernels.pack_quant(w)))    # Q, bits, fmt, S, SC, M, MC, per
-
-    def plan(self):
-        """The q8 kernel's C description of this linear (rebuilt after its tensors move: ``replan``)."""
-        if self._plan is None:
-            self._plan = kernels.q8_plan(self.segs, self.bias)
-        return self._plan
-
-    def replan(self) -> None:
-        if self.segs is not None:
-            self._plan = None
-
-    def __call__(self, x: torch.Tensor) -> torch.Tensor:   # [n, in] -> [n, out]
-        if self.segs is not None:
-            return kernels.q8linear(x.contiguous(), self.plan())
-        return kernels.qlinear(x.contiguous(), self, self.group, self.bias, self.out_features)
-
-    def tensors(self) -> tuple:
-        if self.segs is not None:
-            return tuple(t for s in self.segs for t in (s.U, s.SC, s.MN, s.D, s.M)) + (self.bias,)
-        return self.Q, self.S, self.SC, self.M, self.MC, self.bias
-
-    def rows(self, ids: torch.Tensor) -> "QLinear":
-        """A QLinear computing only the output rows ``ids`` (a vocabulary-subset LM head)."""
-        bias = None if self.bias is None else self.bias[ids.to(self.bias.device)]
-        if self.segs is not None:
-            if len(self.segs) != 1:
-                raise ConfigError("a row subset of a stacked q8 linear is not supported")
-            return QLinear(kernels.unpack_q8(self.segs[0], ids.to(self.segs[0].U.device)), bias, act="q8")
-        ids = ids.to(self.Q.device)
-        return QLinear(kernels.unpack_quant(self, ids), bias)
-
-
-def _q8_segments(parts: list) -> list | None:
-    """pack_q8 segments of stacked QWeights (consecutive parts of one block type share a segment), or None
-    where the q8 kernel cannot take them."""
-    from draftwise.quant import concat_rows
-
-    runs: list[list] = []
-    for p in parts:
-        spec = kernels.Q8_KINDS.get(p.kind)
-        if spec is None or p.shape[1] % spec[3] or p.group != spec[2] or \
-                (spec[3] == 256 and (p.scale_f is None or (spec[4] == 2 and p.offset_f is None))):
-            return None                 # not a GGUF block type as the file holds it
-        if runs and runs[-1][0].kind == p.kind:
-            runs[-1].append(p)
-        else:
-            runs.append([p])
-    if len(runs) > kernels.MAX_Q8_SEGMENTS or any(sum(p.shape[0] for p in r) % 16 for r in runs[:-1]):
-        return None
-    return [kernels.pack_q8(concat_rows(r) if len(r) > 1 else r[0]) for r in runs]
-
-
-def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
-    return F.rms_norm(x, weight.shape, weight, eps)
-
-
-def rope_tables(cfg: ModelConfig, max_len: int, device, dtype) -> tuple[torch.Tensor, torch.Tensor]:
-    """cos, sin [max_len, head_dim] as Hugging Face computes them (fp32, then cast)."""
-    d = cfg.head_dim
-    inv_freq = 1.0 / (cfg.rope_theta ** (torch.arange(0, d, 2, dtype=torch.int64).float() / d))
-    sc = cfg.rope_scaling
-    if sc:
-        kind = sc.get("rope_type", sc.get("type"))
-        if kind == "linear":
-            inv_freq = inv_freq / float(sc["factor"])
-        elif kind == "llama3":
-            factor, lo, hi = float(sc["factor"]), float(sc["low_freq_factor"]), float(sc["high_freq_factor"])
-            old = float(sc["original_max_position_embeddings"])
-            wavelen = 2 * math.pi / inv_freq
-            scaled = torch.where(wavelen > old / lo, inv_freq / factor, inv_freq)
-            smooth = (old / wavelen - lo) / (hi - lo)
-            mid = (1 - smooth) * scaled / factor + smooth * scaled
-            is_mid = ~(wavelen < old / hi) & ~(wavelen > old / lo)
-            inv_freq = torch.where(is_mid, mid, scaled)
-        else:
-            raise CheckpointError(f"rope scaling type {kind!r} is not supported (supported: linear, llama3)")
-    t = torch.arange(max_len, dtype=torch.int64).float()
-    freqs = torch.outer(t, inv_freq)
-    emb = torch.cat((freqs, freqs), dim=-1)
-    return emb.cos().to(device=device, dtype=dtype), emb.sin().to(device=device, dtype=dtype)
-
-
-def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """x [n, H, D]; cos/sin [n, 1, D]."""
-    half = x.shape[-1] // 2
-    rot = torch.cat((-x[..., half:], x[..., :half]), dim=-1)
-    return x * cos + rot * sin
-
-
-@dataclass
-class Layer:
-    attn_norm: torch.Tensor | None       # None: no input norm (EAGLE-1/2 heads' only layer)
-    qkv: Linear
-    q_norm: torch.Tensor | None
-    k_norm: torch.Tensor | None
-    o: Linear
-    mlp_norm: torch.Tensor
-    gate_up: Linear
-    down: Linear
-
-
-@dataclass
-class ForwardOut:
-    logits: torch.Tensor | None                 # [rows, vocab] (rows = logits_rows or all n)
-    hidden: torch.Tensor                        # [n, D]: final-norm hidden (or raw, if end_layer stops early)
-    layer_hidden: dict[int, torch.Tensor] = field(default_factory=dict)   # layer i output [n, D]
 
 
 class Transformer:
@@ -328,7 +170,7 @@ class Transformer:
         if weights in ("gguf", "gguf-f32") or (weights == "auto" and ggufs and usable):
             if not ggufs:
                 raise CheckpointError(f"weights={weights!r} needs the model's .gguf file in {path} (none found)")
-            from draftwise.quant import load_gguf_linears
+            from draftwise.models.gguf import load_gguf_linears
 
             quant = load_gguf_linears(ggufs[0], cfg)
         act = "f32" if weights == "gguf-f32" else "q8"
@@ -375,7 +217,7 @@ class Transformer:
                                end_layer, hidden_in, compute_logits)
         start = cache.reserve(n)
         x = self.embed[tokens] if hidden_in is None else hidden_in.to(self.dtype)   # [n, D]
-        mask = self._attn_mask(n, cache.length, cache.pending, tree_mask)            # [g n, start+n] or None
+        mask = self.attn_mask(n, cache.length, cache.pending, tree_mask)            # [g n, start+n] or None
         cos = self.cos[positions].unsqueeze(1)                                       # [n, 1, Dh]
         sin = self.sin[positions].unsqueeze(1)
         out_hidden: dict[int, torch.Tensor] = {}
@@ -394,28 +236,9 @@ class Transformer:
 
     __call__ = forward
 
-    def _attn_mask(self, n: int, committed: int, pending: int, tree_mask: torch.Tensor | None) -> torch.Tensor | None:
-        """Additive float mask [groups * n, committed + pending + n] shared by all layers.
-
-        None when every new token sees everything before it (one token, no mask). Query heads
-        that share a KV head are stacked along the query axis (no KV expansion), so the mask is
-        repeated once per query head in a group.
-        """
-        dev = self.device
-        if tree_mask is None:
-            if n == 1:
-                return None
-            tree_mask = torch.ones(n, n, dtype=torch.bool, device=dev).tril_()
-        tree_mask = tree_mask.to(dev)
-        if tree_mask.shape == (n, n) and pending:
-            tree_mask = torch.cat([torch.ones(n, pending, dtype=torch.bool, device=dev), tree_mask], 1)
-        if tree_mask.shape != (n, pending + n):
-            raise ValueError(f"tree_mask has shape {tuple(tree_mask.shape)}, expected ({n}, {n}) or ({n}, {pending + n})")
-        if n == 1 and bool(tree_mask.all()):
-            return None
-        allowed = torch.cat([torch.ones(n, committed, dtype=torch.bool, device=dev), tree_mask], dim=1)
-        mask = torch.zeros(allowed.shape, dtype=self.dtype, device=dev).masked_fill_(~allowed, float("-inf"))
-        return mask.repeat(self.cfg.num_heads // self.cfg.num_kv_heads, 1)
+    def attn_mask(self, n: int, committed: int, pending: int, tree_mask: torch.Tensor | None) -> torch.Tensor | None:
+        """The additive attention mask of n new tokens over this model's cache layout (see ``layers.attn_mask``)."""
+        return attn_mask(self.cfg, n, committed, pending, tree_mask, self.device, self.dtype)
 
     def _layer(self, i: int, x: torch.Tensor, cos, sin, cache: KVCache, start: int, mask) -> torch.Tensor:
         if self._plans[i] is not None:
@@ -424,146 +247,25 @@ class Transformer:
 
 
 def _graph_mode(mode: str, device: torch.device) -> str:
+    """The graph mode a model runs: ``mode``, where "auto" reads ``DRAFTWISE_GRAPHS`` (on, static, off;
+    e.g. static to run a test suite through the static path) and otherwise means on for CUDA, off elsewhere."""
     if mode not in GRAPH_MODES:
         raise ConfigError(f"graphs must be one of {', '.join(GRAPH_MODES)}, got {mode!r}")
     if mode == "auto":
-        env = os.environ.get("DRAFTWISE_GRAPHS")       # e.g. "static": run a test suite through the static path
+        env = os.environ.get("DRAFTWISE_GRAPHS")
+        if not env and os.environ.get("DRAFTWISE_NO_GRAPHS"):
+            warnings.warn("DRAFTWISE_NO_GRAPHS is now DRAFTWISE_GRAPHS=off; the old name goes in the next release",
+                          FutureWarning, stacklevel=3)
+            env = "off"
         if env:
             if env not in GRAPH_MODES[1:]:
                 raise ConfigError(f"DRAFTWISE_GRAPHS must be one of on, static, off, got {env!r}")
             mode = env if env != "on" or device.type == "cuda" else "static"
         else:
-            return "on" if device.type == "cuda" and not os.environ.get("DRAFTWISE_NO_GRAPHS") else "off"
+            return "on" if device.type == "cuda" else "off"
     if mode == "on" and device.type != "cuda":
         raise ConfigError(f"graphs='on' needs a CUDA device, the model is on {device.type}")
     return mode
-
-
-def build_layer(cfg: ModelConfig, get, prefix: str, packed: bool, input_norm: bool = True,
-                quant: dict | None = None, act: str = "q8") -> Layer:
-    """One decoder layer from Hugging Face-named tensors (``get(name, required)``) under ``prefix``
-    (``model.layers.{i}.``); q/k/v and gate/up are fused into one Linear each. input_norm False:
-    the layer has no input RMSNorm (EAGLE-1/2 draft heads)."""
-    def lin(ws: list[str], bs: list[str] | None = None) -> Linear | QLinear:
-        b = torch.cat([get(n) for n in bs], 0) if bs is not None else None
-        if quant and all(n in quant for n in ws):
-            return QLinear([quant[n] for n in ws], b, act=act)
-        w = torch.cat([get(n) for n in ws], 0) if len(ws) > 1 else get(ws[0])
-        return Linear(w, b, packed)
-
-    a = prefix + "self_attn."
-    qkv_bias = [a + "q_proj.bias", a + "k_proj.bias", a + "v_proj.bias"] if cfg.attention_bias else None
-    return Layer(
-        attn_norm=get(prefix + "input_layernorm.weight") if input_norm else None,
-        qkv=lin([a + "q_proj.weight", a + "k_proj.weight", a + "v_proj.weight"], qkv_bias),
-        q_norm=get(a + "q_norm.weight") if cfg.qk_norm else None,
-        k_norm=get(a + "k_norm.weight") if cfg.qk_norm else None,
-        o=lin([a + "o_proj.weight"]),
-        mlp_norm=get(prefix + "post_attention_layernorm.weight"),
-        gate_up=lin([prefix + "mlp.gate_proj.weight", prefix + "mlp.up_proj.weight"]),
-        down=lin([prefix + "mlp.down_proj.weight"]),
-    )
-
-
-def qkv_rope(qkv: torch.Tensor, cos, sin, q_norm, k_norm, heads: tuple[int, int, int], eps: float):
-    """[n, (H + 2 Hkv) Dh] -> q [n, H, Dh], k [n, Hkv, Dh] (normed if the model has q/k norms, rotated), v."""
-    n = qkv.shape[0]
-    H, Hkv, Dh = heads
-    q, k, v = qkv.split([H * Dh, Hkv * Dh, Hkv * Dh], dim=-1)
-    q, k, v = q.view(n, H, Dh), k.view(n, Hkv, Dh), v.view(n, Hkv, Dh)
-    if q_norm is not None:
-        q = rms_norm(q, q_norm, eps)
-        k = rms_norm(k, k_norm, eps)
-    return apply_rope(q, cos, sin), apply_rope(k, cos, sin), v
-
-
-def add_norm(x: torch.Tensor, y: torch.Tensor, w: torch.Tensor, eps: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """Residual add, then RMSNorm: (x + y, norm(x + y))."""
-    x = x + y
-    return x, rms_norm(x, w, eps)
-
-
-def swiglu(gate_up: torch.Tensor) -> torch.Tensor:
-    """[n, 2I] -> silu(gate) * up [n, I]."""
-    gate, up = gate_up.chunk(2, dim=-1)
-    return F.silu(gate) * up
-
-
-def native_qkv_rope(qkv: torch.Tensor, cos, sin, q_norm, k_norm, heads: tuple[int, int, int], eps: float):
-    """qkv_rope through ops.c: the rotation in place on the fresh qkv output (no q/k norms)."""
-    if q_norm is not None:
-        return qkv_rope(qkv, cos, sin, q_norm, k_norm, heads, eps)
-    n = qkv.shape[0]
-    H, Hkv, Dh = heads
-    c, s = cos.reshape(n, Dh), sin.reshape(n, Dh)
-    kernels.rope_(qkv, 0, H, Dh, c, s)
-    kernels.rope_(qkv, H * Dh, Hkv, Dh, c, s)
-    q, k, v = qkv.split([H * Dh, Hkv * Dh, Hkv * Dh], dim=-1)
-    return q.view(n, H, Dh), k.view(n, Hkv, Dh), v.view(n, Hkv, Dh)
-
-
-def attention(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, mask) -> torch.Tensor:
-    """q [n, H, Dh] against keys/values [Hkv, T, Dh] (grouped-query heads), additive mask [g n, T]
-    (see Transformer._attn_mask) or None -> [n, H Dh]."""
-    n, H, Dh = q.shape
-    Hkv = keys.shape[0]
-    g = H // Hkv
-    qg = q.view(n, Hkv, g, Dh).permute(1, 2, 0, 3).reshape(1, Hkv, g * n, Dh)    # [1, Hkv, g n, Dh]
-    attn = F.scaled_dot_product_attention(qg, keys.unsqueeze(0), values.unsqueeze(0), attn_mask=mask)
-    return attn.view(Hkv, g, n, Dh).permute(2, 0, 1, 3).reshape(n, H * Dh)       # [n, H Dh]
-
-
-def native_attention(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, mask) -> torch.Tensor:
-    """attention through ops.c (each (row, head) on its own, in slot order: a tree node gets the bits of
-    the one-token step at its place); ATen where the layout does not fit the kernel."""
-    out = kernels.attention(q, keys, values, mask, 1.0 / math.sqrt(q.shape[-1]))
-    return attention(q, keys, values, mask) if out is None else out
-
-
-@dataclass(frozen=True)
-class Glue:
-    """A layer's non-matmul steps as free functions: eager (``EAGER``), fused by hand in ops.c
-    (``NATIVE``, CPU fp32 with the kernels), or fused by ``torch.compile`` (:func:`compiled_glue`)."""
-    qkv_rope: object = qkv_rope
-    add_norm: object = add_norm
-    swiglu: object = swiglu
-    norm: object = rms_norm
-    attention: object = attention
-
-
-EAGER = Glue()
-NATIVE = Glue(native_qkv_rope, kernels.add_rms_norm, kernels.swiglu, kernels.rms_norm, native_attention)
-
-
-def compiled_glue() -> Glue:
-    """The glue under torch.compile (inductor, dynamic node counts); compiled on first use per shape."""
-    c = lambda f: torch.compile(f, dynamic=True)     # noqa: E731
-    return Glue(c(qkv_rope), c(add_norm), c(swiglu), c(rms_norm))
-
-
-def layer_forward(cfg: ModelConfig, L: Layer, x: torch.Tensor, cos, sin, kv, mask, glue: Glue = EAGER) -> torch.Tensor:
-    """One decoder layer on x [n, D]. ``kv(k, v)`` takes this pass's keys/values [Hkv, n, Dh] and
-    returns every key/value the queries attend to [Hkv, T, Dh] (a cache write, or k, v themselves
-    for a cache-free training pass); mask: additive [g n, T] (see _attn_mask) or None."""
-    H, Hkv, Dh = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
-    h = x if L.attn_norm is None else glue.norm(x, L.attn_norm, cfg.rms_norm_eps)
-    q, k, v = glue.qkv_rope(L.qkv(h), cos, sin, L.q_norm, L.k_norm, (H, Hkv, Dh), cfg.rms_norm_eps)
-    keys, values = kv(k.transpose(0, 1), v.transpose(0, 1))            # [Hkv, T, Dh]
-    attn = glue.attention(q, keys, values, mask)                       # [n, H Dh]
-    x, h = glue.add_norm(x, L.o(attn), L.mlp_norm, cfg.rms_norm_eps)
-    return x + L.down(glue.swiglu(L.gate_up(h)))
-
-
-def cached_layer(cfg: ModelConfig, L: Layer, x: torch.Tensor, cos, sin, k_all: torch.Tensor, v_all: torch.Tensor,
-                 start: int, mask, glue: Glue = EAGER) -> torch.Tensor:
-    """layer_forward with its keys/values written to one layer's cache [Hkv, T, Dh] at slots
-    [start, start + n): every argument explicit, so one torch.compile serves all layers."""
-    def kv(k, v):                                                      # [Hkv, n, Dh] -> [Hkv, start + n, Dh]
-        end = start + k.shape[1]
-        k_all[:, start:end] = k
-        v_all[:, start:end] = v
-        return k_all[:, :end], v_all[:, :end]
-    return layer_forward(cfg, L, x, cos, sin, kv, mask, glue)
 
 
 # ---------------------------------------------------------------------- free functions
@@ -592,13 +294,3 @@ def prefill(model: Transformer, cache: KVCache, tokens: torch.Tensor, hidden_lay
         return outs[0]
     return ForwardOut(outs[-1].logits, torch.cat([o.hidden for o in outs]),
                       {i: torch.cat([o.layer_hidden[i] for o in outs]) for i in outs[-1].layer_hidden})
-
-
-@torch.inference_mode()
-def decode_one(model: Transformer, cache: KVCache, token: int) -> torch.Tensor:
-    """One plain decoding step: feed one token, commit it, return its logits [V]."""
-    t = torch.tensor([token], device=model.device)
-    pos = torch.tensor([cache.length], device=model.device)
-    out = model.forward(t, pos, cache)
-    cache.commit(1)
-    return out.logits[0]

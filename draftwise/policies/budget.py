@@ -190,7 +190,7 @@ def best_prefix(gains: torch.Tensor | np.ndarray, cost: CostCurve, max_nodes: in
 
 
 def _curve_path(key: str) -> Path:
-    from draftwise.models.registry import cache_root
+    from draftwise.paths import cache_root
 
     return cache_root() / "costs" / f"{key}.json"
 

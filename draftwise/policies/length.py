@@ -81,6 +81,7 @@ class LengthControl(abc.ABC):
     ``update`` after verification with what was drafted and accepted."""
 
     k_max: int = 8
+    costs: StepCosts | None = None      # the step costs a cost-aware control learns from (the drafter feeds them)
 
     def see(self, token: int, feature) -> None:
         """Before ``plan``: the root token and the target's final-norm feature [D] of the last
@@ -257,37 +258,8 @@ def ldlp_forward(p: dict, x):
     return F.linear(F.silu(h), p["w_out"], p["b_out"]).squeeze(-1)
 
 
-def asymmetric_l1(pred, label, lam: float):
-    """λ·(k − k̂) when the prediction is short (k̂ < k), (k̂ − k) when it is long."""
-    diff = label - pred
-    return (lam * diff.clamp_min(0) + (-diff).clamp_min(0)).mean()
-
-
-def fit_ldlp(x, y, lam: float, steps: int = 1500, lr: float = 2e-3, hidden: int = 256, seed: int = 0,
-             batch: int = 256) -> dict:
-    """Train an LDLP on inputs x [n, 2D] and labels y [n] (accepted lengths) with the asymmetric L1."""
-    import torch
-
-    p = ldlp_init(x.shape[1], hidden, seed)
-    p["mu"], p["sd"] = x.mean(0), x.std(0).clamp_min(1e-3)
-    train = [k for k in p if k not in ("mu", "sd")]
-    for k in train:
-        p[k].requires_grad_(True)
-    opt = torch.optim.AdamW([p[k] for k in train], lr=lr, weight_decay=1e-4)
-    g = torch.Generator().manual_seed(seed)
-    for s in range(steps):
-        idx = torch.randint(0, x.shape[0], (min(batch, x.shape[0]),), generator=g)
-        for grp in opt.param_groups:
-            grp["lr"] = lr * 0.5 * (1 + math.cos(math.pi * s / steps))
-        loss = asymmetric_l1(ldlp_forward(p, x[idx]), y[idx], lam)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-    return {k: v.detach() for k, v in p.items()}
-
-
 def save_ldlp(path, params: dict, meta: dict) -> None:
-    from draftwise.training import save_tensors
+    from draftwise.parts import save_tensors
 
     save_tensors(path, params, LDLP_KIND, meta)
 
@@ -297,7 +269,7 @@ def load_ldlp(path, fingerprint: str, head_id: str | None = None) -> tuple[dict,
     from pathlib import Path
 
     from draftwise.errors import CheckpointError
-    from draftwise.training import read_tensors
+    from draftwise.parts import read_tensors
 
     path = Path(path)
     if not path.is_file():

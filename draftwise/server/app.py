@@ -17,8 +17,8 @@ from __future__ import annotations
 
 import asyncio
 import hmac
-import json
 import ipaddress
+import json
 import logging
 import time
 import uuid
@@ -27,7 +27,7 @@ from pathlib import Path
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 
-from draftwise import methods as registry
+from draftwise import methods
 from draftwise.decoding import Stats
 from draftwise.server import schema
 from draftwise.server.requests import Policy, RequestError, check_method, load_body, parse
@@ -301,7 +301,7 @@ def _publish_request_models(app: FastAPI, secured: bool, custom: frozenset[str],
                 "required": True, "content": {"application/json": {"schema": {"$ref": f"#/components/schemas/"
                                                                                       f"{model.__name__}"}}}}
         method = comps["DraftwiseRequest"]["properties"]["method"]
-        runnable = {sp.name for sp in registry.specs() if "draft_model" not in sp.needs or has_draft} | set(custom)
+        runnable = {sp.name for sp in methods.specs() if "draft_model" not in sp.resources or has_draft} | set(custom)
         method["anyOf"] = [{"type": "string", "enum": sorted(runnable)}, {"type": "null"}]
         err = {"content": {"application/json": {"schema": {"$ref": "#/components/schemas/ErrorResponse"}}}}
         for path, ops in doc["paths"].items():

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from draftwise import methods as registry
+from draftwise import methods
 from draftwise.errors import ConfigError, DraftwiseError
 from draftwise.sampling import Sampling
 
@@ -50,7 +50,7 @@ class Policy:
         """The file values of the server's own method options: requests may name these as they are."""
         if not self.method_opts:
             return set()
-        spec = registry.get(self.method)
+        spec = methods.get(self.method)
         return set(spec.paths(spec.validate(self.method_opts)).values())
 
 
@@ -204,7 +204,7 @@ def _method(engine, body: dict, policy: Policy) -> tuple[str, dict | None]:
 
 def _allowed_files(method: str, opts: dict, policy: Policy) -> dict[str, str]:
     """The file options of a request, each one the operator offers (resolved to its real path)."""
-    spec = registry.get(method)
+    spec = methods.get(method)
     out = {}
     offered = policy.offered_files()
     for name, value in spec.paths(opts).items():
@@ -230,14 +230,6 @@ def _under(value: str, dirs: tuple[Path, ...]) -> str | None:
 
 
 def check_method(engine, method: str, opts: dict | None) -> dict | None:
-    """The validated options of ``method`` (None for an engine's registered instance), a ConfigError unless
-    the engine can run it. Cheap: opens no file and builds no drafter."""
-    if method in getattr(engine, "custom_methods", ()):
-        if opts:
-            raise ConfigError(f"method {method!r} is a registered instance and takes no options")
-        return None
-    spec = registry.get(method)
-    checked = spec.validate(opts)
-    if "draft_model" in spec.requires(checked) and getattr(engine, "draft_model", None) is None:
-        raise ConfigError(f"method {method!r} needs a draft model; start the server with --draft NAME")
-    return checked
+    """``methods.check`` for this engine: validated options, or a ConfigError unless it can run them."""
+    return methods.check(method, opts, getattr(engine, "draft_model", None) is not None,
+                         getattr(engine, "custom_methods", frozenset()))

