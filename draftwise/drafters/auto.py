@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import time
 
+import numpy as np
 import torch
 
 from draftwise.drafters.base import Context, Drafter
@@ -36,6 +37,16 @@ from draftwise.policies.guard import ArmRates
 from draftwise.tree import DraftTree, merge_trees, tried_nodes
 
 RECYCLING, RETRIEVAL, DRAFT_MODEL = 1, 2, 4
+
+
+def path_products(rate: np.ndarray, parents: np.ndarray, depths: np.ndarray) -> np.ndarray:
+    """[n] float64: the product of ``rate`` along each node's path from the root (root 1), one
+    vectorized step per depth."""
+    score = np.ones(rate.shape[0])
+    for d in range(1, int(depths.max()) + 1 if depths.size else 1):
+        lv = np.flatnonzero(depths == d)
+        score[lv] = score[parents[lv]] * rate[lv]
+    return score
 
 
 class Auto(Drafter):
@@ -99,40 +110,40 @@ class Auto(Drafter):
 
     # ------------------------------------------------------------------ the free arm
     def _free(self, ctx: Context) -> tuple[DraftTree, torch.Tensor]:
+        # the arrays here have ~100 entries: numpy, where torch's per-op cost was most of the step's overhead
         rec = self.recycling.candidates(ctx).to("cpu")
         cand = self.source.candidates(ctx)
         fused, mapping = (rec, None) if cand is None else merge_trees(rec, cand.tree)
-        n, par = fused.size, fused.parents
-        rate = torch.zeros(n, dtype=torch.float64)
-        bits = torch.zeros(n, dtype=torch.int8)
-        s = rec.scores.double()
-        rate[1:rec.size] = torch.where(s[rec.parents[1:]] > 0, s[1:] / s[rec.parents[1:]].clamp_min(1e-12), 0.0)
+        n = fused.size
+        rate = np.zeros(n)
+        bits = np.zeros(n, dtype=np.int8)
+        s, rp = rec.scores.double().numpy(), rec.parents.numpy()
+        ps = s[rp[1:]]
+        rate[1:rec.size] = np.where(ps > 0, s[1:] / np.maximum(ps, 1e-12), 0.0)
         bits[1:rec.size] = RECYCLING
-        ret_of = torch.full((n,), -1, dtype=torch.long)          # fused node -> retrieval trie node
+        ret_of = np.full(n, -1, dtype=np.int64)                    # fused node -> retrieval trie node
         if cand is not None:
-            b = cand.tree.scores.double()
-            b_rate = b[1:] / b[cand.tree.parents[1:]].clamp_min(1e-12)
-            m = mapping[1:]
-            rate[m] = torch.maximum(rate[m], b_rate)
+            b, bp = cand.tree.scores.double().numpy(), cand.tree.parents.numpy()
+            m = mapping[1:].numpy()
+            rate[m] = np.maximum(rate[m], b[1:] / np.maximum(b[bp[1:]], 1e-12))
             bits[m] |= RETRIEVAL
-            ret_of[m] = torch.arange(1, cand.tree.size)
-        r, p = rate.clamp(0.0, 1.0).tolist(), par.tolist()
-        sc = [1.0] * n
-        for i in range(1, n):                                     # parents first
-            sc[i] = sc[p[i]] * r[i]
-        score = torch.tensor(sc, dtype=torch.float64)
-        order = torch.sort(-score[1:], stable=True).indices + 1  # best first; parents first on ties
-        order = order[(score[order] > 0) & (fused.depths[order] < max(1, ctx.remaining))]
+            ret_of[m] = np.arange(1, cand.tree.size)
+        depths = fused.depths.numpy()
+        score = path_products(np.clip(rate, 0.0, 1.0), fused.parents.numpy(), depths)
+        order = np.argsort(-score[1:], kind="stable") + 1          # best first; parents first on ties
+        order = order[(score[order] > 0) & (depths[order] < max(1, ctx.remaining))]
         if self.cost.probe_due():
-            k = 0                                                 # a timed one-node pass keeps t(1) measured
+            k = 0                                                  # a timed one-node pass keeps t(1) measured
         else:
             k = best_prefix(score[order], self.cost, self.max_nodes, self.overhead.ms, len(ctx.tokens))
-        keep = torch.sort(torch.cat([torch.zeros(1, dtype=torch.long), order[:k]])).values
-        self._kept = {"template": rec.template_ids, "rec_size": rec.size, "bits": bits[keep],
-                      "index": keep, "ret_of": ret_of[keep], "cand": cand}
-        tree = fused.select(keep)
-        tree.scores = score[keep].float()
-        return tree, bits[keep].clone()
+        keep = np.sort(np.concatenate([np.zeros(1, dtype=np.int64), order[:k]]))
+        kept_bits = torch.from_numpy(bits[keep])
+        keep_t = torch.from_numpy(keep)
+        self._kept = {"template": rec.template_ids, "rec_size": rec.size, "bits": kept_bits,
+                      "index": keep_t, "ret_of": torch.from_numpy(ret_of[keep]), "cand": cand}
+        tree = fused.select(keep_t)
+        tree.scores = torch.from_numpy(score[keep]).float()
+        return tree, kept_bits.clone()
 
     def _learn(self, tree: DraftTree, out, accepted) -> None:
         k = self._kept

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import numpy as np
 import torch
 
 from draftwise import kernels
@@ -55,17 +56,22 @@ class TokenRecycling(Drafter):
         self.accepted = torch.zeros(self.parents.numel())
         self._par_dev = self.parents.to(self.device)
         self._rank_dev = self.ranks.to(self.device)
+        self._depths_dev = self.depths.to(self.device)
+        self._prior_np, self._parents_np = self.prior.numpy(), self.parents.numpy()
+        self._levels_np = [lv.numpy() for lv in self.levels_cpu]
+        self._ranks_np = self.ranks.numpy()
         self.last_size = 0
         self.overhead = Overhead()
 
     # ---------------------------------------------------------------- budget
     def estimates(self) -> torch.Tensor:
         """[T] acceptance probability estimate per template node (never above its parent's)."""
-        est = (self.accepted + self.w * self.prior) / (self.proposed + self.w)
+        # numpy views of the CPU statistics: ~80-element arrays, where torch's per-op cost dominated
+        est = (self.accepted.numpy() + self.w * self._prior_np) / (self.proposed.numpy() + self.w)
         est[0] = 1.0
-        for lv in self.levels_cpu:
-            est[lv] = torch.minimum(est[lv], est[self.parents[lv]])
-        return est
+        for lv in self._levels_np:
+            est[lv] = np.minimum(est[lv], est[self._parents_np[lv]])
+        return torch.from_numpy(est)
 
     def choose_nodes(self, est: torch.Tensor, remaining: int, context: int | None = None) -> torch.Tensor:
         """Template node ids to draft (sorted, parents first, root included)."""
@@ -100,15 +106,26 @@ class TokenRecycling(Drafter):
         """Every template node as a tree (parents first): tokens from the matrix, ``scores`` the
         acceptance estimates (0 where a parent's row was never filled), ``template_ids`` the template
         node of each tree node. What a fusion of sources reads (``auto``); ``propose`` keeps a prefix."""
-        toks = torch.empty(self.parents.numel(), dtype=torch.long, device=self.device)
-        valid = torch.ones(self.parents.numel(), dtype=torch.bool, device=self.device)
-        toks[0] = ctx.root
-        for lvl in self.levels:                                          # one gather per level
-            ptok = toks[self._par_dev[lvl]]
-            toks[lvl] = self.M[ptok, self._rank_dev[lvl]]
-            valid[lvl] = valid[self._par_dev[lvl]] & self.seen[ptok]    # never draft from an empty row
+        if self.device.type == "cpu":                                   # numpy views: small arrays, less per-op cost
+            M, seen, par = self.M.numpy(), self.seen.numpy(), self._parents_np
+            t = np.empty(self.parents.numel(), dtype=np.int64)
+            ok = np.ones(self.parents.numel(), dtype=bool)
+            t[0] = ctx.root
+            for lvl in self._levels_np:                                  # one gather per level
+                ptok = t[par[lvl]]
+                t[lvl] = M[ptok, self._ranks_np[lvl]]
+                ok[lvl] = ok[par[lvl]] & seen[ptok]                      # never draft from an empty row
+            toks, valid = torch.from_numpy(t), torch.from_numpy(ok)
+        else:
+            toks = torch.empty(self.parents.numel(), dtype=torch.long, device=self.device)
+            valid = torch.ones(self.parents.numel(), dtype=torch.bool, device=self.device)
+            toks[0] = ctx.root
+            for lvl in self.levels:                                      # one gather per level
+                ptok = toks[self._par_dev[lvl]]
+                toks[lvl] = self.M[ptok, self._rank_dev[lvl]]
+                valid[lvl] = valid[self._par_dev[lvl]] & self.seen[ptok]
         est = self.estimates() * valid.cpu()
-        tree = DraftTree(toks, self._par_dev, self.depths.to(self.device))
+        tree = DraftTree(toks, self._par_dev, self._depths_dev)
         tree.scores = est.float().to(self.device)
         tree.template_ids = torch.arange(self.parents.numel())
         return tree
