@@ -1,11 +1,11 @@
 #!/usr/bin/env bash
 # Issue 27: `auto` against every single method, and the guard on and off, on prompts the project never tuned on.
 # Writes benchmarks/results/auto/<set>-<model>-run<N>/ (bench reports) and .log files.
-#   SETS="humaneval mtbench longctx" RUNS="1 2" PAIR=1 bash benchmarks/auto.sh
+#   SETS="humaneval mtbench longctx" RUNS="1 2" PAIR=1 OUT=benchmarks/results/auto bash benchmarks/auto.sh
 set -u
 cd "$(dirname "$0")/.."
 BIN=${BIN:-.venv/bin/draftwise}
-OUT=benchmarks/results/auto
+OUT=${OUT:-benchmarks/results/auto}
 mkdir -p $OUT
 SETS=${SETS:-"humaneval mtbench longctx"}
 RUNS=${RUNS:-"1 2"}

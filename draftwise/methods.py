@@ -1,7 +1,7 @@
 """Method registry: one place that maps a method name to its drafter factory, typed options and
 the resources it needs. The CLI (generate, bench, methods), the API, the server and the bench
 runner read it. A built-in method is a ``SPEC`` (``drafters/spec.py``) in its drafter's own file,
-listed in ``BUILTINS`` below; a program adds its own with ``register(MethodSpec(...))``.
+listed in ``_load_builtins`` below; a program adds its own with ``register(MethodSpec(...))``.
 """
 from __future__ import annotations
 

@@ -28,7 +28,7 @@ def run(guard: ThroughputGuard, steps: int, draft_tokens: float, draft_s: float,
 def test_losing_drafting_is_paused_with_growing_backoff():
     g = ThroughputGuard()
     choices = run(g, 400, draft_tokens=1, draft_s=0.012, plain_s=0.010)     # 83 vs 100 tokens/s
-    assert choices[:2] == [False, False]                                     # the request's own baseline
+    assert choices[:4] == [True, True, True, False]                          # drafts at once; a probe for the baseline
     assert sum(choices) < 0.15 * len(choices)                                # mostly plain
     runs, cur = [], 0
     for c in choices[2:]:
@@ -38,7 +38,8 @@ def test_losing_drafting_is_paused_with_growing_backoff():
             cur = 0
         else:
             cur += 1
-    assert runs[0] >= 8 and max(runs) > runs[0]                              # backoff grows
+    pauses = [r for r in runs if r > 1]                                      # (one-step runs are probes)
+    assert pauses[0] >= 8 and max(pauses) > pauses[0]                        # backoff grows
 
 
 def test_winning_drafting_keeps_drafting_with_rare_probes():
@@ -84,13 +85,33 @@ def test_a_losing_drafter_is_paused_in_the_loop_and_the_output_is_unchanged(tmp_
 
 def test_steps_that_draft_nothing_are_no_evidence():
     g = ThroughputGuard()
-    for _ in range(2):                                   # the request's baseline
-        assert not g.drafting()
-        g.record(False, 1, 0.010)
     for _ in range(50):                                  # the drafter found nothing to propose: one node
         assert g.drafting()
         g.record(True, 1, 0.0101, nodes=1)
-    assert g.plain_steps == 2
+    assert g.plain_steps == 0                            # no evidence, so no pause and no probe needed
+
+
+def test_a_cheap_drafter_gets_more_patience_than_a_slow_one():
+    """Steps that accept nothing pause drafting once they have wasted one plain step's time: a
+    drafter whose steps cost 5x a plain step is stopped after its first such steps, one costing
+    1.1x only after about ten."""
+    def first_pause(draft_s):
+        g = ThroughputGuard()
+        for i in range(200):
+            d = g.drafting()
+            g.record(d, 1, draft_s if d else 0.010)
+            if g.plain_left > 1:
+                return i
+        return None
+
+    slow, cheap = first_pause(0.050), first_pause(0.011)
+    assert slow is not None and cheap is not None and slow <= 5 and cheap >= 10
+
+
+def test_a_clear_winner_is_probed_rarely():
+    g = ThroughputGuard()
+    choices = run(g, 600, draft_tokens=4, draft_s=0.013, plain_s=0.010)     # ~300 vs 100 tokens/s
+    assert g.plain_steps <= 10 and sum(choices) > 0.98 * len(choices)
 
 
 def test_a_burst_after_a_dry_spell_is_not_paused_away():

@@ -12,12 +12,17 @@ Terms
 - rate: tokens emitted per second over recent steps of one kind (sums decayed by 0.97 per step,
   a memory of ~30 steps: long enough that a drafter whose gains come in bursts — copying from the
   context — is not paused between bursts, short enough to follow the context and the clock).
-- probe: a plain step taken while drafting, so the plain rate stays current (every ``probe_every``
-  drafting steps, and two at the start).
-- pause: after ``quick`` drafting steps that accepted nothing at all, or once ``trial`` drafting steps
-  deliver fewer tokens/s than plain steps (by ``margin``), the next ``backoff`` steps are plain; the
-  backoff doubles each time drafting loses again (up to ``max_backoff``) and resets when it wins;
-  after a loss, the next trials are judged after ``retrial`` steps.
+- probe: a plain step taken while drafting, so the plain rate is known and stays current: the first
+  after ``first_probe`` drafting steps (a request starts drafting at once: plain steps at the start
+  cost a fast drafter the most), then every ``probe_every`` drafting steps, or every
+  ``probe_every_winning`` while drafting is clearly winning (``clear_win``): a probe costs what the
+  drafting step it replaces would have gained.
+- pause: when drafting steps that accepted nothing at all have cost ``quick`` plain steps more than
+  plain decoding would have (a slow drafter stops after one or two such steps, a cheap one gets
+  several), or once ``trial`` drafting steps deliver fewer tokens/s than plain steps (by ``margin``),
+  the next ``backoff`` steps are plain; the backoff doubles each time drafting loses again (up to
+  ``max_backoff``) and resets when it wins; after a loss, the next trials are judged after ``retrial``
+  steps.
   During a pause the drafter's ``watch`` hook still sees every pass (Token Recycling keeps learning),
   so a pause does not starve the drafter that would end it.
 """
@@ -47,22 +52,27 @@ class _Rate:
 class ThroughputGuard:
     """Decides per step whether the loop drafts; ``record`` after each step with what it cost."""
 
-    def __init__(self, margin: float = 0.02, trial: int = 16, retrial: int = 6, quick: int = 4, probe_every: int = 24,
+    def __init__(self, margin: float = 0.02, trial: int = 16, retrial: int = 6, quick: float = 1.0,
+                 probe_every: int = 24, probe_every_winning: int = 96, clear_win: float = 1.25, first_probe: int = 3,
                  backoff: int = 8, max_backoff: int = 128, decay: float = 0.97):
         self.margin, self.trial, self.retrial, self.quick, self.probe_every = margin, trial, retrial, quick, probe_every
+        self.probe_every_winning, self.clear_win = probe_every_winning, clear_win
         self.first_backoff, self.max_backoff, self.decay = backoff, max_backoff, decay
         self.draft, self.plain = _Rate(), _Rate()
         self.backoff = backoff
         self.judge_after = trial               # drafting steps before drafting is judged (shorter after a loss)
-        self.plain_left = 2                    # start with two plain steps: the baseline of this request
-        self.since_probe = 0
+        self.plain_left = 0                    # plain steps still to run (a pause, or a probe)
+        self.since_probe = probe_every - first_probe   # the first probe after first_probe drafting steps
         self.plain_steps = 0                   # plain steps the guard chose (probes included)
 
     def drafting(self) -> bool:
         """Whether the next step drafts."""
         if self.plain_left > 0:
             return False
-        if self.since_probe >= self.probe_every:
+        every = self.probe_every
+        if self.plain.steps and self.draft.value > self.plain.value * self.clear_win:
+            every = self.probe_every_winning   # clearly winning: the baseline needs fewer checks
+        if self.since_probe >= every:
             self.since_probe = 0
             self.plain_left = 1                # one probe
             return False
@@ -85,8 +95,10 @@ class ThroughputGuard:
         if self.plain.steps == 0:
             return
         n = self.draft.steps
-        nothing = n >= self.quick and self.draft.tokens <= self.draft.steps_weight + 1e-9
-        if nothing or (n >= self.judge_after and self._losing()):
+        plain_s = self.plain.seconds / self.plain.tokens       # one plain step emits one token
+        nothing = self.draft.tokens <= self.draft.steps_weight + 1e-9
+        wasted = self.draft.seconds - self.draft.tokens * plain_s    # time beyond plain decoding's for these tokens
+        if (nothing and wasted >= self.quick * plain_s) or (n >= self.judge_after and self._losing()):
             self.plain_left = self.backoff     # drafting loses in this request: plain steps for a while
             self.backoff = min(self.max_backoff, self.backoff * 2)
             self.judge_after = self.retrial    # it lost once here: later trials are judged sooner
