@@ -27,6 +27,7 @@ import time
 import numpy as np
 import torch
 
+from draftwise.drafters import draft_model
 from draftwise.drafters.base import Context, Drafter
 from draftwise.drafters.rasd import Rasd
 from draftwise.drafters.recycling import TokenRecycling
@@ -139,7 +140,7 @@ class Auto(Drafter):
         keep = np.sort(np.concatenate([np.zeros(1, dtype=np.int64), order[:k]]))
         kept_bits = torch.from_numpy(bits[keep])
         keep_t = torch.from_numpy(keep)
-        self._kept = {"template": rec.template_ids, "rec_size": rec.size, "bits": kept_bits,
+        self._kept = {"template": rec.template_ids, "bits": kept_bits,
                       "index": keep_t, "ret_of": torch.from_numpy(ret_of[keep]), "cand": cand}
         tree = fused.select(keep_t)
         tree.scores = torch.from_numpy(score[keep]).float()
@@ -172,8 +173,6 @@ class Auto(Drafter):
 
 
 def _factory(engine, datastore, online: bool, max_nodes, use_draft: bool) -> Auto:
-    from draftwise.drafters import draft_model
-
     store = load_store(engine, datastore, online)
     source = RetrievalSource(store, lookup=True, online=online)
     rec = TokenRecycling(engine.model.cfg.vocab_size, device="cpu")

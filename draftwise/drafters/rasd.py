@@ -34,6 +34,7 @@ import time
 import numpy as np
 import torch
 
+from draftwise.drafters import draft_model, recycling
 from draftwise.drafters.base import Context, Drafter, Proposal
 from draftwise.drafters.retrieval import SOURCE_OPTIONS, RetrievalSource, source_from_opts
 from draftwise.drafters.spec import MethodSpec, Option
@@ -43,7 +44,7 @@ from draftwise.policies.budget import CostCurve, OnlineCost, online_cost
 from draftwise.policies.opt_tree import Calibration
 from draftwise.tree import DraftTree, merge_trees, tried_nodes
 
-BASES = ("draft-model", "recycling")
+BASES = {"draft-model": draft_model.SPEC, "recycling": recycling.SPEC}   # the base drafters RASD fuses onto
 
 
 @dataclasses.dataclass
@@ -208,20 +209,12 @@ class Rasd(Drafter):
                 "online": s.online, "retrieval_nodes": self.retrieval_nodes, "prune": self.prune}
 
 
-def _base_specs() -> dict:
-    from draftwise.drafters import draft_model, recycling
-
-    return {"draft-model": draft_model.SPEC, "recycling": recycling.SPEC}
-
-
 def _factory(engine, base: str, base_max_nodes, retrieval_nodes, prune: float, datastore, lookup: bool,
              online: bool, max_conts: int, max_len: int) -> Rasd:
-    if base not in BASES:
-        raise ConfigError(f"rasd option 'base' must be one of {', '.join(BASES)}, got {base!r}")
     if base == "draft-model" and engine.draft_model is None:
         raise ConfigError("rasd with base draft-model needs a draft model: load one with --draft NAME "
                           "(or use base recycling, the train-free fusion)")
-    spec = _base_specs()[base]
+    spec = BASES[base]
     b = spec.factory(engine, **spec.validate({} if base_max_nodes is None else {"max_nodes": base_max_nodes}))
     src = source_from_opts(engine, datastore, lookup, online, max_conts, max_len)
     return Rasd(b, src, retrieval_nodes=retrieval_nodes, cost=online_cost(engine, retrieval_nodes), prune=prune)
@@ -232,7 +225,7 @@ SPEC = MethodSpec(
     "base recycling: the train-free fusion", _factory,
     options={
         "base": Option(str, "draft-model", "the model tree: draft-model (needs --draft) | recycling",
-                               choices=("draft-model", "recycling")),
+                               choices=tuple(BASES)),
         "base_max_nodes": Option(int, None, "the base drafter's max_nodes (null: its cost-curve budget)",
                                          optional=True, lo=1, hi=256),
         "retrieval_nodes": Option(int, None, "retrieval nodes added per step (null: while they pay under "
