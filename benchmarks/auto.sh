@@ -2,6 +2,7 @@
 # Issue 27: `auto` against every single method, and the guard on and off, on prompts the project never tuned on.
 # Writes benchmarks/results/auto/<set>-<model>-run<N>/ (bench reports) and .log files.
 #   SETS="humaneval mtbench longctx" RUNS="1 2" PAIR=1 OUT=benchmarks/results/auto bash benchmarks/auto.sh
+# SINGLE=0 skips the 0.5B-alone runs (only the pair, with PAIR=1).
 set -u
 cd "$(dirname "$0")/.."
 BIN=${BIN:-.venv/bin/draftwise}
@@ -17,7 +18,7 @@ data() {
   esac
 }
 for run in $RUNS; do
-  for set in $SETS; do
+  [ "${SINGLE:-1}" = 1 ] && for set in $SETS; do
     o=$OUT/$set-0.5b-run$run; rm -rf $o
     $BIN bench --model qwen2.5-coder-0.5b-instruct $(data $set) --out $o \
       --methods ar,auto,recycling,lookup,retrieval,rasd/trainfree,auto/noguard \

@@ -1,36 +1,11 @@
-"""``auto``: the arm choice on hand-made rates, a useless draft model stops running, accepted tokens
+"""``auto``: the per-step arm choice on hand-made rates, a useless draft model stops running, accepted tokens
 are credited to their sources; (its losslessness, greedy and sampled, is in the registry-wide tests
 of tests/test_core.py, with and without a draft model)."""
 import pytest
 
 from draftwise import methods
 from draftwise.decoding import generate
-from draftwise.policies.guard import ArmRates
 from tests.fixtures import TinyEngine, tiny_pair
-
-
-def test_arm_rates_run_the_faster_arm_and_retry_the_other():
-    a = ArmRates(["model", "free"], trial=4, explore_every=10)
-    seen = []
-    for _ in range(200):
-        arm = a.choose()
-        seen.append(arm)
-        a.record(arm, 1 if arm == "model" else 3, 0.01)          # free: 300 tok/s, model: 100
-    assert seen[:8] == ["model"] * 4 + ["free"] * 4
-    assert 0.85 < seen.count("free") / len(seen) < 0.97          # explored, not chosen
-
-
-def test_arm_rates_follow_a_change():
-    a = ArmRates(["model", "free"], trial=4, explore_every=8)
-    for _ in range(60):
-        arm = a.choose()
-        a.record(arm, 3 if arm == "model" else 1, 0.01)
-    late = []
-    for _ in range(120):
-        arm = a.choose()
-        late.append(arm)
-        a.record(arm, 1 if arm == "model" else 3, 0.01)           # the draft model stops paying
-    assert late[-60:].count("free") > 50
 
 
 @pytest.fixture(scope="module")
@@ -98,3 +73,18 @@ def test_path_products_equal_the_sequential_products():
         for i in range(1, n):
             want[i] = want[parents[i]] * rate[i]
         assert np.array_equal(path_products(rate, parents, depths), want)
+
+
+def test_the_model_arm_runs_only_where_it_beats_the_free_tree(useless_pair):
+    """Per step, the draft model runs when its realized rate beats the free tree's expected rate, after
+    its trial steps, and at least every explore_every steps."""
+    target, draft = useless_pair
+    spec = methods.get("auto")
+    d = spec.factory(TinyEngine(target, draft), **spec.validate({}))
+    assert [d.choose_arm(1e9) for _ in range(d.arms.trial)] == ["model"] * d.arms.trial   # its trial first
+    for _ in range(d.arms.trial):
+        d.arms.record("model", 3, 0.1)                            # the draft model delivers 30 tokens/s
+    assert d.choose_arm(20.0) == "model"                          # the free tree expects less this step
+    seen = [d.choose_arm(50.0) for _ in range(3 * d.explore_every)]
+    assert seen.count("model") == 2 and seen[d.explore_every] == "model"   # explored, not chosen
+    assert "model" not in seen[: d.explore_every]

@@ -295,6 +295,25 @@ def test_catch_up_cache_follows_the_committed_sequence(tmp_path, noise):
     assert CheckedDraftModel.checks > 40
 
 
+def test_a_window_prefills_only_the_prompts_tail(tmp_path):
+    """window=W: the draft's first catch-up feeds the context's last W tokens at their absolute positions;
+    later rows follow the committed text as usual; the output is plain decoding's."""
+    target, draft = tiny_pair(tmp_path)
+    prompt, w = prompt_of(3), 7
+    ref, _ = generate(target, prompt, max_new_tokens=20)
+    d = DraftModel(draft, tree="chain", max_nodes=3, window=w)
+    out, st = generate(target, prompt, drafter=d, max_new_tokens=20)
+    assert out == ref and st.tau > 1.0                      # drafts from the tail are still accepted
+    off = len(prompt) + 1 - w                  # the first catch-up follows the prefill's token
+    toks = (prompt + out)[off:d.synced]
+    assert d.cache.length == len(toks) == d.synced - off
+    fresh = draft.new_cache(64)
+    draft.forward(torch.tensor(toks), torch.arange(off, d.synced), fresh)
+    torch.testing.assert_close(d.cache.k[:, :, :len(toks)], fresh.k[:, :, :len(toks)], rtol=0, atol=1e-10)
+    with pytest.raises(ConfigError, match="window"):
+        DraftModel(draft, tree="chain", max_nodes=3, window=0)
+
+
 # ---------------------------------------------------------------- options and registry
 def test_option_validation():
     spec = methods.get("recycling")

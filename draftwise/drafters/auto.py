@@ -13,10 +13,16 @@ Terms
 - model arm: the draft model's tree (its OPT-Tree planner grows a layer only while it pays for both
   models' time) with the retrieval trie fused and pruned as RASD does; recycling learns from these
   passes too.
-- arm choice (``ArmRates``): each arm's realized tokens per second over its recent steps (drafting,
-  target pass and bookkeeping timed); the better one runs, the other is retried now and then. A
-  draft model that does not pay for its forwards therefore stops running; the loop's guard adds
-  plain decoding as the last resort.
+- arm choice, per step: the free tree is planned every step (about a millisecond), so its expected
+  tokens per second this step are known before any draft-model forward: (1 + c x sum of its kept
+  p̂) / (t(kept + 1) + its own time), where c = realized / expected accepted tokens of recent free
+  steps (the free arm's calibration). The model arm runs when its realized tokens per second over
+  its recent steps (drafting, catch-up, target pass and bookkeeping timed: ``ArmRates``) beat that,
+  and at least every ``explore_every`` steps so its rate stays current. So a long retrieval match
+  (copying from the context) is verified without running the draft model, the draft model runs
+  where retrieval has little to offer, and a draft model that does not pay even against a plain
+  step (a free tree of one node) stops running; the loop's guard adds plain decoding as the last
+  resort.
 - origin bits per node: 1 recycling, 2 retrieval, 4 draft model (a node two sources proposed
   carries both); the loop counts accepted tokens per source from them (``Stats.sources``).
 """
@@ -61,6 +67,9 @@ class Auto(Drafter):
         self.pausable = model is None or model.pausable
         self.arms = ArmRates(["model", "free"] if model is not None else ["free"])
         self.overhead = Overhead()
+        self.calib = _Calibration()             # realized / expected accepted tokens of the free arm
+        self.explore_every = 32                 # the model arm runs at least this often
+        self._since_model = 0
         self._arm: str | None = None
         self._t_propose = 0.0
         self._kept: dict | None = None          # the free arm's bookkeeping for observe
@@ -78,14 +87,15 @@ class Auto(Drafter):
 
     def propose(self, ctx: Context) -> DraftTree:
         t0 = time.perf_counter()
-        self._arm = self.arms.choose()
+        with self.overhead:
+            tree, bits, free_rate = self._free(ctx)
+        self._arm = self.choose_arm(free_rate)
         if self._arm == "model":
+            self.overhead.discard()             # the free tree's planning is charged to the model step
+            self._kept = None
             tree = self.model.propose(ctx)
             bits = torch.full((tree.size,), RETRIEVAL, dtype=torch.int8)
             bits[: self.model.last_base_size] = DRAFT_MODEL
-        else:
-            with self.overhead:
-                tree, bits = self._free(ctx)
         bits[0] = 0
         tree.origin = bits.to(tree.tokens.device)
         self._t_propose = time.perf_counter() - t0
@@ -98,6 +108,8 @@ class Auto(Drafter):
             self.recycling.learn_rows(tree.tokens, out.logits)
         else:
             with self.overhead:
+                if tree.size > 1:
+                    self.calib.add(self._kept["expected"], len(accepted.tokens) - 1)
                 self._learn(tree, out, accepted)
             self.overhead.commit()
             self.source.remember(ctx)
@@ -109,8 +121,20 @@ class Auto(Drafter):
     def watch(self, tree: DraftTree, out, accepted, ctx: Context) -> None:
         self.recycling.learn_rows(tree.tokens, out.logits)
 
+    def choose_arm(self, free_rate: float) -> str:
+        """The arm of this step, given the free tree's expected tokens per second (module docstring)."""
+        if self.model is None:
+            return "free"
+        rate = self.arms.rates["model"]
+        if rate.steps < self.arms.trial or self._since_model >= self.explore_every or rate.value > free_rate:
+            self._since_model = 0
+            return "model"
+        self._since_model += 1
+        return "free"
+
     # ------------------------------------------------------------------ the free arm
-    def _free(self, ctx: Context) -> tuple[DraftTree, torch.Tensor]:
+    def _free(self, ctx: Context) -> tuple[DraftTree, torch.Tensor, float]:
+        """The free arm's tree, its origin bits, and its expected tokens per second (calibrated)."""
         # the arrays here have ~100 entries: numpy, where torch's per-op cost was most of the step's overhead
         rec = self.recycling.candidates(ctx).to("cpu")
         cand = self.source.candidates(ctx)
@@ -137,14 +161,16 @@ class Auto(Drafter):
             k = 0                                                  # a timed one-node pass keeps t(1) measured
         else:
             k = best_prefix(score[order], self.cost, self.max_nodes, self.overhead.ms, len(ctx.tokens))
+        expected = float(score[order[:k]].sum())
+        ms = float(self.cost.t(k + 1, len(ctx.tokens))) + (self.overhead.ms if k else 0.0)
         keep = np.sort(np.concatenate([np.zeros(1, dtype=np.int64), order[:k]]))
         kept_bits = torch.from_numpy(bits[keep])
         keep_t = torch.from_numpy(keep)
-        self._kept = {"template": rec.template_ids, "bits": kept_bits,
+        self._kept = {"template": rec.template_ids, "bits": kept_bits, "expected": expected,
                       "index": keep_t, "ret_of": torch.from_numpy(ret_of[keep]), "cand": cand}
         tree = fused.select(keep_t)
         tree.scores = torch.from_numpy(score[keep]).float()
-        return tree, kept_bits.clone()
+        return tree, kept_bits.clone(), (1.0 + self.calib.ratio * expected) / ms * 1e3
 
     def _learn(self, tree: DraftTree, out, accepted) -> None:
         k = self._kept
@@ -172,13 +198,29 @@ class Auto(Drafter):
                 "arm_tokens_per_s": {a: round(r.value, 2) for a, r in self.arms.rates.items()}}
 
 
-def _factory(engine, datastore, online: bool, max_nodes, use_draft: bool) -> Auto:
+class _Calibration:
+    """Realized / expected accepted draft tokens over recent steps (decayed sums that start at 2 tokens
+    each: ratio 1 until steps say otherwise)."""
+
+    def __init__(self, decay: float = 0.95, prior: float = 2.0):
+        self.decay, self.expected, self.realized = decay, prior, prior
+
+    def add(self, expected: float, realized: int) -> None:
+        self.expected = self.expected * self.decay + expected
+        self.realized = self.realized * self.decay + realized
+
+    @property
+    def ratio(self) -> float:
+        return self.realized / self.expected if self.expected > 0 else 1.0
+
+
+def _factory(engine, datastore, online: bool, max_nodes, use_draft: bool, model_tree: str) -> Auto:
     store = load_store(engine, datastore, online)
     source = RetrievalSource(store, lookup=True, online=online)
     rec = TokenRecycling(engine.model.cfg.vocab_size, device="cpu")
     model = None
     if use_draft and engine.draft_model is not None:
-        base = draft_model.SPEC.factory(engine, **draft_model.SPEC.validate({}))
+        base = draft_model.SPEC.factory(engine, **draft_model.SPEC.validate({"tree": model_tree}))
         model = Rasd(base, source, cost=OnlineCost(engine.cost_curve()))
     return Auto(rec, source, OnlineCost(engine.cost_curve()), model=model, max_nodes=max_nodes)
 
@@ -193,5 +235,8 @@ SPEC = MethodSpec(
         "max_nodes": Option(int, None, "most nodes verified per step without the draft model (null: the "
                                     "cost curve decides)", optional=True, lo=1, hi=256),
         "use_draft": Option(bool, True, "use the engine's draft model when one is loaded"),
+        "model_tree": Option(str, "chain", "the draft model's shape in the model arm (draft-model's tree "
+                                           "option; chain: fastest with the 1.5B + 0.5B pair on this CPU)",
+                             choices=draft_model.SHAPES),
     },
     test_opts=[{}, {"max_nodes": 6}, {"use_draft": False}])

@@ -45,7 +45,7 @@ class DraftModel(ModelDrafter):
     def __init__(self, net: Transformer, tree: str = "opt-tree", max_nodes: int | None = None, max_depth: int = 10,
                  width: int = 8, delta: float | None = None, subset: VocabSubset | None = None,
                  planner: Planner | None = None, calibrate: bool = True, max_len: int | None = None,
-                 control=None):
+                 control=None, window: int | None = None):
         if tree not in SHAPES:
             raise ConfigError(f"draft-model tree must be one of {', '.join(SHAPES)}, got {tree!r}")
         if max_depth < 1 or width < 1 or (max_nodes is not None and max_nodes < 1):
@@ -57,7 +57,9 @@ class DraftModel(ModelDrafter):
         if planner is None and max_nodes is None and tree != "static" and control is None:
             raise ConfigError("draft-model needs cost curves (a planner) unless max_nodes is fixed")
         extra = max(width, max_nodes or 0) * max_depth + 1
-        super().__init__(net.new_cache((max_len or net.max_len) + extra))
+        if window is not None and window < 1:
+            raise ConfigError(f"draft-model needs window >= 1 (or null), got {window}")
+        super().__init__(net.new_cache((max_len or net.max_len) + extra), window=window)
         self.net, self.shape, self.max_nodes, self.max_depth = net, tree, max_nodes, max_depth
         self.width, self.delta, self.planner = width, delta, planner
         self.control = control               # a chain length control (policies/length.py) or None
@@ -264,7 +266,7 @@ class DraftModel(ModelDrafter):
 
 
 def _factory(engine, tree: str, max_nodes, max_depth: int, width: int, delta, vocab_subset: int,
-             calibrate: bool, length) -> DraftModel:
+             calibrate: bool, length, window) -> DraftModel:
     from draftwise.policies.budget import OnlineCost
     from draftwise.policies.length import StepCosts, parse_control
 
@@ -280,7 +282,7 @@ def _factory(engine, tree: str, max_nodes, max_depth: int, width: int, delta, vo
     sub = subset_for(engine, vocab_subset, engine.draft_model.cfg.vocab_size)
     return DraftModel(engine.draft_model, tree=tree, max_nodes=max_nodes, max_depth=max_depth, width=width,
                       delta=delta, subset=sub, planner=planner, calibrate=calibrate, max_len=engine.model.max_len,
-                      control=ctl)
+                      control=ctl, window=window)
 
 
 def _check(o: dict) -> None:
@@ -294,7 +296,7 @@ SPEC = MethodSpec(
     "(arXiv 2406.17276)", _factory, resources=("draft_model",),
     options={
         "tree": Option(str, "opt-tree", "draft shape: chain | static | opt-tree",
-                               choices=("chain", "static", "opt-tree")),
+                               choices=SHAPES),
         "max_nodes": Option(int, None, "draft nodes verified per step (null: chosen each step from both "
                                     f"models' cost curves; static: {STATIC_NODES})", optional=True, lo=1, hi=256),
         "max_depth": Option(int, 10, "deepest draft layer (chain: most tokens)", lo=1, hi=32),
@@ -306,10 +308,14 @@ SPEC = MethodSpec(
                                     "probabilities"),
         "length": Option(str, None, "chain only: length control fixed:K | beta-ts | calibration-ts "
                                   "(null: the cost-curve planner)", optional=True),
+        "window": Option(int, 256, "most context tokens the draft model's prefill reads (null: all); a "
+                                   "long prompt's full prefill on the draft costs more than it saves",
+                         optional=True, lo=1, hi=1 << 20),
     },
     check=lambda o: _check(o),
     renamed={"control": "length"},
     test_opts=[{"tree": "chain", "max_nodes": 3, "vocab_subset": 0},
+               {"tree": "chain", "window": 8, "vocab_subset": 0},
                {"tree": "chain", "vocab_subset": 0},
                {"tree": "chain", "length": "beta-ts", "max_depth": 5, "vocab_subset": 0},
                {"tree": "chain", "length": "calibration-ts", "max_depth": 5, "vocab_subset": 0},

@@ -5,7 +5,9 @@ Terms
 - draft cache: the drafter's own KVCache. Its committed rows are ctx.tokens[:synced].
 - catch-up: at each proposal, one forward over ctx.tokens[synced:] (the accepted tokens that were
   never fed, the bonus token and the root), committed. Its last row predicts the root's first
-  child. The first catch-up of a prompt is the draft's prefill.
+  child. The first catch-up of a prompt is the draft's prefill; with a ``window`` it reads only the
+  prompt's last ``window`` tokens (a long prompt's prefill on the draft costs more than the draft
+  saves over a short answer; the rows keep their absolute positions).
 - step: a forward over new draft nodes written to the draft cache's pending region; they see the
   committed rows and, through a mask, the pending rows of their ancestors. Rows stay pending
   until the target's verdict.
@@ -33,9 +35,10 @@ class ModelDrafter(Drafter, metaclass=abc.ABCMeta):
     # accepted tokens are fed again at the next catch-up (rows computed from predicted inputs: EAGLE)
     keep_drafted_rows = True
 
-    def __init__(self, cache: KVCache):
+    def __init__(self, cache: KVCache, window: int | None = None):
         self.cache = cache
-        self.synced = 0                          # ctx.tokens[:synced] are committed in the draft cache
+        self.window = window                     # most prompt tokens the first catch-up feeds (None: all)
+        self.synced = 0                          # ctx.tokens[:synced] are accounted for in the draft cache
         self.fed: list[int] = []                 # tree node of each pending row, in row order
 
     # ------------------------------------------------------------------ subclass hooks
@@ -61,6 +64,8 @@ class ModelDrafter(Drafter, metaclass=abc.ABCMeta):
         """Feed ctx.tokens[synced:] (never empty: the root is always new) and commit them."""
         self.cache.discard()
         self.fed = []
+        if self.synced == 0 and self.window is not None and len(ctx.tokens) > self.window:
+            self.synced = len(ctx.tokens) - self.window        # older tokens never enter the draft cache
         new = ctx.tokens[self.synced:]
         dev = self.cache.k.device
         toks = torch.tensor(new, dtype=torch.long, device=dev)

@@ -170,6 +170,10 @@ class Overhead:
     def __exit__(self, *exc) -> None:
         self.stop()
 
+    def discard(self) -> None:
+        """Forget this step's time (a step that did not draft this way)."""
+        self._step = 0.0
+
     def commit(self) -> None:
         ms, self._step = self._step, 0.0
         self.ms = ms if self.ms == 0.0 else (1 - self.alpha) * self.ms + self.alpha * ms

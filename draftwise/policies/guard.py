@@ -110,26 +110,14 @@ class ThroughputGuard:
 
 
 class ArmRates:
-    """Realized-rate choice among named ways of drafting (a drafter's "arms", e.g. with and without a
-    draft model): each arm first runs ``trial`` steps, then the arm with the most tokens per second over
-    its recent steps runs, and every ``explore_every`` steps the best other arm runs once, so a choice
-    that stopped paying (or started to) is noticed."""
+    """Realized tokens per second of named ways of drafting (a drafter's "arms", e.g. with and without a
+    draft model), each over its own recent steps (decayed by ``decay`` per step of that arm); an arm
+    has been tried once it has ``trial`` steps. The drafter decides which arm runs (``auto``: per step,
+    against the other arm's expected rate)."""
 
-    def __init__(self, arms: list[str], trial: int = 6, explore_every: int = 16, decay: float = 0.85):
-        self.arms, self.trial, self.explore_every, self.decay = list(arms), trial, explore_every, decay
+    def __init__(self, arms: list[str], trial: int = 6, decay: float = 0.85):
+        self.arms, self.trial, self.decay = list(arms), trial, decay
         self.rates = {a: _Rate() for a in self.arms}
-        self.since_explore = 0
-
-    def choose(self) -> str:
-        for a in self.arms:
-            if self.rates[a].steps < self.trial:
-                return a
-        ranked = sorted(self.arms, key=lambda a: -self.rates[a].value)
-        if len(ranked) > 1 and self.since_explore >= self.explore_every:
-            self.since_explore = 0
-            return ranked[1]
-        self.since_explore += 1
-        return ranked[0]
 
     def record(self, arm: str, tokens: int, seconds: float) -> None:
         self.rates[arm].add(tokens, seconds, self.decay)
