@@ -17,8 +17,10 @@ Terms
   tokens per second this step are known before any draft-model forward: (1 + c x sum of its kept
   p̂) / (t(kept + 1) + its own time), where c = realized / expected accepted tokens of recent free
   steps (the free arm's calibration). The model arm runs when its realized tokens per second over
-  its recent steps (drafting, catch-up, target pass and bookkeeping timed: ``ArmRates``) beat that,
-  and at least every ``explore_every`` steps so its rate stays current. So a long retrieval match
+  its recent consecutive steps (drafting, target pass and bookkeeping timed: ``ArmRates``; the first
+  model step after free steps is not counted, its catch-up over the tokens the free steps accepted
+  is the cost of switching) beat that, by ``switch_margin`` to leave the model arm, and at least
+  every ``explore_every`` steps so its rate stays current. So a long retrieval match
   (copying from the context) is verified without running the draft model, the draft model runs
   where retrieval has little to offer, and a draft model that does not pay even against a plain
   step (a free tree of one node) stops running; the loop's guard adds plain decoding as the last
@@ -69,6 +71,9 @@ class Auto(Drafter):
         self.overhead = Overhead()
         self.calib = _Calibration()             # realized / expected accepted tokens of the free arm
         self.explore_every = 32                 # the model arm runs at least this often
+        self.switch_margin = 1.1                # the free tree must beat the running model arm by this factor
+        self._steady = False                    # this model step follows a model step (no switch catch-up)
+        self._explore_left = 0
         self._since_model = 0
         self._arm: str | None = None
         self._t_propose = 0.0
@@ -116,7 +121,8 @@ class Auto(Drafter):
             if ctx.last_pass is not None:
                 self.cost.observe(*ctx.last_pass, context=len(ctx.tokens))
         verify_s = ctx.last_pass[1] / 1e3 if ctx.last_pass is not None else 0.0
-        self.arms.record(self._arm, len(accepted.tokens), self._t_propose + verify_s + time.perf_counter() - t0)
+        if self._arm == "free" or self._steady:     # a switch's catch-up is the switch's cost, not the arm's rate
+            self.arms.record(self._arm, len(accepted.tokens), self._t_propose + verify_s + time.perf_counter() - t0)
 
     def watch(self, tree: DraftTree, out, accepted, ctx: Context) -> None:
         self.recycling.learn_rows(tree.tokens, out.logits)
@@ -126,11 +132,17 @@ class Auto(Drafter):
         if self.model is None:
             return "free"
         rate = self.arms.rates["model"]
-        if rate.steps < self.arms.trial or self._since_model >= self.explore_every or rate.value > free_rate:
-            self._since_model = 0
-            return "model"
-        self._since_model += 1
-        return "free"
+        if self._explore_left > 0 or rate.steps < self.arms.trial:
+            arm = "model"
+            self._explore_left = max(0, self._explore_left - 1)
+        elif self._since_model >= self.explore_every:
+            arm, self._explore_left = "model", 1      # the switch, then one step whose rate counts
+        else:
+            stay = self.switch_margin if self._arm == "model" else 1.0   # leaving costs a catch-up later
+            arm = "model" if rate.value * stay > free_rate else "free"
+        self._steady = arm == "model" and self._arm == "model"
+        self._since_model = 0 if arm == "model" else self._since_model + 1
+        return arm
 
     # ------------------------------------------------------------------ the free arm
     def _free(self, ctx: Context) -> tuple[DraftTree, torch.Tensor, float]:
