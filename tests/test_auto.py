@@ -91,3 +91,19 @@ def test_the_model_arm_runs_only_where_it_beats_the_free_tree(useless_pair):
     seen = [d.choose_arm(50.0) for _ in range(3 * d.explore_every)]
     e = d.explore_every                                           # explored for two steps (the switch, one counted)
     assert seen.count("model") == 4 and seen[e:e + 2] == ["model", "model"] and "model" not in seen[:e]
+
+
+def test_calibrated_scores_scale_by_origin_and_stay_parents_first():
+    import numpy as np
+
+    from draftwise.drafters.auto import calibrated
+
+    parents = np.array([-1, 0, 0, 1, 3])
+    depths = np.array([0, 1, 1, 2, 3])
+    raw = np.array([1.0, 0.6, 0.3, 0.5, 0.4])
+    bits = np.array([0, 1, 2, 2, 1], dtype=np.int8)                # 1 recycling only, 2 retrieval only
+    s = calibrated(raw, bits, np.array([1.0, 0.5, 2.0, 1.0]), parents, depths)
+    assert s[0] == 1.0 and s[1] == 0.3 and s[2] == 0.6            # scaled by their origin's factor
+    assert s[3] == 0.3 and s[4] == 0.2                            # 1.0 capped at its parent; 0.2 below it
+    assert np.all(s[1:] <= s[parents[1:]])
+    assert calibrated(raw, bits, np.array([1.0, 0.01, 9.0, 1.0]), parents, depths)[1] == 0.6 * 0.25   # clipped

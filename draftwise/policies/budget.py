@@ -116,7 +116,7 @@ class OnlineCost:
         return np.minimum(np.ceil(np.log2(np.maximum(np.asarray(n, dtype=float), 1.0))).astype(int), 11)
 
     def observe(self, n: int, ms: float, context: int | None = None) -> None:
-        b = int(self.bucket(n))
+        b = min(max(int(n) - 1, 0).bit_length(), 11)     # = bucket(n), without numpy's per-call cost on a scalar
         r = ms / float(self.curve.t(n, context))
         self.count[b] += 1
         a = max(self.alpha, 1.0 / self.count[b])          # a running mean first, then a moving average
@@ -133,14 +133,19 @@ class OnlineCost:
 
     def _fill(self) -> None:
         """An unseen bucket takes the larger ratio of its nearest seen neighbours below and above
-        (cautious: a tree size never measured is not assumed cheap); 1.0 before any observation."""
-        idx = np.arange(self.ratio.size)
-        seen = np.flatnonzero(self.seen)
-        below = np.searchsorted(seen, idx, side="right") - 1           # nearest seen <= i
-        above = np.searchsorted(seen, idx, side="left")                # nearest seen >= i
-        lo = np.where(below >= 0, self.ratio[seen[np.clip(below, 0, None)]], -np.inf)
-        hi = np.where(above < seen.size, self.ratio[seen[np.clip(above, None, seen.size - 1)]], -np.inf)
-        self._filled = np.maximum(lo, hi)
+        (cautious: a tree size never measured is not assumed cheap); 1.0 before any observation.
+        Twelve buckets: plain Python, where numpy's per-call cost was most of a step's bookkeeping."""
+        ratio, seen = self.ratio.tolist(), self.seen.tolist()
+        below, last = [None] * 12, None
+        for i in range(12):
+            last = ratio[i] if seen[i] else last
+            below[i] = last
+        out, nxt = [1.0] * 12, None
+        for i in range(11, -1, -1):
+            nxt = ratio[i] if seen[i] else nxt
+            cand = [v for v in (below[i], nxt) if v is not None]
+            out[i] = max(cand) if cand else 1.0
+        self._filled = np.array(out)
 
 
 def online_cost(engine, max_nodes: int | None) -> "OnlineCost | None":
