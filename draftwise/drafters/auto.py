@@ -11,11 +11,12 @@ Terms
   ``Calibration`` tables). Then one more, shared scale: per origin (recycling only, retrieval only,
   both), realized / expected accepted nodes of recent steps multiplies the p̂ of that origin's nodes
   (the planner picks the nodes whose estimates are high, so they run high: on MT-Bench the recycling-
-  only nodes delivered 0.60 of their p̂, retrieval-only 0.72, both 0.92). The kept set is the best-p̂ prefix that maximizes expected tokens per ms
-  of the step under the target's measured cost curve, this drafter's own time included.
-- model arm: the draft model's tree (its OPT-Tree planner grows a layer only while it pays for both
-  models' time) with the retrieval trie fused and pruned as RASD does; recycling learns from these
-  passes too.
+  only nodes delivered 0.60 of their p̂, retrieval-only 0.72, both 0.92). The kept set is the
+  best-p̂ prefix that maximizes expected tokens per ms of the step under the target's measured cost
+  curve, this drafter's own time included.
+- model arm: the draft model's tree (a chain by default, ``model_tree``; its planner grows it only
+  while it pays for both models' time) with the retrieval trie fused and pruned as RASD does;
+  recycling learns from these passes too.
 - arm choice, per step: the free tree is planned every step (about a millisecond), so its expected
   tokens per second this step are known before any draft-model forward: (1 + c x sum of its kept
   p̂) / (t(kept + 1) + its own time), where c = realized / expected accepted tokens of recent free
