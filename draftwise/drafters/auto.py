@@ -71,12 +71,14 @@ class Auto(Drafter):
         self.recycling, self.source, self.cost, self.model, self.max_nodes = recycling, source, cost, model, max_nodes
         self.needs = model.needs if model is not None else self.needs
         self.pausable = model is None or model.pausable
-        self.arms = ArmRates(["model", "free"] if model is not None else ["free"])
+        # a long memory (~20 model steps): a short one let a few rejections freeze the model arm's rate
+        # below the free tree's until the next exploration (chat, where acceptance comes in runs)
+        self.arms = ArmRates(["model", "free"] if model is not None else ["free"], decay=0.95)
         self.overhead = Overhead()
         self.calib = _Calibration()             # realized / expected accepted tokens of the free arm
         # per origin (1 recycling only, 2 retrieval only, 3 both): realized / expected accepted nodes
         self.source_calib = [_Calibration() for _ in range(4)]
-        self.explore_every = 32                 # the model arm runs at least this often
+        self.explore_every = 16                 # the model arm runs at least this often
         self.switch_margin = 1.1                # the free tree must beat the running model arm by this factor
         self._steady = False                    # this model step follows a model step (no switch catch-up)
         self._explore_left = 0
