@@ -229,3 +229,24 @@ def test_whole_layer_calls_equal_the_per_op_path(tmp_path, arch):
         runs.append((first, out.logits, c.k[:, :, :24].clone(), c.v[:, :, :24].clone()))
     for a, b in zip(*runs):
         assert torch.equal(a, b)
+
+
+def test_online_cost_buckets_and_fill_by_their_definitions():
+    """observe's scalar bucket is bucket(n), and an unseen bucket takes the larger ratio of its nearest
+    seen neighbours (checked against a direct search on random seen patterns)."""
+    import numpy as np
+
+    from draftwise.policies.budget import OnlineCost
+
+    for n in list(range(1, 70)) + [1000, 2047, 2048, 2049, 5000]:
+        c = OnlineCost(CostCurve.flat())
+        c.observe(n, 1.0)
+        assert np.flatnonzero(c.seen).tolist() == [int(OnlineCost.bucket(n))]
+    rng = np.random.default_rng(1)
+    for _ in range(200):
+        c.ratio, c.seen = rng.random(12) * 2, rng.random(12) < 0.3
+        c._fill()
+        seen = np.flatnonzero(c.seen)
+        for i in range(12):
+            near = [c.ratio[j] for j in (seen[seen <= i][-1:].tolist() + seen[seen >= i][:1].tolist())]
+            assert c._filled[i] == (max(near) if near else 1.0)

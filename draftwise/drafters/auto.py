@@ -154,7 +154,7 @@ class Auto(Drafter):
 
     # ------------------------------------------------------------------ the free arm
     def _free(self, ctx: Context) -> tuple[DraftTree, torch.Tensor, float]:
-        """The free arm's tree, its origin bits, and its expected tokens per second (calibrated)."""
+        """The free arm's tree, its origin bits, and (with a draft model) its expected tokens per second."""
         # the arrays here have ~100 entries: numpy, where torch's per-op cost was most of the step's overhead
         rec = self.recycling.candidates(ctx).to("cpu")
         cand = self.source.candidates(ctx)
@@ -183,7 +183,10 @@ class Auto(Drafter):
         else:
             k = best_prefix(score[order], self.cost, self.max_nodes, self.overhead.ms, len(ctx.tokens))
         expected = float(score[order[:k]].sum())
-        ms = float(self.cost.t(k + 1, len(ctx.tokens))) + (self.overhead.ms if k else 0.0)
+        free_rate = 0.0                                            # expected tokens/s: only the arm choice reads it
+        if self.model is not None:
+            ms = float(self.cost.t(k + 1, len(ctx.tokens))) + (self.overhead.ms if k else 0.0)
+            free_rate = (1.0 + self.calib.ratio * expected) / ms * 1e3
         keep = np.sort(np.concatenate([np.zeros(1, dtype=np.int64), order[:k]]))
         kept_bits = torch.from_numpy(bits[keep])
         keep_t = torch.from_numpy(keep)
@@ -191,21 +194,20 @@ class Auto(Drafter):
                       "index": keep_t, "ret_of": torch.from_numpy(ret_of[keep]), "cand": cand}
         tree = fused.select(keep_t)
         tree.scores = torch.from_numpy(score[keep]).float()
-        return tree, kept_bits.clone(), (1.0 + self.calib.ratio * expected) / ms * 1e3
+        return tree, kept_bits.clone(), free_rate
 
     def _learn(self, tree: DraftTree, out, accepted) -> None:
         k = self._kept
+        on_path = np.zeros(tree.size, dtype=bool)
+        on_path[accepted.path] = True
         if tree.size > 1:                                         # each origin's calibration
             b = k["bits"].numpy()
-            hit = np.zeros(tree.size, dtype=bool)
-            hit[accepted.path] = True
             for o in (1, 2, 3):
                 sel = b == o
                 if sel.any():
-                    self.source_calib[o].add(float(k["raw"][sel].sum()), int(hit[sel].sum()))
+                    self.source_calib[o].add(float(k["raw"][sel].sum()), int(on_path[sel].sum()))
         self.recycling.learn_rows(tree.tokens, out.logits)       # every node teaches the matrix
-        on_path = torch.zeros(tree.size, dtype=torch.bool)
-        on_path[torch.tensor(accepted.path)] = True
+        on_path = torch.from_numpy(on_path)
         rec = (k["bits"] & RECYCLING).bool()
         rec[0] = True                                             # the root is template node 0
         self.recycling.record(k["template"][k["index"][rec]], on_path[rec])
