@@ -62,7 +62,7 @@ class BenchEngine:
     """An EngineView (draftwise/drafters/spec.py) over models built in this process."""
 
     def __init__(self, model, draft_model, curve: CostCurve, draft_curve: CostCurve):
-        self.model, self.draft_model = model, draft_model
+        self.model, self.draft_model, self.draft_bridge = model, draft_model, None
         self._curve, self._draft_curve = curve, draft_curve
         self.tokenizer, self.shared = None, {}
 

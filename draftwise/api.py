@@ -39,9 +39,10 @@ class Engine:
     """
 
     def __init__(self, model: Transformer, tokenizer, model_id: str, path: Path,
-                 draft_model: Transformer | None = None, draft_id: str | None = None):
+                 draft_model: Transformer | None = None, draft_id: str | None = None, draft_bridge=None):
         self.model, self.tokenizer, self.model_id, self.path = model, tokenizer, model_id, path
         self.draft_model, self.draft_id = draft_model, draft_id
+        self.draft_bridge = draft_bridge      # crossvocab.VocabBridge when the draft has another tokenizer
         self.eos_ids = _eos_ids(path, model, tokenizer)
         self._drafters: OrderedDict[tuple, Drafter] = OrderedDict()   # least recently used first
         self.max_drafters = MAX_DRAFTERS
@@ -77,16 +78,22 @@ class Engine:
         net = Transformer.from_pretrained(path, device=device, dtype=dtype, max_len=max_len, fast=fast, graphs=graphs,
                                           compile=compile, weights=weights)
         tok = AutoTokenizer.from_pretrained(str(path))
-        draft_net = None
+        draft_net = bridge = None
         if draft is not None:
             dpath = resolve(draft, progress=progress)
-            _check_same_tokenizer(tok, AutoTokenizer.from_pretrained(str(dpath)), model, draft)
-            draft_net = Transformer.from_pretrained(dpath, device=device, dtype=dtype, max_len=net.max_len, fast=fast,
-                                                   graphs=graphs, compile=compile, weights=draft_weights)
-            if draft_net.cfg.vocab_size != net.cfg.vocab_size:
+            dtok = AutoTokenizer.from_pretrained(str(dpath))
+            same = _tokenizer_difference(tok, dtok) is None
+            draft_net = Transformer.from_pretrained(dpath, device=device, dtype=dtype, max_len=net.max_len if same else None,
+                                                   fast=fast, graphs=graphs, compile=compile, weights=draft_weights)
+            if same and draft_net.cfg.vocab_size != net.cfg.vocab_size:
                 raise ConfigError(f"draft model {draft!r} has a vocabulary of {draft_net.cfg.vocab_size} rows, "
                                   f"the target {net.cfg.vocab_size}: they must match")
-        return cls(net, tok, model, path, draft_net, draft)
+            if not same:                      # another tokenizer: draft through the shared vocabulary
+                from draftwise.crossvocab import VocabBridge
+
+                bridge = VocabBridge(tok, dtok, net.cfg.vocab_size, draft_net.cfg.vocab_size)
+                bridge.check(model, draft)
+        return cls(net, tok, model, path, draft_net, draft, bridge)
 
     # ------------------------------------------------------------------ text
     def encode(self, prompt: str, chat: bool = False, system: str | None = None) -> list[int]:
@@ -280,9 +287,9 @@ def _eos_ids(path: Path, model: Transformer, tokenizer) -> tuple[int, ...]:
     return tuple(sorted(ids))
 
 
-def _check_same_tokenizer(target_tok, draft_tok, target: str, draft: str) -> None:
-    """Speculative decoding needs one tokenizer: the same vocabulary (ids and strings) and the same
-    special tokens (EOS ends both models' answers the same way)."""
+def _tokenizer_difference(target_tok, draft_tok) -> str | None:
+    """None when the draft shares the target's tokenizer (the same vocabulary, ids and strings, and the
+    same special tokens), else how they differ (such a draft drafts through a VocabBridge)."""
     from draftwise.vocab import fingerprint
 
     def specials(t) -> dict:
@@ -298,6 +305,4 @@ def _check_same_tokenizer(target_tok, draft_tok, target: str, draft: str) -> Non
         diff = sorted(k for k in set(a) | set(b) if a.get(k) != b.get(k))
         why = "special tokens differ: " + ", ".join(f"{k} {b.get(k, (None,))[0]!r} vs {a.get(k, (None,))[0]!r}"
                                                     for k in diff)
-    if why:
-        raise ConfigError(f"draft model {draft!r} does not share the tokenizer of target {target!r} ({why}); "
-                          f"speculative decoding needs the same tokenizer")
+    return why

@@ -76,7 +76,8 @@ def build_parser() -> argparse.ArgumentParser:
                    "mixed per step; `draftwise methods` lists options)")
     g.add_argument("--method-opts", default=None, metavar="JSON",
                    help='the method\'s options as a JSON object, e.g. \'{"max_nodes": 8}\'')
-    g.add_argument("--draft", default=None, help="draft model (same tokenizer) for methods that need one")
+    g.add_argument("--draft", default=None,
+                   help="draft model for methods that need one (another tokenizer drafts over the shared vocabulary)")
     g.add_argument("--max-new-tokens", type=int, default=128)
     g.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
     g.add_argument("--top-k", type=int, default=0)
@@ -91,7 +92,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     b = sub.add_parser("bench", help="Spec-Bench-style comparison of methods and baselines")
     _add_model_args(b)
-    b.add_argument("--draft", default=None, help="draft model (same tokenizer) for draft-model methods and hf-assisted")
+    b.add_argument("--draft", default=None, help="draft model for draft-model methods and hf-assisted (another "
+                   "tokenizer drafts over the shared vocabulary)")
     b.add_argument("--methods", default="ar,auto,recycling,lookup,retrieval",
                    help=f"comma list: {', '.join(_method_help().split(' | '))}; baselines hf, hf-lookup, hf-assisted "
                         "(needs --draft), llamacpp, llamacpp-lookup (need llama-cpp-python)")
@@ -110,7 +112,8 @@ def build_parser() -> argparse.ArgumentParser:
         _add_model_args(p)
         p.add_argument("--method", default="auto", help=f"default method (default auto): {_method_help()}")
         p.add_argument("--method-opts", default=None, metavar="JSON", help="options of the default method")
-        p.add_argument("--draft", default=None, help="draft model (same tokenizer) for draft-model methods")
+        p.add_argument("--draft", default=None,
+                       help="draft model for draft-model methods (another tokenizer drafts over the shared vocabulary)")
 
     sv = sub.add_parser("serve", help="OpenAI-compatible HTTP server (chat/completions, streaming)")
     serving_args(sv)

@@ -19,6 +19,10 @@ def _load(a):
                          compile=a.compile, weights=a.weights, draft=getattr(a, "draft", None),
                          draft_weights=getattr(a, "draft_weights", "auto"))
     eng.guard = getattr(a, "guard", "on") == "on"
+    if eng.draft_bridge is not None:
+        print(f"[draftwise] draft {a.draft} has another tokenizer than {a.model}: it drafts over the "
+              f"{eng.draft_bridge.size:,} tokens both vocabularies share (draft-model option cross: tli | string)",
+              file=sys.stderr)
     return eng
 
 

@@ -41,8 +41,8 @@ def tiny_pair(tmp_path, dtype=torch.float64, target_seed=11, draft_seed=None):
 class TinyEngine:
     """The parts of draftwise.api.Engine a method factory uses, over in-memory tiny models."""
 
-    def __init__(self, model, draft_model=None):
-        self.model, self.draft_model = model, draft_model
+    def __init__(self, model, draft_model=None, draft_bridge=None):
+        self.model, self.draft_model, self.draft_bridge = model, draft_model, draft_bridge
         self.tokenizer, self.shared = None, {}
 
     def cost_curve(self) -> CostCurve:

@@ -14,7 +14,7 @@ LAYERS: list[tuple[str, tuple[str, ...]]] = [
                     "policies.guard")),
     ("numerics", ("quant", "kernels")),
     ("model", ("models",)),
-    ("planning", ("policies", "vocab", "datastore", "verify")),
+    ("planning", ("policies", "vocab", "crossvocab", "datastore", "verify")),
     ("drafters", ("drafters",)),
     ("core", ("methods", "decoding")),
     ("training", ("train",)),
@@ -151,7 +151,7 @@ def test_engine_view_implementations(tmp_path):
 
     members = [n for n in EngineView.__annotations__] + \
         [n for n, v in vars(EngineView).items() if callable(v) and not n.startswith("_")]
-    assert {"model", "draft_model", "tokenizer", "shared", "cost_curve", "vocab_subset"} <= set(members)
+    assert {"model", "draft_model", "draft_bridge", "tokenizer", "shared", "cost_curve", "vocab_subset"} <= set(members)
     m = tiny_model(tmp_path)
     assert isinstance(TinyEngine(m), EngineView)
     assert isinstance(TinyTrainEngine(m, None), EngineView)

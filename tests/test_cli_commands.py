@@ -149,11 +149,20 @@ def test_train_commands(capsys, tmp_path):
     assert capsys.readouterr().err.count("text identical") == 2
 
 
-def test_generate_with_a_draft_model(capsys):
+def test_generate_with_a_draft_model(capsys, tmp_path):
     assert main(["generate", *SMOL, "--draft", "smollm2-135m-instruct", "--draft-weights", "gguf-f32",
                  "--method", "draft-model", "--method-opts", '{"tree": "chain", "vocab_subset": 0}',
                  "--max-new-tokens", "8", "--compare-ar", "1, 2, 3,"]) == 0
     assert "text identical" in capsys.readouterr().err
+    from tests.test_core import edited_smol_tokenizers
+
+    other = edited_smol_tokenizers(tmp_path)["eos"]          # another tokenizer: drafts through the shared vocabulary
+    for cross in ("tli", "string"):
+        assert main(["generate", *SMOL, "--draft", str(other), "--method", "draft-model", "--method-opts",
+                     json.dumps({"tree": "chain", "cross": cross}), "--max-new-tokens", "8", "--compare-ar",
+                     "1, 2, 3,"]) == 0
+        err = capsys.readouterr().err
+        assert "text identical" in err and "has another tokenizer" in err
 
 
 def test_bench_command(capsys, tmp_path):
@@ -170,6 +179,7 @@ def test_methods_command(capsys):
     assert main(["methods"]) == 0
     out = capsys.readouterr().out
     assert "recycling" in out and "1..8" in out        # option ranges are listed
+    assert "another tokenizer" in out and "tli|string" in out
 
 
 def test_models_install(capsys):

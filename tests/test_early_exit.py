@@ -40,7 +40,7 @@ class TinyTrainEngine:
     def __init__(self, model, path):
         self.model, self.path, self.tokenizer = model, path, ByteTokenizer()
         self.eos_ids, self.model_id = (0,), "tiny"
-        self.draft_model, self.shared = None, {}
+        self.draft_model, self.draft_bridge, self.shared = None, None, {}
 
     def draft_cost_curve(self):
         raise AssertionError("no draft model")

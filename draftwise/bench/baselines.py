@@ -85,6 +85,13 @@ class Baselines:
             kw["prompt_lookup_num_tokens"] = 10
         elif method == "hf-assisted":
             kw["assistant_model"] = self._hf_model("draft")
+            if self.engine.draft_bridge is not None:       # another tokenizer: HF's Universal Assisted Generation
+                from transformers import AutoTokenizer
+
+                from draftwise.models.checkpoint import resolve
+
+                kw["tokenizer"] = self.engine.tokenizer
+                kw["assistant_tokenizer"] = AutoTokenizer.from_pretrained(str(resolve(self.draft)))
         elif method == "hf-early-exit":
             kw["assistant_early_exit"] = self.early_exit_layer
         x = torch.tensor([ids], device=self.engine.model.device)

@@ -257,15 +257,19 @@ class _Calibration:
         return self.realized / self.expected if self.expected > 0 else 1.0
 
 
-def _factory(engine, datastore, online: bool, max_nodes, use_draft: bool, model_tree: str) -> Auto:
+def _factory(engine, datastore, online: bool, max_nodes, use_draft: bool, model_tree: str, model_cross: str) -> Auto:
     store = load_store(engine, datastore, online)
     source = RetrievalSource(store, lookup=True, online=online)
     rec = TokenRecycling(engine.model.cfg.vocab_size, device="cpu")
     model = None
     if use_draft and engine.draft_model is not None:
-        base = draft_model.SPEC.factory(engine, **draft_model.SPEC.validate({"tree": model_tree}))
+        base = draft_model.SPEC.factory(engine, **draft_model.SPEC.validate({"tree": model_tree, "cross": model_cross}))
         model = Rasd(base, source, cost=OnlineCost(engine.cost_curve()))
     return Auto(rec, source, OnlineCost(engine.cost_curve()), model=model, max_nodes=max_nodes)
+
+
+def _check(o: dict) -> None:
+    draft_model.SPEC.validate({"tree": o["model_tree"], "cross": o["model_cross"]})   # cross 'string' needs a chain
 
 
 SPEC = MethodSpec(
@@ -281,5 +285,8 @@ SPEC = MethodSpec(
         "model_tree": Option(str, "chain", "the draft model's shape in the model arm (draft-model's tree "
                                            "option; chain: fastest with the 1.5B + 0.5B pair on this CPU)",
                              choices=draft_model.SHAPES),
+        "model_cross": Option(str, "tli", "a draft model with another tokenizer: draft-model's cross option",
+                              choices=draft_model.CROSS),
     },
+    check=lambda o: _check(o),
     test_opts=[{}, {"max_nodes": 6}, {"use_draft": False}])

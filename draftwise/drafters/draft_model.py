@@ -22,6 +22,7 @@ import time
 
 import torch
 
+from draftwise.crossvocab import DraftText, VocabBridge
 from draftwise.drafters.base import Context
 from draftwise.drafters.model_base import ModelDrafter, next_token
 from draftwise.drafters.spec import VOCAB_SUBSET, MethodSpec, Option
@@ -34,6 +35,8 @@ from draftwise.tree import DraftTree, make_template, tried_nodes
 from draftwise.vocab import VocabSubset, subset_for
 
 SHAPES = ("chain", "static", "opt-tree")
+CROSS = ("tli", "string")        # how a draft with another tokenizer drafts (crossvocab.py)
+STRING_STOP = 0.3                # string-level drafting stops when the draft's running top-probability product falls below this
 # Prior acceptance of the draft's rank-r prediction (ours; it only shapes the static tree).
 DRAFT_RANK_PRIOR = (0.7, 0.15, 0.05, 0.03, 0.02, 0.01, 0.01, 0.01)
 STATIC_NODES = 6          # the static tree's size when max_nodes is null (sized for a CPU target)
@@ -45,7 +48,7 @@ class DraftModel(ModelDrafter):
     def __init__(self, net: Transformer, tree: str = "opt-tree", max_nodes: int | None = None, max_depth: int = 10,
                  width: int = 8, delta: float | None = None, subset: VocabSubset | None = None,
                  planner: Planner | None = None, calibrate: bool = True, max_len: int | None = None,
-                 control=None, window: int | None = None):
+                 control=None, window: int | None = None, bridge: VocabBridge | None = None, cross: str = "tli"):
         if tree not in SHAPES:
             raise ConfigError(f"draft-model tree must be one of {', '.join(SHAPES)}, got {tree!r}")
         if max_depth < 1 or width < 1 or (max_nodes is not None and max_nodes < 1):
@@ -54,12 +57,31 @@ class DraftModel(ModelDrafter):
             raise ConfigError(f"draft-model needs delta >= 0 (or null), got {delta}")
         if control is not None and tree != "chain":
             raise ConfigError(f"draft-model length control needs tree 'chain', got {tree!r}")
-        if planner is None and max_nodes is None and tree != "static" and control is None:
+        string = bridge is not None and cross == "string"
+        if planner is None and max_nodes is None and tree != "static" and control is None and not string:
             raise ConfigError("draft-model needs cost curves (a planner) unless max_nodes is fixed")
         extra = max(width, max_nodes or 0) * max_depth + 1
         if window is not None and window < 1:
             raise ConfigError(f"draft-model needs window >= 1 (or null), got {window}")
-        super().__init__(net.new_cache((max_len or net.max_len) + extra), window=window)
+        if cross not in CROSS:
+            raise ConfigError(f"draft-model cross must be one of {', '.join(CROSS)}, got {cross!r}")
+        self.string = string
+        if self.string and tree != "chain":
+            raise ConfigError(f"draft-model cross 'string' drafts chains: needs tree 'chain', got {tree!r}")
+        super().__init__(net.new_cache((max_len or net.max_len) + extra), window=window,
+                         text=None if bridge is None else DraftText(bridge))
+        self.max_pos = net.max_len
+        self.vocab_size = net.cfg.vocab_size if bridge is None else bridge.t.rows     # the target's
+        rows = None if subset is None else subset.ids            # the draft's head rows, when not all
+        if bridge is not None:
+            if self.string:
+                subset = rows = None                             # the draft's own full distribution
+            else:                                                # TLI: shared tokens only, in target ids
+                ids = bridge.shared if subset is None else subset.ids[bridge.t2d[subset.ids.cpu()] >= 0]
+                if ids.numel() == 0:
+                    raise ConfigError("draft-model: the vocabulary subset and the shared vocabulary do not meet")
+                subset = VocabSubset(ids.cpu(), bridge.t.rows)
+                rows = bridge.t2d[subset.ids]
         self.net, self.shape, self.max_nodes, self.max_depth = net, tree, max_nodes, max_depth
         self.width, self.delta, self.planner = width, delta, planner
         self.control = control               # a chain length control (policies/length.py) or None
@@ -68,7 +90,7 @@ class DraftModel(ModelDrafter):
         self._k = 0                          # the chain length planned for this step (with a control)
         self.subset = None if subset is None else subset.to(net.device)
         self._ids_cpu = None if subset is None else subset.ids.cpu()       # for sampled drafts (q on the CPU)
-        self.head = net.lm_head if subset is None else net.lm_head.rows(self.subset.ids)
+        self.head = net.lm_head if rows is None else net.lm_head.rows(rows.to(net.device))
         self.calib = Calibration() if calibrate else None
         self.g: torch.Generator | None = None
         self._info: tuple[torch.Tensor, torch.Tensor] | None = None     # (top1, p) of the proposed nodes
@@ -134,14 +156,17 @@ class DraftModel(ModelDrafter):
     # ------------------------------------------------------------------ shapes
     def draft(self, ctx: Context, first) -> DraftTree:
         depth = min(self.max_depth, max(0, ctx.remaining - 1))
-        self.dists = {0: self._probs(first.logits[-1]).double().cpu()}
+        # string-level drafts read out over the draft's own vocabulary: no distribution over target ids to offer
+        self.dists = {} if self.string else {0: self._probs(first.logits[-1]).double().cpu()}
         if depth == 0:
             return DraftTree.root_only(ctx.root, device=ctx.device)
+        if self.string:
+            return self._string(ctx, first, depth)
         shape = {"chain": self._chain, "static": self._static, "opt-tree": self._opt_tree}[self.shape]
         return shape(ctx, first, depth)
 
     def _next(self, logits: torch.Tensor, ctx: Context) -> tuple[int, float, torch.Tensor | None]:
-        return next_token(logits, ctx.sampling, self.g, self._ids_cpu, self.net.cfg.vocab_size)
+        return next_token(logits, ctx.sampling, self.g, self._ids_cpu, self.vocab_size)
 
     def _chain(self, ctx: Context, first, depth: int) -> DraftTree:
         k = depth if self.max_nodes is None else min(depth, self.max_nodes)
@@ -176,6 +201,50 @@ class DraftModel(ModelDrafter):
         tree = DraftTree.chain(ctx.root, tokens, device=ctx.device, q=qs)
         tree.scores = torch.tensor(scores[: len(tokens) + 1], dtype=torch.float32, device=ctx.device)
         self._info = (torch.ones(len(tokens), dtype=torch.bool), torch.tensor(tops, dtype=torch.float64))
+        return tree
+
+    def _string(self, ctx: Context, first, depth: int) -> DraftTree:
+        """String-level drafting: the draft continues in its own vocabulary (greedy, or sampled from
+        its own distribution) while its running top-probability product stays above STRING_STOP and
+        the planner finds one more draft token worth its time, for at most max_depth tokens; the
+        continuation's text, re-encoded by the target's tokenizer, is the chain. Its tokens carry no
+        q: the target checks them with the deterministic rule (exact for sampling too). Its pending
+        rows are dropped; the next catch-up feeds what was accepted."""
+        bridge = self.text.bridge
+        ids, run, runs = [], 1.0, []
+        logits = first.logits[-1]
+        k = depth if self.max_nodes is None else min(depth, self.max_nodes)
+        for d in range(self.max_depth):
+            tok, top, _ = next_token(logits, ctx.sampling, self.g, None, self.net.cfg.vocab_size)
+            run *= top
+            ids.append(tok)
+            runs.append(run)
+            if run < STRING_STOP or bridge.d.special[tok] or d + 1 == self.max_depth:
+                break
+            if self.planner is not None:                 # both models' cost curves: does one more draft token pay?
+                self.planner.learn(top)
+                sc = torch.tensor([1.0] + runs, dtype=torch.float64)
+                if self.planner.expand(sc, sc[-1:], self.max_depth - d - 1) == 0:
+                    break
+            chain = DraftTree.chain(ctx.root, ids, device=self.cache.k.device)
+            logits = self.step(chain, [d + 1], ctx, draft_ids=True).logits[-1]
+        self.cache.discard()
+        self.fed, self.fed_ids = [], []
+        tokens = bridge.to_target(ids)[:k]
+        tree = DraftTree.chain(ctx.root, tokens, device=ctx.device)
+        # a target token's score: the running product at the draft token where its text ends
+        ends, at = [], 0
+        for j in ids:
+            at += len(bridge.d.raw[j])
+            ends.append(at)
+        scores, at, r = [1.0], 0, 0
+        for t in tokens:
+            at += len(bridge.t.raw[t])
+            while r + 1 < len(ends) and ends[r] < at:
+                r += 1
+            scores.append(runs[r])
+        tree.scores = torch.tensor(scores, dtype=torch.float32, device=ctx.device)
+        self._info = None
         return tree
 
     def _static(self, ctx: Context, first, depth: int) -> DraftTree:
@@ -266,7 +335,7 @@ class DraftModel(ModelDrafter):
 
 
 def _factory(engine, tree: str, max_nodes, max_depth: int, width: int, delta, vocab_subset: int,
-             calibrate: bool, length, window) -> DraftModel:
+             calibrate: bool, length, window, cross) -> DraftModel:
     from draftwise.policies.budget import OnlineCost
     from draftwise.policies.length import StepCosts, parse_control
 
@@ -279,21 +348,26 @@ def _factory(engine, tree: str, max_nodes, max_depth: int, width: int, delta, vo
         ctl = parse_control(length, costs, max_depth)
     need_plan = max_nodes is None and tree != "static" and ctl is None
     planner = Planner(OnlineCost(engine.cost_curve()), OnlineCost(engine.draft_cost_curve())) if need_plan else None
-    sub = subset_for(engine, vocab_subset, engine.draft_model.cfg.vocab_size)
+    bridge = getattr(engine, "draft_bridge", None)
+    sub = subset_for(engine, vocab_subset, engine.model.cfg.vocab_size if bridge is not None
+                     else engine.draft_model.cfg.vocab_size)
     return DraftModel(engine.draft_model, tree=tree, max_nodes=max_nodes, max_depth=max_depth, width=width,
                       delta=delta, subset=sub, planner=planner, calibrate=calibrate, max_len=engine.model.max_len,
-                      control=ctl, window=window)
+                      control=ctl, window=window, bridge=bridge, cross=cross)
 
 
 def _check(o: dict) -> None:
     check_name(o["length"], CONTROLS, "draft-model option 'length'", o["max_depth"])
+    if o["cross"] == "string" and (o["tree"] != "chain" or o["length"] is not None):
+        raise ConfigError("draft-model option cross 'string' drafts plain chains: needs tree 'chain' and no 'length'")
     if o["length"] is not None and o["tree"] != "chain":
         raise ConfigError(f"draft-model option 'length' needs tree 'chain', got {o['tree']!r}")
 
 
 SPEC = MethodSpec(
-    "draft-model", "a smaller model with the same tokenizer drafts a chain, a static tree or an OPT-Tree "
-    "(arXiv 2406.17276)", _factory, resources=("draft_model",),
+    "draft-model", "a smaller model drafts a chain, a static tree or an OPT-Tree (arXiv 2406.17276); a draft "
+    "with another tokenizer drafts over the shared vocabulary (TLI) or by text (cross string; arXiv 2502.05202)",
+    _factory, resources=("draft_model",),
     options={
         "tree": Option(str, "opt-tree", "draft shape: chain | static | opt-tree",
                                choices=SHAPES),
@@ -311,6 +385,9 @@ SPEC = MethodSpec(
         "window": Option(int, 256, "most context tokens the draft model's prefill reads (null: all); a "
                                    "long prompt's full prefill on the draft costs more than it saves",
                          optional=True, lo=1, hi=1 << 20),
+        "cross": Option(str, "tli", "a draft with another tokenizer: tli (drafts over the tokens both vocabularies "
+                                    "share) | string (its text re-encoded by the target's tokenizer; chains)",
+                        choices=CROSS),
     },
     check=lambda o: _check(o),
     renamed={"control": "length"},

@@ -217,7 +217,7 @@ class Eagle(DraftModel):
         n = out.hidden.shape[0]
         self.feats[:n] = out.hidden
         self.nf = n
-        self.synced = 1                               # token 0 gets no row: pairs start at (f_0, x_1)
+        self.synced = self.pos0 = 1                   # token 0 gets no row: pairs start at (f_0, x_1)
 
     def forward_draft(self, tokens, positions, mask, ctx, catch_up: bool) -> ForwardOut:
         if catch_up:

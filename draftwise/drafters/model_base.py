@@ -13,6 +13,12 @@ Terms
   until the target's verdict.
 - observe: the pending rows of accepted nodes become committed (no recompute); the rest are
   dropped. Subclasses never write rollback code.
+- draft text (a draft with another tokenizer, crossvocab.py): the cache rows hold the draft's own
+  tokens for the committed text, re-synced at each catch-up (a few trailing rows may be fed again);
+  tree nodes, in target ids, are fed as their shared draft ids.
+- next position: the position of the row after the committed ones (the target's for a draft with
+  the same tokenizer; the draft text's own count otherwise). When a draft's cache would overflow,
+  the draft restarts from the context's last quarter of its length (it only proposes: any context is valid).
 
 A subclass implements ``forward_draft`` (run its network on n new tokens at the cache's end) and
 ``draft`` (grow a tree from the catch-up output with ``step``).
@@ -23,6 +29,7 @@ import abc
 
 import torch
 
+from draftwise.crossvocab import DraftText
 from draftwise.drafters.base import Context, Drafter, Proposal
 from draftwise.models.cache import KVCache
 from draftwise.sampling import Sampling, warp
@@ -35,11 +42,15 @@ class ModelDrafter(Drafter, metaclass=abc.ABCMeta):
     # accepted tokens are fed again at the next catch-up (rows computed from predicted inputs: EAGLE)
     keep_drafted_rows = True
 
-    def __init__(self, cache: KVCache, window: int | None = None):
+    def __init__(self, cache: KVCache, window: int | None = None, text: DraftText | None = None):
         self.cache = cache
         self.window = window                     # most prompt tokens the first catch-up feeds (None: all)
+        self.text = text                         # the draft's own tokens (a draft with another tokenizer)
         self.synced = 0                          # ctx.tokens[:synced] are accounted for in the draft cache
         self.fed: list[int] = []                 # tree node of each pending row, in row order
+        self.fed_ids: list[int] = []             # the draft token of each pending row
+        self.pos0 = 0                            # position of the cache's first row
+        self.max_pos = cache.max_len             # positions the network takes (a subclass may lower it)
 
     # ------------------------------------------------------------------ subclass hooks
     @abc.abstractmethod
@@ -57,30 +68,65 @@ class ModelDrafter(Drafter, metaclass=abc.ABCMeta):
     # ------------------------------------------------------------------ machinery
     def reset(self, ctx: Context) -> None:
         self.cache.truncate(0)
-        self.synced = 0
-        self.fed = []
+        self.synced = self.pos0 = 0
+        self.fed, self.fed_ids = [], []
+        if self.text is not None:
+            self.text.reset()
+
+    @property
+    def next_pos(self) -> int:
+        return self.pos0 + self.cache.length
+
+    def _start(self, ctx: Context, overflow: bool) -> None:
+        """Where the draft cache begins: the prompt's start or its last ``window`` tokens (rows at their
+        absolute positions), or, for a cache that would overflow, the context's last quarter of the
+        cache's length from position 0."""
+        self.cache.truncate(0)
+        if self.text is not None:
+            self.text.reset()
+        n = len(ctx.tokens)
+        keep = n if self.window is None else min(n, self.window)
+        if overflow:
+            keep = min(keep, self._room() // 4)
+        self.synced = n - keep                   # older tokens never enter the draft cache
+        self.pos0 = 0 if overflow else self.synced
+
+    def _room(self) -> int:
+        return min(self.cache.max_len, self.max_pos)
 
     def catch_up(self, ctx: Context):
         """Feed ctx.tokens[synced:] (never empty: the root is always new) and commit them."""
         self.cache.discard()
-        self.fed = []
-        if self.synced == 0 and self.window is not None and len(ctx.tokens) > self.window:
-            self.synced = len(ctx.tokens) - self.window        # older tokens never enter the draft cache
+        self.fed, self.fed_ids = [], []
+        new = len(ctx.tokens) - self.synced
+        if self.next_pos + 2 * new + 64 > self._room():      # 2x: another tokenizer may need more rows
+            self._start(ctx, overflow=True)
+        elif self.synced == 0:
+            self._start(ctx, overflow=False)
         new = ctx.tokens[self.synced:]
+        if self.text is None:
+            keep = self.cache.length
+        else:
+            keep, new = self.text.sync(new)
+            self.cache.truncate(keep)
         dev = self.cache.k.device
         toks = torch.tensor(new, dtype=torch.long, device=dev)
-        pos = torch.arange(self.synced, self.synced + len(new), device=dev)
+        pos = torch.arange(self.pos0 + keep, self.pos0 + keep + len(new), device=dev)
         out = self.forward_draft(toks, pos, None, ctx, catch_up=True)
         self.cache.commit(len(new))
         self.synced = len(ctx.tokens)
         return out
 
-    def step(self, tree: DraftTree, nodes: list[int], ctx: Context):
-        """Feed tree nodes (all of whose ancestors except the root were fed before) as pending rows."""
+    def step(self, tree: DraftTree, nodes: list[int], ctx: Context, draft_ids: bool = False):
+        """Feed tree nodes (all of whose ancestors except the root were fed before) as pending rows.
+        draft_ids: the tree's tokens are the draft's own ids already (else target ids, translated for a
+        draft with another tokenizer)."""
         dev = self.cache.k.device
         idx = torch.tensor(nodes, dtype=torch.long)
         toks = tree.tokens[idx].to(dev)
-        pos = (tree.depths[idx] + (len(ctx.tokens) - 1)).to(dev)
+        if self.text is not None and not draft_ids:
+            toks = self.text.bridge.t2d_on(dev)[toks]
+        pos = (tree.depths[idx] + (self.next_pos - 1)).to(dev)
         if len(nodes) == 1 and len(self.fed) == int(tree.depths[nodes[0]]) - 1:
             mask = None                          # a chain: every pending row is an ancestor
         else:
@@ -90,6 +136,8 @@ class ModelDrafter(Drafter, metaclass=abc.ABCMeta):
         out = self.forward_draft(toks, pos, mask, ctx, catch_up=False)
         self.cache.hold(len(nodes))
         self.fed.extend(nodes)
+        if self.text is not None:
+            self.fed_ids.extend(toks.tolist())
         return out
 
     def select(self, tree: DraftTree, keep: torch.Tensor) -> DraftTree:
@@ -112,7 +160,9 @@ class ModelDrafter(Drafter, metaclass=abc.ABCMeta):
             rows.append(row_of[node])
         self.cache.commit(rows)                  # drops every other pending row
         self.synced += len(rows)
-        self.fed = []
+        if self.text is not None:
+            self.text.ids.extend(self.fed_ids[r] for r in rows)
+        self.fed, self.fed_ids = [], []
 
 
 def next_token(logits: torch.Tensor, sampling: Sampling, g: torch.Generator | None,

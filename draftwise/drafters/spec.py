@@ -14,6 +14,7 @@ from typing import TYPE_CHECKING, Any, Callable, Protocol, runtime_checkable
 from draftwise.errors import ConfigError
 
 if TYPE_CHECKING:
+    from draftwise.crossvocab import VocabBridge
     from draftwise.models.transformer import Transformer
     from draftwise.policies.budget import CostCurve
     from draftwise.vocab import VocabSubset
@@ -26,6 +27,7 @@ class EngineView(Protocol):
     (tests/test_architecture.py checks each one)."""
     model: Transformer                       # the target
     draft_model: Transformer | None          # the draft model, when one is loaded
+    draft_bridge: VocabBridge | None         # the vocabulary map, when the draft has another tokenizer
     tokenizer: Any                           # the target's tokenizer (datastore fingerprints)
     shared: dict                             # objects the engine's drafters share (loaded datastores)
 
@@ -38,8 +40,9 @@ class EngineView(Protocol):
     def vocab_subset(self, k: int) -> VocabSubset:
         """The k most frequent tokens of the target's vocabulary."""
 
-RESOURCES = {"draft_model": "a draft model (--draft NAME)", "datastore": "a datastore (--method-opts '{\"datastore\": PATH}')",
-         "head": "a trained head"}
+RESOURCES = {"draft_model": "a draft model (--draft NAME; another tokenizer works too)",
+             "datastore": "a datastore (--method-opts '{\"datastore\": PATH}')",
+             "head": "a trained head"}
 
 
 @dataclass(frozen=True)
