@@ -217,6 +217,7 @@ class DraftText:
     def __init__(self, bridge: VocabBridge):
         self.bridge = bridge
         self.ids: list[int] = []
+        self.fed_total = self.refed_total = 0   # rows fed by sync, and of those the ones fed again (re-sync cost)
 
     def reset(self) -> None:
         self.ids = []
@@ -252,5 +253,7 @@ class DraftText:
                 feed = [b.d.unk if b.d.unk is not None else 0]
             else:
                 keep, feed = keep - 1, self.ids[keep - 1:keep]
+        self.refed_total += len(self.ids) - keep
+        self.fed_total += len(feed)
         self.ids = self.ids[:keep] + feed
         return keep, feed

@@ -314,6 +314,22 @@ def test_a_window_prefills_only_the_prompts_tail(tmp_path):
         DraftModel(draft, tree="chain", max_nodes=3, window=0)
 
 
+def test_a_draft_as_slow_as_the_target_never_runs(tmp_path):
+    """With the cost-curve planner, a draft step that costs a target pass or more cannot pay whatever the
+    acceptance: no draft forward runs (not even the catch-up); a cheaper draft drafts as usual."""
+    from draftwise.policies.budget import CostCurve, OnlineCost
+    from draftwise.policies.opt_tree import Planner
+
+    target, draft = tiny_pair(tmp_path)
+    prompt = prompt_of(2)
+    ref, _ = generate(target, prompt, max_new_tokens=12)
+    for draft_ms, drafts in ((1.0, False), (0.3, True)):
+        planner = Planner(OnlineCost(CostCurve.flat()), OnlineCost(CostCurve((1, 1024), (draft_ms, draft_ms))))
+        d = DraftModel(draft, tree="chain", planner=planner)
+        out, st = generate(target, prompt, drafter=d, max_new_tokens=12)
+        assert out == ref and (d.cache.length > 0) == drafts and (st.tau > 1.0) == drafts
+
+
 # ---------------------------------------------------------------- options and registry
 def test_option_validation():
     spec = methods.get("recycling")

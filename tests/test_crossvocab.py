@@ -247,3 +247,19 @@ def test_string_mode_needs_a_chain():
         SPEC.validate({"cross": "string", "tree": "opt-tree"})
     with pytest.raises(ConfigError, match="cross"):
         SPEC.validate({"cross": "bytes"})
+
+
+@pytest.mark.parametrize("cross", ["tli", "string"])
+def test_auto_with_a_cross_vocabulary_draft_matches_plain_greedy(tmp_path, toks, cross):
+    from draftwise.drafters import auto
+
+    target, dnet, b = models_for(tmp_path, toks, "sp", aligned=True)
+    eng = TinyEngine(target, dnet, b)
+    d = auto.SPEC.factory(eng, **auto.SPEC.validate({"model_cross": cross}))
+    for k in range(3):
+        prompt = prompt_ids(toks, k)
+        ref, _ = generate(target, prompt, max_new_tokens=24)
+        out, _ = generate(target, prompt, drafter=d, max_new_tokens=24)
+        assert out == ref, k
+    other = auto.SPEC.factory(eng, **auto.SPEC.validate({"model_cross": cross, "model_tree": "opt-tree"}))
+    assert other.model.base.string is False          # string-level drafts are chains: another shape uses TLI

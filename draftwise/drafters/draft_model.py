@@ -134,6 +134,10 @@ class DraftModel(ModelDrafter):
                 self._tops, self._info, self.dists = [], None, {}
                 self._draft_ms = (time.perf_counter() - self._t0) * 1e3
                 return DraftTree.root_only(ctx.root, device=ctx.device)
+        if self.planner is not None and not self.planner.drafting_can_pay(len(ctx.tokens)):
+            self._tops, self._info, self.dists = [], None, {}       # no catch-up either: plain steps only
+            self._draft_ms = (time.perf_counter() - self._t0) * 1e3
+            return DraftTree.root_only(ctx.root, device=ctx.device)
         if self.planner is not None:
             self.planner.begin(len(ctx.tokens))          # the catch-up counts as spent
         tree = super().propose(ctx)
@@ -204,18 +208,21 @@ class DraftModel(ModelDrafter):
         return tree
 
     def _string(self, ctx: Context, first, depth: int) -> DraftTree:
-        """String-level drafting: the draft continues in its own vocabulary (greedy, or sampled from
-        its own distribution) while its running top-probability product stays above STRING_STOP and
+        """String-level drafting: the draft continues greedily in its own vocabulary while its running
+        top-probability product stays above STRING_STOP and
         the planner finds one more draft token worth its time, for at most max_depth tokens; the
         continuation's text, re-encoded by the target's tokenizer, is the chain. Its tokens carry no
-        q: the target checks them with the deterministic rule (exact for sampling too). Its pending
-        rows are dropped; the next catch-up feeds what was accepted."""
+        q: the target checks them with the deterministic rule (exact for sampling too: the target
+        samples each token itself and the draft's is kept while they agree; a greedy continuation is
+        kept with probability p(argmax q), at least the sum of q(x) p(x) a sampled one would get
+        wherever both models rank the same token first). Its pending rows are dropped; the next
+        catch-up feeds what was accepted."""
         bridge = self.text.bridge
         ids, run, runs = [], 1.0, []
         logits = first.logits[-1]
         k = depth if self.max_nodes is None else min(depth, self.max_nodes)
         for d in range(self.max_depth):
-            tok, top, _ = next_token(logits, ctx.sampling, self.g, None, self.net.cfg.vocab_size)
+            tok, top, _ = next_token(logits, ctx.sampling, None, None, self.net.cfg.vocab_size)     # greedy
             run *= top
             ids.append(tok)
             runs.append(run)

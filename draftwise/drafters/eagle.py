@@ -191,6 +191,7 @@ class Eagle(DraftModel):
     needs = Needs(final_hidden=True)
     pausable = False          # its features come from every target pass (observe); its length control adapts
     keep_drafted_rows = False  # drafted rows came from predicted features: re-fed with the real ones
+    restartable = False        # row j pairs the target's feature at position j - 1: positions stay absolute
 
     def __init__(self, head: EagleHead, length: LengthControl | None = None, tree: str = "chain",
                  max_nodes: int | None = None, max_depth: int = 8, width: int = 8, delta: float | None = None,

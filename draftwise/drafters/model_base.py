@@ -41,6 +41,9 @@ class ModelDrafter(Drafter, metaclass=abc.ABCMeta):
     # True: an accepted node's pending row becomes committed; False: every drafted row is dropped and the
     # accepted tokens are fed again at the next catch-up (rows computed from predicted inputs: EAGLE)
     keep_drafted_rows = True
+    # True: a draft cache that would overflow restarts on the recent context from position 0 (a drafter
+    # whose rows pair with the target's positions, EAGLE, keeps its positions and does not)
+    restartable = True
 
     def __init__(self, cache: KVCache, window: int | None = None, text: DraftText | None = None):
         self.cache = cache
@@ -98,11 +101,11 @@ class ModelDrafter(Drafter, metaclass=abc.ABCMeta):
         """Feed ctx.tokens[synced:] (never empty: the root is always new) and commit them."""
         self.cache.discard()
         self.fed, self.fed_ids = [], []
-        new = len(ctx.tokens) - self.synced
-        if self.next_pos + 2 * new + 64 > self._room():      # 2x: another tokenizer may need more rows
-            self._start(ctx, overflow=True)
-        elif self.synced == 0:
+        if self.synced == 0:
             self._start(ctx, overflow=False)
+        grow = 1 if self.text is None else 2               # another tokenizer may need more rows per token
+        if self.restartable and self.next_pos + grow * (len(ctx.tokens) - self.synced) + 64 > self._room():
+            self._start(ctx, overflow=True)
         new = ctx.tokens[self.synced:]
         if self.text is None:
             keep = self.cache.length

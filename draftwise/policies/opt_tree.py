@@ -134,6 +134,11 @@ class Planner:
     def spent(self) -> float:
         return (time.perf_counter() - self.t0) * 1e3
 
+    def drafting_can_pay(self, context: int) -> bool:
+        """An accepted draft token saves at most one target pass, so a draft step that costs as much as a
+        plain target pass never pays, whatever the acceptance (a 0.5B draft for the 135M SmolLM2)."""
+        return float(self.draft_cost.t(1, context)) < float(self.target_cost.t(1, context))
+
     def learn(self, top_child_rate: float) -> None:
         """Running mean of the acceptance estimate of the best child of an expanded node."""
         self.a = (1 - self.alpha) * self.a + self.alpha * float(top_child_rate)
