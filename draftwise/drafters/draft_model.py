@@ -209,9 +209,9 @@ class DraftModel(ModelDrafter):
 
     def _string(self, ctx: Context, first, depth: int) -> DraftTree:
         """String-level drafting: the draft continues greedily in its own vocabulary while its running
-        top-probability product stays above STRING_STOP and
-        the planner finds one more draft token worth its time, for at most max_depth tokens; the
-        continuation's text, re-encoded by the target's tokenizer, is the chain. Its tokens carry no
+        top-probability product stays above STRING_STOP and the planner finds one more draft token
+        worth its time, for at most max_depth tokens; the continuation's text, re-encoded by the
+        target's tokenizer, is the chain. Its tokens carry no
         q: the target checks them with the deterministic rule (exact for sampling too: the target
         samples each token itself and the draft's is kept while they agree; a greedy continuation is
         kept with probability p(argmax q), at least the sum of q(x) p(x) a sampled one would get
@@ -355,7 +355,7 @@ def _factory(engine, tree: str, max_nodes, max_depth: int, width: int, delta, vo
         ctl = parse_control(length, costs, max_depth)
     need_plan = max_nodes is None and tree != "static" and ctl is None
     planner = Planner(OnlineCost(engine.cost_curve()), OnlineCost(engine.draft_cost_curve())) if need_plan else None
-    bridge = getattr(engine, "draft_bridge", None)
+    bridge = engine.draft_bridge
     sub = subset_for(engine, vocab_subset, engine.model.cfg.vocab_size if bridge is not None
                      else engine.draft_model.cfg.vocab_size)
     return DraftModel(engine.draft_model, tree=tree, max_nodes=max_nodes, max_depth=max_depth, width=width,
