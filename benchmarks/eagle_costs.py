@@ -13,6 +13,7 @@ import time
 import torch
 
 import draftwise
+from draftwise.drafters import eagle3
 from draftwise.drafters.eagle import load_head
 
 
@@ -41,15 +42,21 @@ def main() -> None:
     cache = m.new_cache()
     m.forward(ctx, torch.arange(a.context), cache)
     cache.commit(a.context)
+    v3 = isinstance(head, eagle3.Eagle3Head)          # catch-up rows read fused 3 D features, drafted rows D
     hc = head.new_cache(a.context + 16)
-    head.forward(ctx[1:], torch.randn(a.context - 1, m.cfg.hidden_size), torch.arange(1, a.context), hc)
+    wide = (3 if v3 else 1) * m.cfg.hidden_size
+    head.forward(ctx[1:], torch.randn(a.context - 1, wide), torch.arange(1, a.context), hc)
     hc.commit(a.context - 1)
     tok, f, pos = torch.tensor([11]), torch.randn(1, m.cfg.hidden_size), torch.tensor([a.context])
-    sub = m.lm_head.rows(eng.vocab_subset(32768).ids)
-    res = {"model": a.model, "context": a.context, "threads": torch.get_num_threads(),
+    sub = head.lm_head if v3 else m.lm_head.rows(eng.vocab_subset(32768).ids)
+    res = {"model": a.model, "context": a.context, "threads": torch.get_num_threads(), "head_version": 3 if v3 else 1,
            "head_layer_ms": timed(lambda: (head.forward(tok, f, pos, hc), hc.discard()), a.reps)}
     res["head_step_ms_subset32k"] = timed(lambda: (sub(head.forward(tok, f, pos, hc)), hc.discard()), a.reps)
-    res["head_step_ms_full"] = timed(lambda: (m.lm_head(head.forward(tok, f, pos, hc)), hc.discard()), a.reps)
+    if v3:
+        g = torch.randn(1, wide)
+        res["head_catch_up_row_ms"] = timed(lambda: (sub(head.forward(tok, g, pos, hc)), hc.discard()), a.reps)
+    else:
+        res["head_step_ms_full"] = timed(lambda: (m.lm_head(head.forward(tok, f, pos, hc)), hc.discard()), a.reps)
 
     def full(n):
         toks = torch.randint(0, 30000, (n,))

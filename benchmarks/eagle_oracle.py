@@ -24,6 +24,7 @@ def main() -> None:
     ap.add_argument("--run", required=True, help="a bench output directory with answers-ar and answers-eagle--kK")
     ap.add_argument("--costs", required=True)
     ap.add_argument("--k", type=int, default=6)
+    ap.add_argument("--prefix", default="eagle--k", help="answers-PREFIX{k}.jsonl is the fixed-k run")
     ap.add_argument("--json", default=None)
     a = ap.parse_args()
     c = json.loads(Path(a.costs).read_text())
@@ -31,7 +32,7 @@ def main() -> None:
     t = {int(n): ms for n, ms in c["t_target_ms"].items()}
     run = Path(a.run)
     ar = {r["question_id"]: r for r in load(run / "answers-ar.jsonl")}
-    fixed = load(run / f"answers-eagle--k{a.k}.jsonl")
+    fixed = load(run / f"answers-{a.prefix}{a.k}.jsonl")
     ar_s = or_s = k_s = 0.0
     tokens = steps = 0
     accepted = []

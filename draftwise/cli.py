@@ -12,6 +12,7 @@ from draftwise.commands import (  # noqa: F401
     cmd_datastore_build,
     cmd_datastore_info,
     cmd_generate,
+    cmd_head_export,
     cmd_methods,
     cmd_models_install,
     cmd_models_list,
@@ -185,7 +186,20 @@ def build_parser() -> argparse.ArgumentParser:
 
     tg = tsub.add_parser("eagle", help="train an EAGLE draft head on the target's features")
     teacher_args(tg, "head", 5e-4, "last", "last (the target's last layer behind a pass-through fc, default) or random")
+    tg.add_argument("--arch", default="eagle1", choices=("eagle1", "eagle3"),
+                    help="eagle1: reads the last layer (default); eagle3: fused low/middle/high layers, training-time "
+                         "test, the official EAGLE-3 layout")
+    tg.add_argument("--ttt", type=int, default=None, help="eagle3: draft depths of training-time test (default 3)")
     tg.set_defaults(func=cmd_train_eagle)
+
+    hd = sub.add_parser("head", help="draft heads: export a head trained here")
+    hsub = hd.add_subparsers(dest="hcmd", required=True)
+    hx = hsub.add_parser("export", help="write an EAGLE-3 head trained here as an official EAGLE-3 directory "
+                                        "(config.json + model.safetensors: vLLM, SGLang and llama.cpp load it)")
+    _add_target_args(hx)
+    hx.add_argument("--head", required=True, help="the head (draftwise train eagle --arch eagle3)")
+    hx.add_argument("--out", required=True, help="directory to write (must not exist or be empty)")
+    hx.set_defaults(func=cmd_head_export)
 
     tl = tsub.add_parser("ldlp", help="train AdaEAGLE's draft-length predictor for a trained head")
     _add_target_args(tl)

@@ -222,9 +222,26 @@ def cmd_train_eagle(a) -> int:
     eng = _load(a)
     info = train_head(eng, Path(a.out), data=a.data, max_tokens=a.max_tokens, max_steps=a.max_steps, epochs=a.epochs,
                       batch=a.batch, lr=a.lr, init=a.init, features=Path(a.features) if a.features else None,
-                      vocab_subset=a.vocab_subset, progress=not a.quiet, val_every=a.val_every)
-    print(f"{a.out}: EAGLE head (init {info['init']}), {info['train_tokens']:,} training tokens, {info['steps']} steps "
-          f"in {info['train_s']:.0f} s; validation top-1 accuracy {info['val_agree_init']:.3f} -> {info['val_agree']:.3f}")
+                      vocab_subset=a.vocab_subset, progress=not a.quiet, val_every=a.val_every, arch=a.arch,
+                      ttt=a.ttt)
+    depths = ", ".join(f"depth {j} {info.get(f'val_agree_d{j}_init', 0):.3f} -> {info[f'val_agree_d{j}']:.3f}"
+                       for j in (2, 3) if f"val_agree_d{j}" in info)
+    print(f"{a.out}: {'EAGLE-3' if a.arch == 'eagle3' else 'EAGLE'} head (init {info['init']}), "
+          f"{info['train_tokens']:,} training tokens, {info['steps']} steps in {info['train_s']:.0f} s; validation "
+          f"top-1 accuracy {info['val_agree_init']:.3f} -> {info['val_agree']:.3f}" + (f"; {depths}" if depths else ""))
+    return 0
+
+
+def cmd_head_export(a) -> int:
+    from draftwise.drafters import eagle3
+    from draftwise.drafters.eagle import read_head
+
+    eng = _load(a)
+    tensors, meta = read_head(Path(a.head), eng.model)
+    out = eagle3.export_head(eng.model, tensors, meta, Path(a.out))
+    print(f"{out}: EAGLE-3 head for {eng.model_id} (draft vocabulary {tensors['d2t'].numel():,} tokens, target layers "
+          f"{[i + 1 for i in meta.get('aux_layers', eagle3.aux_layers(eng.model.cfg.num_layers))]} as "
+          f"eagle_aux_hidden_state_layer_ids)")
     return 0
 
 

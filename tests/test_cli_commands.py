@@ -26,6 +26,7 @@ COVERED = {
     "train early-exit": "test_train_commands",
     "train eagle": "test_train_commands",
     "train ldlp": "test_train_commands",
+    "head export": "test_train_eagle3_export_and_generate",
     "methods": "test_methods_command",
     "models list": "test_models_list (test_cli.py)",
     "models install": "test_models_install",
@@ -147,6 +148,26 @@ def test_train_commands(capsys, tmp_path):
     assert main(["generate", *SMOL, "--max-new-tokens", "6", "--method", "early-exit", "--method-opts",
                  json.dumps({"exit": str(ex), "vocab_subset": 0}), "--compare-ar", "def f(x):"]) == 0
     assert capsys.readouterr().err.count("text identical") == 2
+
+
+def test_train_eagle3_export_and_generate(capsys, tmp_path):
+    data = tmp_path / "data.py"
+    data.write_text(open(json.__file__).read())
+    head, out = tmp_path / "h3.safetensors", tmp_path / "exported"
+    assert main(["train", "eagle", *SMOL, "--arch", "eagle3", "--ttt", "2", "--data", str(data), "--max-tokens", "2048",
+                 "--max-steps", "2", "--batch", "1", "--vocab-subset", "4096", "--quiet", "--out", str(head)]) == 0
+    assert "EAGLE-3 head" in capsys.readouterr().out
+    assert main(["head", "export", *SMOL, "--head", str(head), "--out", str(out)]) == 0
+    cfg = json.loads((out / "config.json").read_text())
+    assert cfg["architectures"] == ["LlamaForCausalLMEagle3"] and cfg["draft_vocab_size"] == 4096
+    assert cfg["eagle_config"]["eagle_aux_hidden_state_layer_ids"] == [2, 15, 27]      # SmolLM2: 30 layers
+    for h in (head, out):             # ours, and the exported directory read as a public head
+        assert main(["generate", *SMOL, "--max-new-tokens", "6", "--method", "eagle", "--method-opts",
+                     json.dumps({"head": str(h), "length": "fixed:2"}), "--compare-ar", "def f(x):"]) == 0
+    assert capsys.readouterr().err.count("text identical") == 2
+    assert main(["head", "export", *SMOL, "--head", str(head), "--out", str(out)]) == 2     # not empty
+    assert "not an empty directory" in capsys.readouterr().err
+    assert main(["head", "export", *SMOL, "--head", str(tmp_path / "nope"), "--out", str(tmp_path / "o2")]) == 2
 
 
 def test_generate_with_a_draft_model(capsys, tmp_path):

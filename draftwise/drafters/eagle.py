@@ -34,6 +34,7 @@ from pathlib import Path
 
 import torch
 
+from draftwise.drafters import eagle3
 from draftwise.drafters.base import Context, Needs
 from draftwise.drafters.draft_model import DraftModel
 from draftwise.drafters.spec import VOCAB_SUBSET, MethodSpec, Option
@@ -95,8 +96,6 @@ def head_shapes(model: Transformer) -> dict[str, tuple[int, ...]]:
 def head_from_tensors(model: Transformer, tensors: dict[str, torch.Tensor], meta: dict, where: str,
                       packed: bool | None = None) -> EagleHead:
     """Check names and shapes against the target and build the head (one-line errors)."""
-    if any(k.startswith("midlayer.") for k in tensors) or "d2t" in tensors:
-        raise CheckpointError(f"{where} is an EAGLE-3 head (midlayer, d2t/t2d); only EAGLE-1/2 heads are supported")
     input_norm = LP + "input_layernorm.weight" in tensors
     cfg = dataclasses.replace(model.cfg, attention_bias=LP + "self_attn.q_proj.bias" in tensors,
                               qk_norm=LP + "self_attn.q_norm.weight" in tensors)
@@ -158,13 +157,14 @@ def load_head(path: str | Path, model: Transformer, packed: bool | None = None) 
     tensors, meta = _read_weights(f)
     if meta:                                                 # ours
         check_part(meta, KIND, model, "EAGLE head", f)
+        if eagle3.is_eagle3(tensors):
+            return eagle3.load_ours(model, tensors, meta, str(f), packed)
+    elif eagle3.is_eagle3(tensors):                          # public EAGLE-3
+        return eagle3.load_public(model, tensors, _config(config), str(path), packed)
     else:                                                    # public EAGLE-1/2
         tensors = {k: v for k, v in tensors.items() if k != "embed_tokens.weight"}
-        if config is not None:
-            try:
-                c = json.loads(config.read_text())
-            except (OSError, json.JSONDecodeError) as e:
-                raise CheckpointError(f"{config} is not a readable config ({e})") from None
+        c = _config(config)
+        if c is not None:
             mc = model.cfg
             for key, have in (("hidden_size", mc.hidden_size), ("vocab_size", mc.vocab_size),
                               ("num_attention_heads", mc.num_heads), ("rope_theta", mc.rope_theta)):
@@ -174,6 +174,33 @@ def load_head(path: str | Path, model: Transformer, packed: bool | None = None) 
                 raise CheckpointError(f"EAGLE head {path} has {c['num_hidden_layers']} layers; EAGLE-1/2 heads have 1")
         meta = {"source": "eagle", "path": str(path)}
     return head_from_tensors(model, tensors, meta, str(f), packed)
+
+
+def read_head(path: Path, model: Transformer) -> tuple[dict[str, torch.Tensor], dict]:
+    """(tensors, metadata) of an EAGLE-3 head trained here for this target (what export writes out)."""
+    from draftwise.parts import check_part
+
+    if not Path(path).is_file():
+        raise CheckpointError(f"draft head {path} not found (train one: draftwise train eagle --arch eagle3)")
+    tensors, meta = _read_weights(Path(path))
+    if not meta:
+        raise CheckpointError(f"{path} is not a head trained by draftwise (nothing to export)")
+    check_part(meta, KIND, model, "EAGLE head", path)
+    if not eagle3.is_eagle3(tensors):
+        raise CheckpointError(f"{path} is an EAGLE-1 head; only EAGLE-3 heads export to the EAGLE-3 layout")
+    return tensors, meta
+
+
+def _config(config: Path | None) -> dict | None:
+    if config is None:
+        return None
+    try:
+        c = json.loads(config.read_text())
+    except (OSError, json.JSONDecodeError) as e:
+        raise CheckpointError(f"{config} is not a readable config ({e})") from None
+    if not isinstance(c, dict):
+        raise CheckpointError(f"{config} is not a config object")
+    return c
 
 
 def untrained_head(model: Transformer) -> EagleHead:
@@ -203,8 +230,13 @@ class Eagle(DraftModel):
         super().__init__(head, tree=tree, max_nodes=max_nodes, max_depth=max_depth, width=width, delta=delta,
                          subset=subset, planner=None, calibrate=calibrate and tree != "chain", max_len=head.max_len,
                          control=length if tree == "chain" else None)
-        self.feats = torch.zeros(head.max_len + 1, head.cfg.hidden_size, dtype=head.dtype, device=head.device)
+        self.v3 = isinstance(head, eagle3.Eagle3Head)
+        if self.v3:                                   # the fused features of three target layers
+            self.needs = Needs(hidden_layers=head.aux, final_hidden=True)
+        width = 3 * head.target.cfg.hidden_size if self.v3 else head.cfg.hidden_size
+        self.feats = torch.zeros(head.max_len + 1, width, dtype=head.dtype, device=head.device)
         self.nf = 0                                   # feats[:nf] = f of the tokens in the target cache
+        self.last_f: torch.Tensor | None = None       # the final-norm feature of the last committed token (LDLP)
         self._pred: dict[int, torch.Tensor] = {}      # tree node -> predicted feature after it [D]
         self._at: tuple[DraftTree, list[int]] | None = None
         # per step when a list: (root, f of the last committed token, drafted tokens, accepted count)
@@ -214,10 +246,14 @@ class Eagle(DraftModel):
         super().reset(ctx)
         self.nf, self._pred = 0, {}
 
+    def _feats(self, out) -> torch.Tensor:
+        return self.net.fuse(out) if self.v3 else out.hidden            # [n, 3 D or D]
+
     def begin(self, ctx: Context, out) -> None:
         n = out.hidden.shape[0]
-        self.feats[:n] = out.hidden
+        self.feats[:n] = self._feats(out)
         self.nf = n
+        self.last_f = out.hidden[-1]
         self.synced = self.pos0 = 1                   # token 0 gets no row: pairs start at (f_0, x_1)
 
     def forward_draft(self, tokens, positions, mask, ctx, catch_up: bool) -> ForwardOut:
@@ -239,25 +275,37 @@ class Eagle(DraftModel):
         return super().step(tree, nodes, ctx)
 
     def chain_length(self, ctx: Context) -> int:
-        self.control.see(ctx.root, self.feats[self.nf - 1])    # the LDLP reads the root and the last feature
+        self.control.see(ctx.root, self.last_f)    # the LDLP reads the root and the last final-norm feature
         return super().chain_length(ctx)
 
     def observe(self, tree, out, accepted, ctx) -> None:
         path = torch.as_tensor(accepted.path, dtype=torch.long, device=out.hidden.device)
         if self.log is not None:
-            self.log.append((int(tree.tokens[0]), self.feats[self.nf - 1].float().cpu(), tree.tokens[1:].tolist(),
+            self.log.append((int(tree.tokens[0]), self.last_f.float().cpu(), tree.tokens[1:].tolist(),
                              len(accepted.path) - 1))
         n = int(path.numel())
-        self.feats[self.nf:self.nf + n] = out.hidden[path]
+        self.feats[self.nf:self.nf + n] = self._feats(out)[path]
         self.nf += n
+        self.last_f = out.hidden[path[-1]]
         super().observe(tree, out, accepted, ctx)
 
     def describe(self) -> dict:
         d = {"method": self.name, "tree": self.shape, "head": self.net.meta.get("source", "draftwise"),
+             "head_version": 3 if self.v3 else 1,
              "vocab_subset": None if self.subset is None else self.subset.size}
         if self.control is not None:
             d["length"] = self.control.describe()
         return d
+
+
+def head_subset(engine, head, vocab_subset: int) -> VocabSubset | None:
+    """The vocabulary a head drafts over: an EAGLE-3 head's own draft vocabulary (``vocab_subset`` does
+    not apply to it), else the engine's ``vocab_subset`` most frequent tokens (None: all)."""
+    V = engine.model.cfg.vocab_size
+    if isinstance(head, eagle3.Eagle3Head):
+        full = head.ids.numel() == V and bool((head.ids == torch.arange(V)).all())
+        return None if full else VocabSubset(head.ids, V)
+    return subset_for(engine, vocab_subset, V)
 
 
 def _factory(engine, head, ldlp, length, tree: str, max_depth: int, threshold: float, max_nodes, width: int, delta,
@@ -269,8 +317,15 @@ def _factory(engine, head, ldlp, length, tree: str, max_depth: int, threshold: f
     model = engine.model
     if head is None:
         raise ConfigError("method 'eagle' needs a draft head: --method-opts '{\"head\": PATH}' (trained by draftwise "
-                          "train eagle, or a public EAGLE-1/2 head directory), or \"untrained\"")
-    h = untrained_head(model) if head == "untrained" else load_head(head, model)
+                          "train eagle, or a public EAGLE-1/2/3 head directory), or \"untrained\"")
+    if head == "untrained":
+        h = untrained_head(model)
+    elif head == "untrained-eagle3":
+        sub = subset_for(engine, vocab_subset, model.cfg.vocab_size)
+        h = eagle3.untrained_head(model, None if sub is None else sub.ids)
+    else:
+        h = load_head(head, model)
+    v3 = isinstance(h, eagle3.Eagle3Head)
     ctl = None
     if tree == "chain":
         length = length or ("ldlp-ddd" if ldlp else "ddd")
@@ -282,13 +337,14 @@ def _factory(engine, head, ldlp, length, tree: str, max_depth: int, threshold: f
         if length in ("beta-ts", "calibration-ts"):
             full = engine.cost_curve()
             t1 = float(full.t(1))
-            frac = 1.0 / model.cfg.num_layers + 0.3 * min(vocab_subset or model.cfg.vocab_size, model.cfg.vocab_size) \
-                / model.cfg.vocab_size          # one layer + the (subset) head, as a share of a target pass
+            k = h.ids.numel() if v3 else min(vocab_subset or model.cfg.vocab_size, model.cfg.vocab_size)
+            frac = 1.0 / model.cfg.num_layers + 0.3 * k / model.cfg.vocab_size   # one layer + the (subset) head,
+            # as a share of a target pass
             costs = StepCosts(OnlineCost(full), draft_ms=t1 * frac, plain_ms=0.0)
         ctl = parse_length(length, costs, max_depth, lp, threshold)
     elif length is not None or ldlp is not None:
         raise ConfigError(f"eagle options 'length' and 'ldlp' need tree 'chain', got {tree!r}")
-    sub = subset_for(engine, vocab_subset, model.cfg.vocab_size)
+    sub = head_subset(engine, h, vocab_subset)
     return Eagle(h, ctl, tree=tree, max_nodes=max_nodes, max_depth=max_depth, width=width, delta=delta, subset=sub)
 
 
@@ -296,9 +352,10 @@ SPEC = MethodSpec(
     "eagle", "EAGLE-style draft head on the target's features, AdaEAGLE draft-length prediction "
     "(arXiv 2401.15077, 2412.18910)", _factory,
     options={
-        "head": Option(str, None, "draft head (draftwise train eagle, or a public EAGLE-1/2 head "
-                               "directory); \"untrained\": the training starting point", optional=True,
-                               path=True, words=("untrained",)),
+        "head": Option(str, None, "draft head (draftwise train eagle [--arch eagle3], or a public EAGLE-1/2/3 "
+                               "head directory); \"untrained\": EAGLE-1's training starting point; "
+                               "\"untrained-eagle3\": a random EAGLE-3 head (tests)", optional=True,
+                               path=True, words=("untrained", "untrained-eagle3")),
         "ldlp": Option(str, None, "draft-length predictor (draftwise train ldlp)", optional=True, path=True),
         "length": Option(str, None, f"chain length: {LENGTHS} (null: ldlp-ddd with an LDLP, else ddd)",
                                  optional=True),
@@ -318,4 +375,7 @@ SPEC = MethodSpec(
     test_opts=[{"head": "untrained", "length": "fixed:3", "vocab_subset": 0},
                {"head": "untrained", "length": "ddd", "threshold": -1.5, "max_depth": 5, "vocab_subset": 0},
                {"head": "untrained", "length": "beta-ts", "max_depth": 4, "vocab_subset": 0},
-               {"head": "untrained", "tree": "opt-tree", "max_nodes": 5, "width": 3, "max_depth": 4, "vocab_subset": 0}])
+               {"head": "untrained", "tree": "opt-tree", "max_nodes": 5, "width": 3, "max_depth": 4, "vocab_subset": 0},
+               {"head": "untrained-eagle3", "length": "fixed:3", "vocab_subset": 0},
+               {"head": "untrained-eagle3", "tree": "opt-tree", "max_nodes": 5, "width": 3, "max_depth": 4,
+                "vocab_subset": 0}])

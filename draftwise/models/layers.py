@@ -314,12 +314,14 @@ def compiled_glue() -> Glue:
     return Glue(c(qkv_rope), c(add_norm), c(swiglu), c(rms_norm))
 
 
-def layer_forward(cfg: ModelConfig, L: Layer, x: torch.Tensor, cos, sin, kv, mask, glue: Glue = EAGER) -> torch.Tensor:
+def layer_forward(cfg: ModelConfig, L: Layer, x: torch.Tensor, cos, sin, kv, mask, glue: Glue = EAGER,
+                  attn_in: torch.Tensor | None = None) -> torch.Tensor:
     """One decoder layer on x [n, D]. ``kv(k, v)`` takes this pass's keys/values [Hkv, n, Dh] and
     returns every key/value the queries attend to [Hkv, T, Dh] (a cache write, or k, v themselves
-    for a cache-free training pass); mask: additive [g n, T] (see attn_mask) or None."""
+    for a cache-free training pass); mask: additive [g n, T] (see attn_mask) or None. attn_in [n, D']:
+    what q/k/v read instead of the normed x (an EAGLE-3 head's [normed embedding ⊕ normed hidden])."""
     H, Hkv, Dh = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
-    h = x if L.attn_norm is None else glue.norm(x, L.attn_norm, cfg.rms_norm_eps)
+    h = attn_in if attn_in is not None else x if L.attn_norm is None else glue.norm(x, L.attn_norm, cfg.rms_norm_eps)
     q, k, v = glue.qkv_rope(L.qkv(h), cos, sin, L.q_norm, L.k_norm, (H, Hkv, Dh), cfg.rms_norm_eps)
     keys, values = kv(k.transpose(0, 1), v.transpose(0, 1))            # [Hkv, T, Dh]
     attn = glue.attention(q, keys, values, mask)                       # [n, H Dh]

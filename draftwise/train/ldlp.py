@@ -17,11 +17,10 @@ import torch
 from draftwise.corpora import have_sharegpt, sharegpt_training_turns
 from draftwise.datastore import iter_documents
 from draftwise.decoding import Stats, decode
-from draftwise.drafters.eagle import Eagle, EagleHead, load_head
+from draftwise.drafters.eagle import Eagle, EagleHead, head_subset, load_head
 from draftwise.errors import ConfigError
 from draftwise.parts import model_fingerprint
 from draftwise.policies.length import FixedK, ldlp_forward, ldlp_init, save_ldlp
-from draftwise.vocab import subset_for
 
 
 def asymmetric_l1(pred, label, lam: float):
@@ -59,8 +58,7 @@ def collect_labels(engine, head: EagleHead, prompts: list[list[int]], k_max: int
     from tqdm import tqdm
 
     model = engine.model
-    sub = subset_for(engine, vocab_subset, model.cfg.vocab_size)
-    d = Eagle(head, FixedK(k_max), max_depth=k_max, subset=sub)
+    d = Eagle(head, FixedK(k_max), max_depth=k_max, subset=head_subset(engine, head, vocab_subset))
     d.log = []
     draft_s, forwards = 0.0, 0
     for ids in tqdm(prompts, desc="LDLP labels", unit="prompt", disable=not progress, dynamic_ncols=True):

@@ -352,10 +352,12 @@ def fit(engine, spec: FeatureSpec, out: Path, make: Callable, meta: dict, *, dat
     init_val = evaluate(loss, val_ids[: cfg.val_chunks], batch)
     res = train(params, loss, train_ids, val_ids, cfg, out.with_name(out.name + ".ckpt"), seq, meta,
                 progress=progress, desc=desc)
-    curve = [{"step": h["step"], "tokens_seen": h["step"] * batch * seq, "val_agree": h["val_agree"]}
+    curve = [{"step": h["step"], "tokens_seen": h["step"] * batch * seq,
+              **{k: v for k, v in h.items() if k.startswith("val_agree")}}
              for h in res["history"] if "val_agree" in h]
     info = {**meta, "model": engine.model_id, "train_tokens": len(train_ids) * seq, "val_curve": curve,
             "val_tokens": min(len(val_ids), cfg.val_chunks) * seq, "val_agree_init": init_val["agree"],
+            **{f"val_{k}_init": v for k, v in init_val.items() if k.startswith("agree_d")},
             "val_agree": res["val"]["agree"], "val_loss": res["val"]["loss"],
             **{f"val_{k}": v for k, v in res["val"].items() if k not in ("agree", "loss")},
             "train_s": time.perf_counter() - t0, "data": list(data or DEFAULT_DATA)}
