@@ -41,25 +41,26 @@ OPTS=$(python - "$DIR/$MODEL" <<'PY'
 import json, sys
 p = sys.argv[1]
 o = {}
-for v, ks in ((1, (1, 2, 4)), (3, (1, 2, 3, 4))):
+for v, ks in ((1, (1, 2)), (3, (1, 2, 3))):
     h, l = f"{p}-eagle{v}.safetensors", f"{p}-ldlp{v}.safetensors"
     o.update({f"eagle/e{v}-k{k}": {"head": h, "length": f"fixed:{k}"} for k in ks})
     o[f"eagle/e{v}-ddd"] = {"head": h, "length": "ddd"}
     o[f"eagle/e{v}-ldlp"] = {"head": h, "ldlp": l, "length": "ldlp"}
     o[f"eagle/e{v}-ldlp-ddd"] = {"head": h, "ldlp": l, "length": "ldlp-ddd"}
-o["eagle/e3-tree"] = {"head": f"{p}-eagle3.safetensors", "tree": "opt-tree", "max_nodes": 8, "max_depth": 5, "width": 4}
+o["eagle/e3-tree"] = {"head": f"{p}-eagle3.safetensors", "tree": "opt-tree", "max_nodes": 4, "max_depth": 3, "width": 2}
 print(json.dumps(o))
 PY
 )
-METHODS=${METHODS:-ar,eagle/e1-k1,eagle/e1-k2,eagle/e1-k4,eagle/e1-ldlp-ddd,eagle/e3-k1,eagle/e3-k2,eagle/e3-k3,eagle/e3-k4,eagle/e3-ddd,eagle/e3-ldlp,eagle/e3-ldlp-ddd,eagle/e3-tree}
+METHODS=${METHODS:-ar,eagle/e1-k1,eagle/e1-k2,eagle/e1-ldlp-ddd,eagle/e3-k1,eagle/e3-k2,eagle/e3-k3,eagle/e3-ddd,eagle/e3-ldlp,eagle/e3-ldlp-ddd,eagle/e3-tree}
 for ds in ${SETS:-humaneval mtbench}; do
   draftwise bench --model "$MODEL" --threads 2 --max-turns 1 --max-new-tokens "$TOKENS" --limit "$LIMIT" \
     --methods "$METHODS" --method-opts "$OPTS" --dataset "$ds" --out "$OUT/$ds"
 done
 for v in 1 3; do
+  K=$([ $v = 1 ] && echo 2 || echo 3)      # each head's longest fixed-k run: the oracle drafts at most that
   python benchmarks/eagle_costs.py --model "$MODEL" --head "$DIR/$MODEL-eagle$v.safetensors" --json "$OUT/costs-eagle$v.json"
   for ds in ${SETS:-humaneval mtbench}; do
-    python benchmarks/eagle_oracle.py --run "$OUT/$ds" --costs "$OUT/costs-eagle$v.json" --k 4 --prefix "eagle--e$v-k" \
+    python benchmarks/eagle_oracle.py --run "$OUT/$ds" --costs "$OUT/costs-eagle$v.json" --k "$K" --prefix "eagle--e$v-k" \
       --json "$OUT/$ds/oracle-eagle$v.json"
   done
 done

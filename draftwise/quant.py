@@ -82,6 +82,20 @@ class QWeight:
                        self.kind, pick(self.scale_f), pick(self.offset_f))
 
 
+def quantize_q8_0(w: torch.Tensor) -> QWeight:
+    """fp32 [rows, cols] (cols a multiple of 32) -> Q8_0 blocks as llama.cpp writes them: per 32 values
+    d = amax / 127 (stored fp16), q = round(x / d). For draft parts (EAGLE heads) run on the GGUF path:
+    they only propose tokens, so their rounding never reaches the output."""
+    rows, cols = w.shape
+    if cols % 32:
+        raise ValueError(f"Q8_0 needs a multiple of 32 columns, got {cols}")
+    b = w.detach().float().cpu().view(rows, cols // 32, 32)
+    d = (b.abs().amax(-1) / 127).half().float()                                 # [rows, cols / 32]
+    inv = torch.where(d > 0, 1.0 / d, torch.zeros_like(d))
+    q = torch.round(b * inv.unsqueeze(-1)).clamp_(-127, 127).to(torch.int8).view(rows, cols)
+    return QWeight(q, d, None, 32, "Q8_0")
+
+
 def concat_rows(parts: list[QWeight]) -> QWeight:
     """Stack matrices along the rows (fused q/k/v, gate/up), unifying group size and offsets. The
     factors survive when every part has them over equal super-blocks (else the fp32 values serve)."""

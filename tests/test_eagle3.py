@@ -281,3 +281,22 @@ def test_train_options_are_checked(target, tmp_path):
         train_head(eng, tmp_path / "h.safetensors", arch="eagle3", ttt=0)
     with pytest.raises(ConfigError, match="--ttt needs"):
         train_head(eng, tmp_path / "h.safetensors", arch="eagle1", ttt=3)
+
+
+def test_q8_0_quantizer_rounds_each_block_to_its_scale():
+    """Heads on the GGUF path run as Q8_0 blocks: d = amax / 127 (fp16) per 32 values, |x - q d| <= d / 2."""
+    from draftwise.quant import quantize_q8_0
+
+    g = torch.Generator().manual_seed(0)
+    w = torch.randn(5, 96, generator=g) * torch.tensor([0.01, 1.0, 30.0]).repeat_interleave(32)
+    w[2, 32:64] = 0.0                                              # an all-zero block
+    qw = quantize_q8_0(w)
+    assert qw.kind == "Q8_0" and qw.group == 32 and qw.q.dtype == torch.int8
+    assert int(qw.q.abs().max()) <= 127 and torch.equal(qw.scale.half().float(), qw.scale)
+    amax = w.view(5, 3, 32).abs().amax(-1)
+    torch.testing.assert_close(qw.scale, (amax / 127).half().float())
+    err = (qw.dequantize() - w).abs().view(5, 3, 32).amax(-1)
+    assert bool((err <= qw.scale * 0.5 + 1e-3 * qw.scale + 1e-12).all())
+    assert torch.equal(qw.q[2, 32:64], torch.zeros(32, dtype=torch.int8))
+    with pytest.raises(ValueError, match="multiple of 32"):
+        quantize_q8_0(torch.zeros(2, 40))

@@ -40,8 +40,8 @@ from draftwise.drafters.draft_model import DraftModel
 from draftwise.drafters.spec import VOCAB_SUBSET, MethodSpec, Option
 from draftwise.errors import CheckpointError, ConfigError
 from draftwise.models.cache import KVCache
-from draftwise.models.layers import ForwardOut, Layer, Linear, build_layer, layer_forward
-from draftwise.models.layout import layer_names, layer_shapes
+from draftwise.models.layers import ForwardOut, Layer, Linear, QLinear, build_layer, layer_forward
+from draftwise.models.layout import LINEARS, layer_names, layer_shapes
 from draftwise.models.transformer import Transformer
 from draftwise.policies.length import LENGTHS, LengthControl, StepCosts, check_name, parse_length
 from draftwise.tree import DraftTree
@@ -57,11 +57,14 @@ class EagleHead:
     """fc over [embedding ⊕ feature] -> one decoder layer -> predicted next feature [n, D]."""
 
     def __init__(self, target: Transformer, fc_w: torch.Tensor, fc_b: torch.Tensor | None, layer: Layer,
-                 cfg, meta: dict | None = None, packed: bool | None = None):
+                 cfg, meta: dict | None = None, packed: bool | None = None, quant: dict | None = None):
         packed = target.fast if packed is None else packed
         dev, dt = target.device, target.dtype
         self.target, self.cfg, self.layer, self.meta = target, cfg, layer, dict(meta or {})
-        self.fc = Linear(fc_w.to(dev, dt), None if fc_b is None else fc_b.to(dev, dt), packed)
+        if quant is not None and "fc.weight" in quant:          # Q8_0 blocks on the GGUF path (eagle3.q8_linears)
+            self.fc = QLinear(quant["fc.weight"], None if fc_b is None else fc_b.to(dev, dt), act="q8")
+        else:
+            self.fc = Linear(fc_w.to(dev, dt), None if fc_b is None else fc_b.to(dev, dt), packed)
         self.embed, self.lm_head, self.max_len = target.embed, target.lm_head, target.max_len
         self.device, self.dtype = dev, dt
         self.id = self.meta.get("head_id") or hashlib.sha256(fc_w.detach().float().cpu().numpy().tobytes()).hexdigest()[:16]
@@ -113,8 +116,9 @@ def head_from_tensors(model: Transformer, tensors: dict[str, torch.Tensor], meta
     def get(name: str, required: bool = True):
         return tensors[name].to(device=model.device, dtype=model.dtype)
 
-    layer = build_layer(cfg, get, LP, model.fast if packed is None else packed, input_norm=input_norm)
-    return EagleHead(model, tensors["fc.weight"], tensors.get("fc.bias"), layer, cfg, meta, packed)
+    quant = eagle3.q8_linears(model, tensors, ["fc.weight"] + [LP + n + ".weight" for n in LINEARS])
+    layer = build_layer(cfg, get, LP, model.fast if packed is None else packed, input_norm=input_norm, quant=quant)
+    return EagleHead(model, tensors["fc.weight"], tensors.get("fc.bias"), layer, cfg, meta, packed, quant=quant)
 
 
 def save_head(path: Path, tensors: dict[str, torch.Tensor], meta: dict) -> None:

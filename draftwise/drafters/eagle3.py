@@ -38,11 +38,31 @@ import torch
 from draftwise.errors import CheckpointError
 from draftwise.models.cache import KVCache
 from draftwise.models.layers import Linear, attn_mask, build_layer, layer_forward, rms_norm, rope_tables
-from draftwise.models.layout import GATE_UP, QKV
+from draftwise.models.layout import LINEARS, QKV
 from draftwise.models.transformer import Transformer
 
 MP = "midlayer."                         # the head's layer prefix (EAGLE-3 layout)
 ARCH = "LlamaForCausalLMEagle3"
+
+
+def q8_linears(target: Transformer, tensors: dict[str, torch.Tensor], names: list[str]) -> dict | None:
+    """On the GGUF path (the target's linears are blocks with 8-bit activations) a head's linears
+    run the same way: its fp32 weights quantized to Q8_0 once at load (a quarter of the bytes to
+    stream per draft step); None elsewhere (fp32, GPUs)."""
+    if getattr(target, "weights", None) != "gguf" or target.device.type != "cpu":
+        return None
+    from draftwise.quant import quantize_q8_0
+
+    return {n: quantize_q8_0(tensors[n]) for n in names if n in tensors and tensors[n].shape[1] % 32 == 0}
+
+
+def head_linear(weight: torch.Tensor, quant: dict | None, name: str, packed: bool):
+    """One head linear without bias: Q8_0 blocks when ``quant`` holds it, else fp32 (packed on CPU)."""
+    if quant is not None and name in quant:
+        from draftwise.models.layers import QLinear
+
+        return QLinear(quant[name], None, act="q8")
+    return Linear(weight, None, packed)
 
 
 def aux_layers(num_layers: int) -> tuple[int, int, int]:
@@ -128,8 +148,10 @@ class Eagle3Head:
         self.device, self.dtype, self.max_len = dev, dt, target.max_len
         self.D = cfg.hidden_size
         g = lambda n, required=True: tensors[n].to(device=dev, dtype=dt)       # noqa: E731
-        self.fc = Linear(g("fc.weight"), None, packed)
-        self.layer = build_layer(cfg, g, MP, packed, input_norm=False)
+        quant = q8_linears(target, tensors, ["fc.weight", "lm_head.weight"] +
+                           [MP + n + ".weight" for n in LINEARS])
+        self.fc = head_linear(g("fc.weight"), quant, "fc.weight", packed)
+        self.layer = build_layer(cfg, g, MP, packed, input_norm=False, quant=quant)
         self.in_norm, self.hidden_norm = g(MP + "input_layernorm.weight"), g(MP + "hidden_norm.weight")
         emb = tensors.get("embed_tokens.weight")
         self.embed = target.embed if emb is None else emb.to(dev, dt)
@@ -137,9 +159,9 @@ class Eagle3Head:
         if self.meta.get("lm_head") == "target-rows":
             rows_of = lambda t: target.lm_head.rows(t.to(dev))                        # noqa: E731
         else:
-            w, pos = g("lm_head.weight"), {int(t): j for j, t in enumerate(self.ids.tolist())}
-            rows_of = lambda t: Linear(w[torch.tensor([pos[int(i)] for i in t.tolist()], device=dev)].contiguous(),  # noqa: E731
-                                       None, packed)
+            full = head_linear(g("lm_head.weight"), quant, "lm_head.weight", packed)
+            pos = {int(t): j for j, t in enumerate(self.ids.tolist())}
+            rows_of = lambda t: full.rows(torch.tensor([pos[int(i)] for i in t.tolist()]))   # noqa: E731
         self.lm_head = Readout(g("norm.weight"), self.ids, cfg.rms_norm_eps, rows_of)
         self.cos, self.sin = rope_tables(cfg, self.max_len + 64, dev, dt)
         self.id = self.meta.get("head_id") or hashlib.sha256(
@@ -320,7 +342,6 @@ def init_tensors(state: dict[str, torch.Tensor], cfg, ids: torch.Tensor, head_w:
         if any(n == q + ".weight" for q in QKV):               # q/k/v read [embedding ⊕ hidden]
             w = torch.cat([torch.zeros_like(w) if init == "last" else torch.randn(w.shape, generator=g) * 0.02, w], 1)
         t[MP + n] = w
-    assert all(MP + n + ".weight" in t for n in GATE_UP)
     if init == "last":
         t["fc.weight"] = torch.cat([torch.zeros(D, 2 * D), torch.eye(D)], 1)
         t["norm.weight"] = state["model.norm.weight"].float().clone()
@@ -338,20 +359,14 @@ def init_tensors(state: dict[str, torch.Tensor], cfg, ids: torch.Tensor, head_w:
 def untrained_head(model: Transformer, vocab: torch.Tensor | None = None, seed: int = 0) -> Eagle3Head:
     """A random EAGLE-3 head for this target (tests; the registry's lossless runs): fc and the midlayer
     N(0, 0.02), the target's final norm and LM head rows for the draft vocabulary ``vocab`` (all)."""
-    cfg = head_config(model.cfg)
-    ids = torch.arange(model.cfg.vocab_size) if vocab is None else vocab.cpu()
-    state = {f"model.layers.{model.cfg.num_layers - 1}.{k}": torch.zeros(s) for k, s in
-             ((n, shape) for n, shape in _layer_shapes(model.cfg).items())}
-    state["model.norm.weight"] = model.norm.float().cpu()
-    t = init_tensors(state, cfg, ids, lm_head_rows(model, ids), "random", seed)
-    t["norm.weight"] = model.norm.float().cpu().clone()
-    return Eagle3Head(model, t, cfg, aux_layers(model.cfg.num_layers), {"source": "untrained-eagle3"})
-
-
-def _layer_shapes(cfg) -> dict[str, tuple[int, ...]]:
     from draftwise.models.layout import layer_shapes
 
-    return layer_shapes(cfg)
+    cfg = head_config(model.cfg)
+    ids = torch.arange(model.cfg.vocab_size) if vocab is None else vocab.cpu()
+    shapes = layer_shapes(model.cfg, f"model.layers.{model.cfg.num_layers - 1}.")    # random init reads shapes only
+    t = init_tensors({k: torch.zeros(s) for k, s in shapes.items()}, cfg, ids, lm_head_rows(model, ids), "random", seed)
+    t["norm.weight"] = model.norm.float().cpu().clone()
+    return Eagle3Head(model, t, cfg, aux_layers(model.cfg.num_layers), {"source": "untrained-eagle3"})
 
 
 def lm_head_rows(model: Transformer, ids: torch.Tensor) -> torch.Tensor:
