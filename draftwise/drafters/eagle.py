@@ -40,7 +40,7 @@ from draftwise.drafters.draft_model import DraftModel
 from draftwise.drafters.spec import VOCAB_SUBSET, MethodSpec, Option
 from draftwise.errors import CheckpointError, ConfigError
 from draftwise.models.cache import KVCache
-from draftwise.models.layers import ForwardOut, Layer, Linear, QLinear, build_layer, layer_forward
+from draftwise.models.layers import ForwardOut, Layer, build_layer, layer_forward
 from draftwise.models.layout import LINEARS, layer_names, layer_shapes
 from draftwise.models.transformer import Transformer
 from draftwise.policies.length import LENGTHS, LengthControl, StepCosts, check_name, parse_length
@@ -61,10 +61,8 @@ class EagleHead:
         packed = target.fast if packed is None else packed
         dev, dt = target.device, target.dtype
         self.target, self.cfg, self.layer, self.meta = target, cfg, layer, dict(meta or {})
-        if quant is not None and "fc.weight" in quant:          # Q8_0 blocks on the GGUF path (eagle3.q8_linears)
-            self.fc = QLinear(quant["fc.weight"], None if fc_b is None else fc_b.to(dev, dt), act="q8")
-        else:
-            self.fc = Linear(fc_w.to(dev, dt), None if fc_b is None else fc_b.to(dev, dt), packed)
+        self.fc = eagle3.head_linear(fc_w.to(dev, dt), quant, "fc.weight", packed,    # Q8_0 on the GGUF path
+                                     None if fc_b is None else fc_b.to(dev, dt))
         self.embed, self.lm_head, self.max_len = target.embed, target.lm_head, target.max_len
         self.device, self.dtype = dev, dt
         self.id = self.meta.get("head_id") or hashlib.sha256(fc_w.detach().float().cpu().numpy().tobytes()).hexdigest()[:16]
@@ -250,8 +248,11 @@ class Eagle(DraftModel):
         super().reset(ctx)
         self.nf, self._pred = 0, {}
 
-    def _feats(self, out) -> torch.Tensor:
-        return self.net.fuse(out) if self.v3 else out.hidden            # [n, 3 D or D]
+    def _feats(self, out, rows: torch.Tensor | None = None) -> torch.Tensor:
+        """What the head's catch-up rows read [n, 3 D or D]: the fused or the final-norm features."""
+        if self.v3:
+            return self.net.fuse(out, rows)
+        return out.hidden if rows is None else out.hidden[rows]
 
     def begin(self, ctx: Context, out) -> None:
         n = out.hidden.shape[0]
@@ -288,7 +289,7 @@ class Eagle(DraftModel):
             self.log.append((int(tree.tokens[0]), self.last_f.float().cpu(), tree.tokens[1:].tolist(),
                              len(accepted.path) - 1))
         n = int(path.numel())
-        self.feats[self.nf:self.nf + n] = self._feats(out)[path]
+        self.feats[self.nf:self.nf + n] = self._feats(out, path)
         self.nf += n
         self.last_f = out.hidden[path[-1]]
         super().observe(tree, out, accepted, ctx)

@@ -56,13 +56,13 @@ def q8_linears(target: Transformer, tensors: dict[str, torch.Tensor], names: lis
     return {n: quantize_q8_0(tensors[n]) for n in names if n in tensors and tensors[n].shape[1] % 32 == 0}
 
 
-def head_linear(weight: torch.Tensor, quant: dict | None, name: str, packed: bool):
-    """One head linear without bias: Q8_0 blocks when ``quant`` holds it, else fp32 (packed on CPU)."""
+def head_linear(weight: torch.Tensor, quant: dict | None, name: str, packed: bool, bias: torch.Tensor | None = None):
+    """One head linear: Q8_0 blocks when ``quant`` holds it, else fp32 (packed on CPU)."""
     if quant is not None and name in quant:
         from draftwise.models.layers import QLinear
 
-        return QLinear(quant[name], None, act="q8")
-    return Linear(weight, None, packed)
+        return QLinear(quant[name], bias, act="q8")
+    return Linear(weight, bias, packed)
 
 
 def aux_layers(num_layers: int) -> tuple[int, int, int]:
@@ -79,8 +79,7 @@ def is_eagle3(tensors: dict) -> bool:
 
 def head_config(target_cfg, hidden_size: int | None = None, **over):
     """The midlayer's config: the target's attention shape unless the checkpoint says otherwise."""
-    c = dataclasses.replace(target_cfg, hidden_size=hidden_size or target_cfg.hidden_size, qk_norm=False, **over)
-    return c
+    return dataclasses.replace(target_cfg, hidden_size=hidden_size or target_cfg.hidden_size, qk_norm=False, **over)
 
 
 def tensor_shapes(cfg, target_hidden: int, draft_vocab: int) -> dict[str, tuple[int, ...]]:
@@ -167,9 +166,9 @@ class Eagle3Head:
         self.id = self.meta.get("head_id") or hashlib.sha256(
             tensors["fc.weight"].detach().float().cpu().numpy().tobytes()).hexdigest()[:16]
 
-    def fuse(self, out) -> torch.Tensor:
-        """The fused feature [n, 3 D_t] of a target forward result."""
-        return torch.cat([out.layer_hidden[i] for i in self.aux], -1)
+    def fuse(self, out, rows: torch.Tensor | None = None) -> torch.Tensor:
+        """The fused feature [n, 3 D_t] of a target forward result (of its ``rows`` only, when given)."""
+        return torch.cat([out.layer_hidden[i] if rows is None else out.layer_hidden[i][rows] for i in self.aux], -1)
 
     def new_cache(self, max_len: int) -> KVCache:
         c = self.cfg
