@@ -9,7 +9,7 @@ are real for that shape, its acceptance is not (random weights draft little). --
 random draft model for it (draft-model methods). --model: real weights (anything draftwise
 resolves); it drafts for itself in the draft-model methods (an upper bound on acceptance that
 still times the draft machinery). Prompts: JSONL with "ids" (token ids; taken modulo the vocabulary
-for random models) or "prompt" (text, for --model). Writes results.json and results.md to --out.
+for random models) or "prompt" (text, for --model; "chat": true applies the chat template). Writes results.json and results.md to --out.
 
 Per model and dtype: the weight-streaming bound (weight bytes over the measured copy rate), the
 cost curve t(n) on the eager and the graph path at a 512-token context, AR tokens/s on both paths
@@ -78,7 +78,7 @@ class BenchEngine:
 
 
 def method_runs(L: int) -> list[tuple[str, str, dict]]:
-    return [("recycling", "recycling", {}), ("lookup", "lookup", {}),
+    return [("auto", "auto", {}), ("recycling", "recycling", {}), ("lookup", "lookup", {}),
             ("retrieval-online", "retrieval", {"online": True}),
             ("rasd-recycling", "rasd", {"base": "recycling", "online": True}),
             ("rasd-draft", "rasd", {"online": True}),
@@ -172,8 +172,18 @@ def run_model(name: str, nets: dict, draft: Transformer, hf, prompts: list[list[
             "samples": len(rows), "summary": summary, "rows": rows}
 
 
-def build(spec: str, kind: str, dtype, seed: int = 0):
-    """(name, {"off": eager net, "on": graph net} sharing weights, HF model or None)."""
+def encode(tok, line: dict) -> list[int]:
+    """A prompt line's token ids: its text, through the chat template where the line says chat."""
+    if line.get("chat") and getattr(tok, "chat_template", None):
+        text = tok.apply_chat_template([{"role": "user", "content": line["prompt"]}], add_generation_prompt=True,
+                                       tokenize=False)
+        return tok.encode(text, add_special_tokens=False)
+    return tok.encode(line["prompt"])
+
+
+def build(spec: str, kind: str, dtype, seed: int = 0, kernels: str = "torch"):
+    """(name, {"off": eager net, "on": graph net} sharing weights, HF model or None). kernels: the nets'
+    (models/transformer.py KERNEL_MODES: torch = cuBLAS/SDPA, invariant = the batch-invariant Triton kernels)."""
     from transformers import AutoConfig, AutoModelForCausalLM
 
     if kind == "model":
@@ -188,8 +198,9 @@ def build(spec: str, kind: str, dtype, seed: int = 0):
             hf = AutoModelForCausalLM.from_config(hcfg, dtype=dtype).eval()
         cfg, name = ModelConfig.from_hf(hcfg.to_dict()), f"random-{Path(spec).stem}"
     state = hf.state_dict()
-    nets = {g: Transformer(cfg, state, device=DEVICE, dtype=dtype, graphs=g if DEVICE.startswith("cuda") else
-                           ("static" if g == "on" else "off")) for g in ("off", "on")}
+    nets = {g: Transformer(cfg, state, device=DEVICE, dtype=dtype, kernels=kernels,
+                           graphs=g if DEVICE.startswith("cuda") else ("static" if g == "on" else "off"))
+            for g in ("off", "on")}
     hf.generation_config.eos_token_id = None      # both sides run the full length, EOS or not
     hf.generation_config.pad_token_id = 0
     return name, nets, hf
@@ -202,6 +213,8 @@ def main() -> None:
     ap.add_argument("--draft-config", default=None, help="random draft for the random targets (default: the target's shape)")
     ap.add_argument("--prompts", required=True)
     ap.add_argument("--dtypes", default="bfloat16,float32")
+    ap.add_argument("--kernels", default="torch,invariant",
+                    help="comma list: torch (cuBLAS/SDPA), invariant (batch-invariant Triton); each dtype runs each")
     ap.add_argument("--max-new-tokens", type=int, default=128)
     ap.add_argument("--limit", type=int, default=5)
     ap.add_argument("--methods", default=None, help="comma list of run labels (default: all)")
@@ -221,30 +234,33 @@ def main() -> None:
     out.mkdir(parents=True, exist_ok=True)
     results = []
     jobs = [(s, "random") for s in a.random_config] + [(s, "model") for s in a.model]
-    for spec, kind in jobs:
-        for dt in a.dtypes.split(","):
-            dtype = getattr(torch, dt)
-            name, nets, hf = build(spec, kind, dtype)
-            if any("ids" not in x for x in lines):
-                from transformers import AutoTokenizer
-                tok = AutoTokenizer.from_pretrained(str(resolve(spec)))
-            prompts = [[t % nets["on"].cfg.vocab_size for t in x["ids"]] if "ids" in x else tok.encode(x["prompt"])
-                       for x in lines]
-            if kind == "model":
-                draft = nets["on"]
-            else:
-                dspec = a.draft_config or spec
-                draft = build(dspec, "random", dtype, seed=1)[1]["on"] if dspec != spec else nets["on"]
-            results.append(run_model(name, nets, draft, None if a.no_hf else hf, prompts, a.max_new_tokens, rate, only))
-            (out / "results.json").write_text(json.dumps({"device": dev, "results": results}, indent=1))
-            del nets, hf, draft
-            if DEVICE.startswith("cuda"):
-                torch.cuda.empty_cache()
+    for spec, kind, dt, kern in [(s, k, d, kn) for s, k in jobs for d in a.dtypes.split(",")
+                                 for kn in a.kernels.split(",")]:
+        dtype = getattr(torch, dt)
+        name, nets, hf = build(spec, kind, dtype, kernels=kern)
+        if kern != a.kernels.split(",")[0] and results and results[-1]["model"] == name:
+            hf = None                         # HF generate once per model and dtype
+        if any("ids" not in x for x in lines):
+            from transformers import AutoTokenizer
+            tok = AutoTokenizer.from_pretrained(str(resolve(spec)))
+        prompts = [[t % nets["on"].cfg.vocab_size for t in x["ids"]] if "ids" in x else encode(tok, x)
+                   for x in lines]
+        if kind == "model":
+            draft = nets["on"]
+        else:
+            dspec = a.draft_config or spec
+            draft = build(dspec, "random", dtype, seed=1, kernels=kern)[1]["on"] if dspec != spec else nets["on"]
+        results.append(run_model(name, nets, draft, None if a.no_hf else hf, prompts, a.max_new_tokens, rate, only))
+        results[-1]["kernels"] = kern
+        (out / "results.json").write_text(json.dumps({"device": dev, "results": results}, indent=1))
+        del nets, hf, draft
+        if DEVICE.startswith("cuda"):
+            torch.cuda.empty_cache()
     md = [f"GPU: {dev['gpu']}, torch {dev['torch']}, copy rate {rate / 1e9:.0f} GB/s, greedy, {a.max_new_tokens} new "
           f"tokens, {len(lines)} prompts, context 512 for t(n)", ""]
     for r in results:
         c, s = r["curve_ms"], r["summary"]
-        md += [f"## {r['model']} {r['dtype']}", "",
+        md += [f"## {r['model']} {r['dtype']}, {r['kernels']} kernels", "",
                f"weights {r['weight_bytes'] / 1e9:.2f} GB, streaming bound {r['bound_ms']:.2f} ms; "
                f"{r['graphs_captured']} graphs captured in {r['capture_s']:.1f} s"
                + (f" (capture failed: {r['capture_failed']})" if r["capture_failed"] else ""), "",

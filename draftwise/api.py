@@ -59,10 +59,12 @@ class Engine:
     def load(cls, model: str = catalog.DEFAULT_MODEL, device: str = "cpu", dtype: torch.dtype | str | None = None,
              max_len: int | None = None, threads: int | None = None, fast: bool = True,
              progress: bool = True, draft: str | None = None, graphs: str = "auto", compile: str = "off",
-             weights: str = "auto", draft_weights: str = "auto") -> "Engine":
+             weights: str = "auto", draft_weights: str = "auto", kernels: str = "auto") -> "Engine":
         """weights: the target's ("auto": the GGUF blocks on CPU when the model came from a GGUF, else fp32).
         draft_weights: the draft model's, chosen on their own ("auto" likewise): a draft's weights
-        change only how fast it proposes, never the output, so an fp32 target may draft from blocks."""
+        change only how fast it proposes, never the output, so an fp32 target may draft from blocks.
+        kernels: "auto" (the batch-invariant kernels on CUDA in 16 bits, where greedy output then stays
+        identical to plain decoding), "torch" or "invariant" (models/transformer.py KERNEL_MODES)."""
         from transformers import AutoTokenizer
 
         for name, kind in (("weights", weights), ("draft_weights", draft_weights)):
@@ -76,7 +78,7 @@ class Engine:
         dtype = _dtype(dtype)
         path = resolve(model, progress=progress)
         net = Transformer.from_pretrained(path, device=device, dtype=dtype, max_len=max_len, fast=fast, graphs=graphs,
-                                          compile=compile, weights=weights)
+                                          compile=compile, weights=weights, kernels=kernels)
         tok = AutoTokenizer.from_pretrained(str(path))
         draft_net = bridge = None
         if draft is not None:
@@ -84,7 +86,8 @@ class Engine:
             dtok = AutoTokenizer.from_pretrained(str(dpath))
             same = _tokenizer_difference(tok, dtok) is None
             draft_net = Transformer.from_pretrained(dpath, device=device, dtype=dtype, max_len=net.max_len if same else None,
-                                                   fast=fast, graphs=graphs, compile=compile, weights=draft_weights)
+                                                   fast=fast, graphs=graphs, compile=compile, weights=draft_weights,
+                                                   kernels=kernels)
             if same and draft_net.cfg.vocab_size != net.cfg.vocab_size:
                 raise ConfigError(f"draft model {draft!r} has a vocabulary of {draft_net.cfg.vocab_size} rows, "
                                   f"the target {net.cfg.vocab_size}: they must match")

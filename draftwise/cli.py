@@ -23,7 +23,7 @@ from draftwise.commands import (  # noqa: F401
 )
 from draftwise.errors import DraftwiseError
 from draftwise.models import catalog
-from draftwise.models.transformer import WEIGHT_MODES
+from draftwise.models.transformer import KERNEL_MODES, WEIGHT_MODES
 
 
 def _add_target_args(p: argparse.ArgumentParser) -> None:
@@ -34,8 +34,13 @@ def _add_target_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1 ... (default cpu)")
     p.add_argument("--threads", type=int, default=None, help="CPU threads (default: torch's choice)")
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"],
-                   help="weights and activations (default float32: greedy output stays identical to plain "
-                        "decoding; in 16-bit, tree and one-token passes round differently and can disagree)")
+                   help="weights and activations (default float32; in 16 bits on CUDA the batch-invariant kernels "
+                        "keep greedy output identical to plain decoding, see --kernels)")
+    p.add_argument("--kernels", default="auto", choices=list(KERNEL_MODES),
+                   help="invariant: Triton kernels computing every row alike whatever the rows in a pass, so a "
+                        "16-bit tree pass rounds as plain decoding does (lossless in bf16/fp16; CUDA, or CPU under "
+                        "TRITON_INTERPRET=1 for tests); torch: cuBLAS/SDPA (GPU) or draftwise's C kernels (CPU "
+                        "fp32); auto (default): invariant on CUDA in 16 bits when Triton is installed, else torch")
     p.add_argument("--graphs", default="auto", choices=["auto", "on", "static", "off"],
                    help="CUDA graphs for decoding/verification forwards (default auto: on for CUDA devices, "
                         "off on CPU; 'static' runs the padded static-shape forward without capture)")
@@ -228,6 +233,8 @@ def build_parser() -> argparse.ArgumentParser:
     mb.add_argument("--device", default="cpu")
     mb.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
     mb.add_argument("--threads", type=int, default=None)
+    mb.add_argument("--kernels", default="auto", choices=list(KERNEL_MODES),
+                    help="as for generate: invariant, torch or auto (invariant on CUDA in 16 bits)")
     mb.add_argument("--refresh", action="store_true", help="measure again instead of using the cache")
     mb.set_defaults(func=cmd_bench_forward)
     return p

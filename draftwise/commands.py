@@ -16,7 +16,7 @@ def _load(a):
     import draftwise
 
     eng = draftwise.load(a.model, device=a.device, dtype=a.dtype, threads=a.threads, graphs=a.graphs,
-                         compile=a.compile, weights=a.weights, draft=getattr(a, "draft", None),
+                         compile=a.compile, weights=a.weights, kernels=a.kernels, draft=getattr(a, "draft", None),
                          draft_weights=getattr(a, "draft_weights", "auto"))
     eng.guard = getattr(a, "guard", "on") == "on"
     if eng.draft_bridge is not None:
@@ -264,13 +264,14 @@ def cmd_bench_forward(a) -> int:
     from draftwise import kernels
     from draftwise.policies.budget import load_or_measure
 
-    eng = draftwise.load(a.name, device=a.device, dtype=a.dtype, threads=a.threads)
+    eng = draftwise.load(a.name, device=a.device, dtype=a.dtype, threads=a.threads, kernels=a.kernels)
     t0 = time.time()
     curve = load_or_measure(eng.model, eng.model_id, refresh=a.refresh, progress=True)
     for n, ms in zip(curve.ns, curve.ms):
         print(f"n={n:<3d} {ms:7.1f} ms")
     print(f"[draftwise] {'measured' if time.time() - t0 > 0.5 else 'cached'} "
-          f"(kernels: {kernels.describe() if eng.model.fast else 'torch'}, weights: {eng.model.weights})", file=sys.stderr)
+          f"(kernels: {kernels.describe() if eng.model.fast else 'invariant' if eng.model.invariant else 'torch'}, "
+          f"weights: {eng.model.weights})", file=sys.stderr)
     return 0
 
 

@@ -10,6 +10,8 @@ torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
 # Model tests run on this device: `DRAFTWISE_TEST_DEVICE=cuda pytest tests/test_model_parity.py ...`
 # repeats them on a GPU (CI has none, so it runs them on the CPU).
 DEVICE = os.environ.get("DRAFTWISE_TEST_DEVICE", "cpu")
+if DEVICE == "cpu":     # the batch-invariant Triton kernels run in Triton's CPU interpreter (tests/test_invariant.py)
+    os.environ.setdefault("TRITON_INTERPRET", "1")
 
 ARCHS = ["llama", "qwen2", "qwen3", "mistral"]
 

@@ -19,11 +19,12 @@ from tests.conftest import DEVICE, make_tiny_hf
 VOCAB = 96
 
 
-def tiny_pair(tmp_path, dtype=torch.float64, target_seed=11, draft_seed=None):
+def tiny_pair(tmp_path, dtype=torch.float64, target_seed=11, draft_seed=None, kernels="auto"):
     """A tiny target and a draft sharing its vocabulary. draft_seed None: the draft is the target's
-    weights with small noise (high but imperfect agreement, so accept and reject paths both run)."""
+    weights with small noise (high but imperfect agreement, so accept and reject paths both run).
+    kernels: both models' (models/transformer.py KERNEL_MODES)."""
     make_tiny_hf("qwen2", tmp_path / "t", seed=target_seed, vocab=VOCAB)
-    target = Transformer.from_pretrained(tmp_path / "t", dtype=dtype, max_len=256, device=DEVICE)
+    target = Transformer.from_pretrained(tmp_path / "t", dtype=dtype, max_len=256, device=DEVICE, kernels=kernels)
     if draft_seed is None:
         from draftwise.models.checkpoint import load_config, load_state_dict
 
@@ -31,10 +32,10 @@ def tiny_pair(tmp_path, dtype=torch.float64, target_seed=11, draft_seed=None):
         g = torch.Generator().manual_seed(5)
         noisy = {k: v + 0.006 * torch.randn(v.shape, generator=g, dtype=v.dtype) if v.dim() == 2 else v
                  for k, v in state.items()}
-        draft = Transformer(load_config(tmp_path / "t"), noisy, dtype=dtype, max_len=256, device=DEVICE)
+        draft = Transformer(load_config(tmp_path / "t"), noisy, dtype=dtype, max_len=256, device=DEVICE, kernels=kernels)
     else:
         make_tiny_hf("llama", tmp_path / "d", seed=draft_seed, vocab=VOCAB)
-        draft = Transformer.from_pretrained(tmp_path / "d", dtype=dtype, max_len=256, device=DEVICE)
+        draft = Transformer.from_pretrained(tmp_path / "d", dtype=dtype, max_len=256, device=DEVICE, kernels=kernels)
     return target, draft
 
 

@@ -113,6 +113,15 @@ def test_corrupt_files_are_one_line_errors(capsys, tmp_path):
         assert "corrupt header" in err and len(err.strip().splitlines()) == 1
 
 
+def test_invariant_kernels_where_they_cannot_run_are_a_one_line_error(capsys, monkeypatch):
+    monkeypatch.setenv("TRITON_INTERPRET", "0")               # the CPU without Triton's interpreter
+    assert main(["generate", *SMOL, "--dtype", "bfloat16", "--kernels", "invariant", "--max-new-tokens", "2", "hi"]) == 2
+    err = capsys.readouterr().err
+    assert "invariant kernels run on CUDA" in err and len(err.strip().splitlines()) == 1
+    assert main(["models", "bench-forward", "smollm2-135m-instruct", "--kernels", "invariant"]) == 2
+    assert "invariant kernels run on CUDA" in capsys.readouterr().err
+
+
 def test_datastore_build_and_info(capsys, tmp_path):
     src = tmp_path / "docs"
     src.mkdir()

@@ -148,7 +148,7 @@ class Runner:
         self.config = {"model": engine.model_id, "draft": draft, "methods": methods, "max_new_tokens": max_new_tokens,
                        "temperature": temperature, "threads": torch.get_num_threads(),
                        "device": str(engine.model.device), "dtype": str(engine.model.dtype).split(".")[-1],
-                       "kernels": engine.model.fast, "weights": engine.model.weights,
+                       "kernels": engine.model.fast, "invariant": engine.model.invariant, "weights": engine.model.weights,
                        "isa": _isa() if engine.model.fast else None, "method_opts": self.method_opts,
                        **({"draft_weights": engine.draft_model.weights}
                           if getattr(engine, "draft_model", None) is not None else {}),

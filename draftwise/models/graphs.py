@@ -189,7 +189,7 @@ class StaticForward:
         slots = self._ar[:b] + e.start                                            # [B]
         x = m.embed[e.tokens] if e.hidden_in is None else e.hidden_in             # [B, D]
         mask = torch.zeros(e.visible.shape, dtype=m.dtype, device=m.device).masked_fill_(~e.visible, float("-inf"))
-        mask = mask.repeat(cfg.num_heads // cfg.num_kv_heads, 1)                  # [g B, T]
+        mask = m.glue.visibility(mask.repeat(cfg.num_heads // cfg.num_kv_heads, 1), b)   # [g B, T]
         cos = m.cos[e.positions].unsqueeze(1)                                     # [B, 1, Dh]
         sin = m.sin[e.positions].unsqueeze(1)
         layers = {}

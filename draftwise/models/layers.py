@@ -19,15 +19,23 @@ from draftwise.models.layout import GATE_UP, QKV
 
 
 class Linear:
-    """y = x W^T + b. On CPU fp32 it runs the prepacked kernel; elsewhere F.linear."""
+    """y = x W^T + b. On CPU fp32 it runs the prepacked kernel (packed); with ``invariant`` the
+    batch-invariant Triton kernel (kernels/invariant.py: each row alike for any n); else F.linear."""
 
-    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None, packed: bool):
+    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None, packed: bool, invariant: bool = False):
         self.out_features, self.in_features = weight.shape
         self.packed = kernels.pack_weight(weight) if packed else None
         self.weight = None if packed else weight
         self.bias = (kernels.pad_bias(bias) if packed else bias) if bias is not None else None
+        self.invariant = bool(invariant and not packed)
+        if self.invariant:
+            from draftwise.kernels import invariant as inv
+            self.splits = inv.splits_for(self.out_features, self.in_features, weight.device)
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:   # [n, in] -> [n, out]
+        if self.invariant:
+            from draftwise.kernels import invariant as inv
+            return inv.linear(x, self.weight, self.bias, self.splits)
         if self.packed is not None:
             if torch.compiler.is_compiling():                  # traced: the same kernel as a custom op
                 from draftwise.kernels import op
@@ -48,7 +56,7 @@ class Linear:
         bias = None
         if self.bias is not None:
             bias = self.bias[ids]
-        return Linear(w.contiguous(), bias, self.packed is not None)
+        return Linear(w.contiguous(), bias, self.packed is not None, self.invariant)
 
 
 class QLinear:
@@ -213,16 +221,17 @@ def attn_mask(cfg: ModelConfig, n: int, committed: int, pending: int, tree_mask:
 
 
 def build_layer(cfg: ModelConfig, get, prefix: str, packed: bool, input_norm: bool = True,
-                quant: dict | None = None, act: str = "q8") -> Layer:
+                quant: dict | None = None, act: str = "q8", invariant: bool = False) -> Layer:
     """One decoder layer from Hugging Face-named tensors (``get(name, required)``) under ``prefix``
     (``model.layers.{i}.``); q/k/v and gate/up are fused into one Linear each. input_norm False:
-    the layer has no input RMSNorm (EAGLE-1/2 draft heads)."""
+    the layer has no input RMSNorm (EAGLE-1/2 draft heads); invariant: linears through the
+    batch-invariant kernel."""
     def lin(ws: list[str], bs: list[str] | None = None) -> Linear | QLinear:
         b = torch.cat([get(n) for n in bs], 0) if bs is not None else None
         if quant and all(n in quant for n in ws):
             return QLinear([quant[n] for n in ws], b, act=act)
         w = torch.cat([get(n) for n in ws], 0) if len(ws) > 1 else get(ws[0])
-        return Linear(w, b, packed)
+        return Linear(w, b, packed, invariant)
 
     a = prefix + "self_attn."
     qkv_bias = [prefix + n + ".bias" for n in QKV] if cfg.attention_bias else None
@@ -238,15 +247,17 @@ def build_layer(cfg: ModelConfig, get, prefix: str, packed: bool, input_norm: bo
     )
 
 
-def qkv_rope(qkv: torch.Tensor, cos, sin, q_norm, k_norm, heads: tuple[int, int, int], eps: float):
-    """[n, (H + 2 Hkv) Dh] -> q [n, H, Dh], k [n, Hkv, Dh] (normed if the model has q/k norms, rotated), v."""
+def qkv_rope(qkv: torch.Tensor, cos, sin, q_norm, k_norm, heads: tuple[int, int, int], eps: float,
+             norm=rms_norm):
+    """[n, (H + 2 Hkv) Dh] -> q [n, H, Dh], k [n, Hkv, Dh] (normed by ``norm`` if the model has q/k
+    norms, rotated), v."""
     n = qkv.shape[0]
     H, Hkv, Dh = heads
     q, k, v = qkv.split([H * Dh, Hkv * Dh, Hkv * Dh], dim=-1)
     q, k, v = q.view(n, H, Dh), k.view(n, Hkv, Dh), v.view(n, Hkv, Dh)
     if q_norm is not None:
-        q = rms_norm(q, q_norm, eps)
-        k = rms_norm(k, k_norm, eps)
+        q = norm(q, q_norm, eps)
+        k = norm(k, k_norm, eps)
     return apply_rope(q, cos, sin), apply_rope(k, cos, sin), v
 
 
@@ -293,19 +304,38 @@ def native_attention(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, 
     return attention(q, keys, values, mask) if out is None else out
 
 
+def keep_mask(mask, n: int):
+    """The additive mask as the attention steps take it (every glue but the invariant one)."""
+    return mask
+
+
 @dataclass(frozen=True)
 class Glue:
     """A layer's non-matmul steps as free functions: eager (``EAGER``), fused by hand in ops.c
-    (``NATIVE``, CPU fp32 with the kernels), or fused by ``torch.compile`` (:func:`compiled_glue`)."""
+    (``NATIVE``, CPU fp32 with the kernels), fused by ``torch.compile`` (:func:`compiled_glue`), or
+    batch-invariant Triton kernels (:func:`invariant_glue`). ``visibility(mask, n)`` turns a forward's
+    additive mask into what ``attention`` takes, once per forward."""
     qkv_rope: object = qkv_rope
     add_norm: object = add_norm
     swiglu: object = swiglu
     norm: object = rms_norm
     attention: object = attention
+    visibility: object = keep_mask
 
 
 EAGER = Glue()
 NATIVE = Glue(native_qkv_rope, kernels.add_rms_norm, kernels.swiglu, kernels.rms_norm, native_attention)
+
+
+def invariant_glue() -> Glue:
+    """The batch-invariant steps (kernels/invariant.py): RMSNorm (q/k norms too) and attention over
+    compacted visible lists in Triton; RoPE and SiLU x up stay elementwise torch ops."""
+    from draftwise.kernels import invariant as inv
+
+    def inv_qkv_rope(qkv, cos, sin, q_norm, k_norm, heads, eps):
+        return qkv_rope(qkv, cos, sin, q_norm, k_norm, heads, eps, norm=inv.rms_norm)
+
+    return Glue(inv_qkv_rope, inv.add_norm, swiglu, inv.rms_norm, inv.attention, inv.visibility)
 
 
 def compiled_glue() -> Glue:

@@ -19,7 +19,7 @@ from pathlib import Path
 
 import torch
 
-from draftwise import kernels
+from draftwise import kernels as native_kernels
 from draftwise.errors import CheckpointError, ConfigError
 from draftwise.models.cache import KVCache
 from draftwise.models.config import ModelConfig
@@ -34,10 +34,15 @@ from draftwise.models.layers import (
     build_layer,
     cached_layer,
     compiled_glue,
+    invariant_glue,
     rope_tables,
 )
 
 GRAPH_MODES = ("auto", "on", "static", "off")
+# which kernels run the layers: "torch" (cuBLAS/SDPA or, on CPU fp32, draftwise's C kernels), "invariant"
+# (kernels/invariant.py: every row computed alike for any number of rows, so 16-bit decoding stays
+# lossless); "auto" picks invariant on CUDA in 16 bits where Triton is there, else torch
+KERNEL_MODES = ("auto", "torch", "invariant")
 COMPILE_MODES = ("off", "glue", "layer")
 # what the linears compute: "gguf" the GGUF blocks with 8-bit activations (llama.cpp's scheme; the CPU
 # default), "gguf-f32" the same blocks with fp32 activations (exactly the dequantized weights), "fp32"
@@ -49,19 +54,25 @@ class Transformer:
     def __init__(self, cfg: ModelConfig, state: dict[str, torch.Tensor], device="cpu",
                  dtype: torch.dtype = torch.float32, max_len: int | None = None, fast: bool = True,
                  graphs: str = "auto", compile: str = "off", quant: dict | None = None, native_ops: bool = True,
-                 act: str = "q8"):
+                 act: str = "q8", kernels: str = "auto"):
         """quant: Hugging Face name -> draftwise.quant.QWeight for linears kept block-quantized
         (CPU fp32 with the kernels only; see ``from_pretrained(weights="gguf")``); act: their activations,
-        "q8" (8-bit, llama.cpp's scheme) or "f32" (exact fp32)."""
+        "q8" (8-bit, llama.cpp's scheme) or "f32" (exact fp32); kernels: see KERNEL_MODES."""
         self.cfg = cfg
         self.device = torch.device(device)
         self.dtype = dtype
+        self.invariant = _invariant(kernels, self.device, dtype)
+        if self.invariant and quant:
+            raise ConfigError("the invariant kernels take the checkpoint's tensors, not GGUF blocks (weights='fp32')")
+        if self.invariant and compile != "off":
+            raise ConfigError("the invariant kernels run without torch.compile (compile='off')")
+        fast = fast and not self.invariant
         self.max_len = int(max_len or min(cfg.max_position_embeddings, 8192))
         # full attention equals sliding-window attention only while the sequence fits the window
         self.window_capped = bool(cfg.sliding_window and cfg.sliding_window < self.max_len)
         if self.window_capped:
             self.max_len = int(cfg.sliding_window)
-        self.fast = bool(fast and self.device.type == "cpu" and dtype == torch.float32 and kernels.available())
+        self.fast = bool(fast and self.device.type == "cpu" and dtype == torch.float32 and native_kernels.available())
 
         def get(name: str, required: bool = True) -> torch.Tensor | None:
             t = state.get(name)
@@ -78,12 +89,12 @@ class Transformer:
         if quant and not self.fast:
             raise ConfigError("GGUF block weights need the CPU kernels in float32 (load with weights='fp32' "
                               f"for {self.device.type}/{str(dtype).split('.')[-1]}"
-                              f"{'' if kernels.available() else '; kernels: ' + str(kernels.why_unavailable())})")
+                              f"{'' if native_kernels.available() else '; kernels: ' + str(native_kernels.why_unavailable())})")
         if act not in ("q8", "f32"):
             raise ConfigError(f"act must be q8 or f32, got {act!r}")
         self.weights = ("gguf" if act == "q8" else "gguf-f32") if quant else "fp32"
-        self.layers = [build_layer(cfg, get, f"model.layers.{i}.", self.fast, quant=quant, act=act)
-                       for i in range(cfg.num_layers)]
+        self.layers = [build_layer(cfg, get, f"model.layers.{i}.", self.fast, quant=quant, act=act,
+                                   invariant=self.invariant) for i in range(cfg.num_layers)]
         self.norm = get("model.norm.weight")
         if quant and "lm_head.weight" in quant:
             self.lm_head = QLinear(quant["lm_head.weight"], None, act=act)
@@ -91,7 +102,7 @@ class Transformer:
             head = state.get("lm_head.weight")
             if head is None or cfg.tie_word_embeddings:
                 head = state["model.embed_tokens.weight"]
-            self.lm_head = Linear(head.to(device=self.device, dtype=dtype), None, self.fast)
+            self.lm_head = Linear(head.to(device=self.device, dtype=dtype), None, self.fast, self.invariant)
         self._arena = self._weights_on_huge_pages() if self.fast else None
         self.cos, self.sin = rope_tables(cfg, self.max_len, self.device, dtype)
         self.graphs = _graph_mode(graphs, self.device)
@@ -100,13 +111,14 @@ class Transformer:
         if compile not in COMPILE_MODES:
             raise ConfigError(f"compile must be one of {', '.join(COMPILE_MODES)}, got {compile!r}")
         self.compile = compile      # opt-in: measured slower than eager on the 2-core CPU (README)
-        self.glue = compiled_glue() if compile == "glue" else NATIVE if self.fast and native_ops else EAGER
+        self.glue = (invariant_glue() if self.invariant else compiled_glue() if compile == "glue"
+                     else NATIVE if self.fast and native_ops else EAGER)
         self._cached_layer = torch.compile(cached_layer, dynamic=True) if compile == "layer" else cached_layer
         # each layer in one native call (kernels/layer.c: the NATIVE glue's kernels in its order), where
         # the layer allows it; built here, after the weights found their final place (huge pages)
         native = self.glue is NATIVE and compile == "off"
         heads = (cfg.num_heads, cfg.num_kv_heads, cfg.head_dim)
-        self._plans = [kernels.layer_plan(L, heads, cfg.rms_norm_eps) if native else None for L in self.layers]
+        self._plans = [native_kernels.layer_plan(L, heads, cfg.rms_norm_eps) if native else None for L in self.layers]
 
     def _weights_on_huge_pages(self):
         """Re-home the kernels' streamed weights (prepacked fp32 or quantized blocks) in one mapping
@@ -118,7 +130,7 @@ class Transformer:
                 for attr in ("packed", "Q", "S", "SC", "M", "MC", "U", "MN", "D"):
                     if isinstance(getattr(obj, attr, None), torch.Tensor):
                         slots.append((obj, attr))
-        copies, arena = kernels.huge_page_copies([getattr(obj, a) for obj, a in slots])
+        copies, arena = native_kernels.huge_page_copies([getattr(obj, a) for obj, a in slots])
         for (obj, attr), t in zip(slots, copies):
             setattr(obj, attr, t)
         for lin in lins:
@@ -166,7 +178,7 @@ class Transformer:
             raise ConfigError(f"weights must be one of {', '.join(WEIGHT_MODES)}, got {weights!r}")
         ggufs = sorted(path.glob("*.gguf")) if path.is_dir() else []
         usable = torch.device(device).type == "cpu" and dtype == torch.float32 and kw.get("fast", True) \
-            and kernels.available()
+            and native_kernels.available() and kw.get("kernels", "auto") != "invariant"
         if weights in ("gguf", "gguf-f32") or (weights == "auto" and ggufs and usable):
             if not ggufs:
                 raise CheckpointError(f"weights={weights!r} needs the model's .gguf file in {path} (none found)")
@@ -217,7 +229,7 @@ class Transformer:
                                end_layer, hidden_in, compute_logits)
         start = cache.reserve(n)
         x = self.embed[tokens] if hidden_in is None else hidden_in.to(self.dtype)   # [n, D]
-        mask = self.attn_mask(n, cache.length, cache.pending, tree_mask)            # [g n, start+n] or None
+        mask = self.glue.visibility(self.attn_mask(n, cache.length, cache.pending, tree_mask), n)  # [g n, start+n]
         cos = self.cos[positions].unsqueeze(1)                                       # [n, 1, Dh]
         sin = self.sin[positions].unsqueeze(1)
         out_hidden: dict[int, torch.Tensor] = {}
@@ -242,8 +254,22 @@ class Transformer:
 
     def _layer(self, i: int, x: torch.Tensor, cos, sin, cache: KVCache, start: int, mask) -> torch.Tensor:
         if self._plans[i] is not None:
-            return kernels.layer(self._plans[i], x, cos, sin, cache.k[i], cache.v[i], start, mask)
+            return native_kernels.layer(self._plans[i], x, cos, sin, cache.k[i], cache.v[i], start, mask)
         return self._cached_layer(self.cfg, self.layers[i], x, cos, sin, cache.k[i], cache.v[i], start, mask, self.glue)
+
+
+def _invariant(mode: str, device: torch.device, dtype: torch.dtype) -> bool:
+    """Whether a model runs the batch-invariant kernels (see KERNEL_MODES); a one-line error where
+    "invariant" is asked for and cannot run."""
+    if mode not in KERNEL_MODES:
+        raise ConfigError(f"kernels must be one of {', '.join(KERNEL_MODES)}, got {mode!r}")
+    from draftwise.kernels import invariant as inv
+
+    if mode == "invariant":
+        inv.check(device, dtype)
+        return True
+    return mode == "auto" and device.type == "cuda" and dtype in (torch.bfloat16, torch.float16) \
+        and inv.why_unavailable(device, dtype) is None
 
 
 def _graph_mode(mode: str, device: torch.device) -> str:

@@ -208,7 +208,8 @@ def curve_key(model_id: str, model) -> str:
     safe = "".join(c if c.isalnum() or c in "-._" else "_" for c in model_id)[-80:]
     from draftwise import kernels
 
-    kind = f"fast{kernels.version()[:8]}-{kernels.isa()}" if getattr(model, "fast", False) else "torch"
+    kind = f"fast{kernels.version()[:8]}-{kernels.isa()}" if getattr(model, "fast", False) else \
+        "invariant" if getattr(model, "invariant", False) else "torch"
     if getattr(model, "weights", "fp32") != "fp32":
         kind += f"-{model.weights}"
     if getattr(model, "graphs", "off") != "off":
