@@ -107,3 +107,33 @@ def test_calibrated_scores_scale_by_origin_and_stay_parents_first():
     assert s[3] == 0.3 and s[4] == 0.2                            # 1.0 capped at its parent; 0.2 below it
     assert np.all(s[1:] <= s[parents[1:]])
     assert calibrated(raw, bits, np.array([1.0, 0.01, 9.0, 1.0]), parents, depths)[1] == 0.6 * 0.25   # clipped
+
+
+@pytest.mark.parametrize("head", ["untrained", "untrained-eagle3"])
+def test_an_eagle_head_in_auto_keeps_every_committed_tokens_feature(useless_pair, head):
+    """With an EAGLE head as the model arm, the head must hold the target's feature of every committed token
+    in order, whichever arm drafted the step (free-arm steps reach it through ``watch``, retrieval nodes
+    accepted below its chain through ``extended``); a misaligned feature would only slow drafting, so this
+    checks the features themselves against one full forward of the committed text."""
+    import torch
+
+    from draftwise.drafters import eagle3
+
+    target, _ = useless_pair
+    spec = methods.get("auto")
+    d = spec.factory(TinyEngine(target), **spec.validate({"head": head, "head_length": "fixed:2"}))
+    prompt = repetitive(30)
+    arms = []
+    choose = d.choose_arm
+    d.choose_arm = lambda rate: arms.append(choose(rate)) or arms[-1]
+    out, st = generate(target, prompt, drafter=d, max_new_tokens=60, guard=False)
+    assert out == generate(target, prompt, max_new_tokens=60)[0]
+    assert {"model", "free"} <= set(arms)                          # both arms ran
+    e = d.model.base
+    text = prompt + out[:-1]                                       # what the target's cache holds at the end
+    assert e.nf == len(text)
+    full = target.forward(torch.tensor(text), torch.arange(len(text)), target.new_cache(),
+                          hidden_layers=tuple(e.needs.hidden_layers))
+    want = e.net.fuse(full, None) if isinstance(e.net, eagle3.Eagle3Head) else full.hidden
+    assert torch.allclose(e.feats[:e.nf], want.to(e.feats.dtype), atol=1e-6)
+    assert d.describe()["sources"][-1] == "eagle" and set(st.sources) <= {"recycling", "retrieval", "eagle"}

@@ -15,8 +15,10 @@ Terms
   best-p̂ prefix that maximizes expected tokens per ms of the step under the target's measured cost
   curve, this drafter's own time included.
 - model arm: the draft model's tree (a chain by default, ``model_tree``; its planner grows it only
-  while it pays for both models' time) with the retrieval trie fused and pruned as RASD does;
-  recycling learns from these passes too. A draft model with another tokenizer drafts by text
+  while it pays for both models' time), or with ``head`` an EAGLE head's chain on the target's own
+  features (``head_length``), with the retrieval trie fused and pruned as RASD does; recycling learns
+  from these passes too, and an EAGLE head reads the features of every pass, the free arm's included
+  (``watch``), so its next catch-up pairs every token with its feature. A draft model with another tokenizer drafts by text
   (``model_cross`` string: its greedy continuation re-encoded by the target's tokenizer), which beat
   token-level intersection on every pair and set measured here.
 - arm choice, per step: the free tree is planned every step (about a millisecond), so its expected
@@ -31,8 +33,8 @@ Terms
   where retrieval has little to offer, and a draft model that does not pay even against a plain
   step (a free tree of one node) stops running; the loop's guard adds plain decoding as the last
   resort.
-- origin bits per node: 1 recycling, 2 retrieval, 4 draft model (a node two sources proposed
-  carries both); the loop counts accepted tokens per source from them (``Stats.sources``).
+- origin bits per node: 1 recycling, 2 retrieval, 4 the model arm ("draft-model" or "eagle"; a node two
+  sources proposed carries both); the loop counts accepted tokens per source from them (``Stats.sources``).
 """
 from __future__ import annotations
 
@@ -41,7 +43,7 @@ import time
 import numpy as np
 import torch
 
-from draftwise.drafters import draft_model
+from draftwise.drafters import draft_model, eagle
 from draftwise.drafters.base import Context, Drafter
 from draftwise.drafters.rasd import Rasd
 from draftwise.drafters.recycling import TokenRecycling
@@ -69,8 +71,10 @@ class Auto(Drafter):
     origin_bits = {RECYCLING: "recycling", RETRIEVAL: "retrieval", DRAFT_MODEL: "draft-model"}
 
     def __init__(self, recycling: TokenRecycling, source: RetrievalSource, cost: OnlineCost,
-                 model: Rasd | None = None, max_nodes: int | None = None):
+                 model: Rasd | None = None, max_nodes: int | None = None, model_name: str = "draft-model"):
         self.recycling, self.source, self.cost, self.model, self.max_nodes = recycling, source, cost, model, max_nodes
+        self.model_name = model_name            # what the model arm drafts with: "draft-model" or "eagle"
+        self.origin_bits = {RECYCLING: "recycling", RETRIEVAL: "retrieval", DRAFT_MODEL: model_name}
         self.needs = model.needs if model is not None else self.needs
         self.pausable = model is None or model.pausable
         # a long memory (~20 model steps): a short one let a few rejections freeze the model arm's rate
@@ -127,6 +131,8 @@ class Auto(Drafter):
                     self.calib.add(self._kept["expected"], len(accepted.tokens) - 1)
                 self._learn(tree, out, accepted)
             self.overhead.commit()
+            if self.model is not None:
+                self.model.watch(tree, out, accepted, ctx)     # an EAGLE head keeps every pass's features
             self.source.remember(ctx)
             if ctx.last_pass is not None:
                 self.cost.observe(*ctx.last_pass, context=len(ctx.tokens))
@@ -136,6 +142,8 @@ class Auto(Drafter):
 
     def watch(self, tree: DraftTree, out, accepted, ctx: Context) -> None:
         self.recycling.learn_rows(tree.tokens, out.logits)
+        if self.model is not None:
+            self.model.watch(tree, out, accepted, ctx)
 
     def choose_arm(self, free_rate: float) -> str:
         """The arm of this step, given the free tree's expected tokens per second (module docstring)."""
@@ -226,7 +234,7 @@ class Auto(Drafter):
         self._kept = None
 
     def describe(self) -> dict:
-        return {"method": self.name, "sources": ["recycling", "retrieval"] + (["draft-model"] if self.model else []),
+        return {"method": self.name, "sources": ["recycling", "retrieval"] + ([self.model_name] if self.model else []),
                 "datastore": None if self.source.store is None else str(self.source.store.path),
                 "arm_tokens_per_s": {a: round(r.value, 2) for a, r in self.arms.rates.items()}}
 
@@ -259,21 +267,25 @@ class _Calibration:
         return self.realized / self.expected if self.expected > 0 else 1.0
 
 
-def _factory(engine, datastore, online: bool, max_nodes, use_draft: bool, model_tree: str, model_cross: str) -> Auto:
+def _factory(engine, datastore, online: bool, max_nodes, use_draft: bool, model_tree: str, model_cross: str,
+             head, head_length: str) -> Auto:
     store = load_store(engine, datastore, online)
     source = RetrievalSource(store, lookup=True, online=online)
     rec = TokenRecycling(engine.model.cfg.vocab_size, device="cpu")
-    model = None
-    if use_draft and engine.draft_model is not None:
+    model, name = None, "draft-model"
+    if head is not None:                       # the model arm drafts with an EAGLE head on the target's features
+        base = eagle.SPEC.factory(engine, **eagle.SPEC.validate({"head": head, "length": head_length}))
+        model, name = Rasd(base, source, cost=OnlineCost(engine.cost_curve())), "eagle"
+    elif use_draft and engine.draft_model is not None:
         cross = model_cross if model_tree == "chain" else "tli"       # string-level drafts are chains
         base = draft_model.SPEC.factory(engine, **draft_model.SPEC.validate({"tree": model_tree, "cross": cross}))
         model = Rasd(base, source, cost=OnlineCost(engine.cost_curve()))
-    return Auto(rec, source, OnlineCost(engine.cost_curve()), model=model, max_nodes=max_nodes)
+    return Auto(rec, source, OnlineCost(engine.cost_curve()), model=model, max_nodes=max_nodes, model_name=name)
 
 
 SPEC = MethodSpec(
     "auto", "every source the engine has (Token Recycling, retrieval from the context and a datastore, the draft "
-    "model when loaded) fused into one tree, the mix chosen per step by measured tokens/s", _factory,
+    "model when loaded or an EAGLE head) fused into one tree, the mix chosen per step by measured tokens/s", _factory,
     options={
         "datastore": Option(str, None, "datastore file for retrieval (draftwise datastore build); null: the "
                                     "context only", optional=True, path=True),
@@ -288,5 +300,11 @@ SPEC = MethodSpec(
                                              "(string: 1.41x vs TLI 1.24x, 1.5B + SmolLM2 on HumanEval; string "
                                              "drafts chains: with another model_tree the arm uses tli)",
                               choices=draft_model.CROSS),
+        "head": Option(str, None, "an EAGLE head for the model arm (as eagle's head option; it replaces the draft "
+                                  "model there): its chain is fused with retrieval and run when it pays",
+                       optional=True, path=True, words=("untrained", "untrained-eagle3")),
+        "head_length": Option(str, "fixed:1", "the EAGLE head's chain length (eagle's length option; fixed:1 was "
+                                              "its best on the 0.5B)"),
     },
-    test_opts=[{}, {"max_nodes": 6}, {"use_draft": False}])
+    test_opts=[{}, {"max_nodes": 6}, {"use_draft": False},
+               {"head": "untrained", "head_length": "fixed:2"}, {"head": "untrained-eagle3"}])

@@ -103,8 +103,9 @@ class Drafter:
         the accepted path; ctx.tokens already ends with the accepted tokens and the bonus."""
 
     def watch(self, tree: DraftTree, out, accepted, ctx: Context) -> None:
-        """Called instead of ``observe`` after a plain step the guard chose (``propose`` was not called):
-        a drafter that learns from the target's passes (Token Recycling's matrix) may learn from it."""
+        """Called instead of ``observe`` after a step this drafter did not draft (the guard's plain step, or
+        another source's tree in ``auto``; ``propose`` was not called): a drafter that learns from the
+        target's passes (Token Recycling's matrix, EAGLE's features) may learn from it."""
 
     def describe(self) -> dict:
         return {"method": self.name}
@@ -113,6 +114,11 @@ class Drafter:
     def offered(self, scores: np.ndarray) -> None:
         """Another source will verify nodes with these expected acceptances [m] beside this drafter's
         next tree; a drafter that sizes its tree by expected gain may grow less. Called before ``propose``."""
+
+    def extended(self, out, rows: list[int], ctx: Context) -> None:
+        """After ``observe``: the pass's rows ``rows`` (nodes another source hung below this drafter's
+        accepted path, accepted as well) were committed after that path, in this order. A drafter that
+        keeps per-token state from the target's passes (EAGLE's features) appends theirs."""
 
     def node_dists(self) -> dict[int, torch.Tensor]:
         """The draft distribution after each node of the last proposed tree (node -> [K] probabilities

@@ -218,7 +218,7 @@ def untrained_head(model: Transformer) -> EagleHead:
 class Eagle(DraftModel):
     name = "eagle"
     needs = Needs(final_hidden=True)
-    pausable = False          # its features come from every target pass (observe); its length control adapts
+    pausable = True           # a step it did not draft still hands it the pass's features (watch)
     keep_drafted_rows = False  # drafted rows came from predicted features: re-fed with the real ones
     restartable = False        # row j pairs the target's feature at position j - 1: positions stay absolute
 
@@ -283,16 +283,26 @@ class Eagle(DraftModel):
         self.control.see(ctx.root, self.last_f)    # the LDLP reads the root and the last final-norm feature
         return super().chain_length(ctx)
 
+    def _track(self, out, rows: list[int]) -> None:
+        """Append the features of the pass's rows ``rows`` (committed in this order) to ``feats``."""
+        idx = torch.as_tensor(rows, dtype=torch.long, device=out.hidden.device)
+        n = int(idx.numel())
+        self.feats[self.nf:self.nf + n] = self._feats(out, idx)
+        self.nf += n
+        self.last_f = out.hidden[idx[-1]]
+
     def observe(self, tree, out, accepted, ctx) -> None:
-        path = torch.as_tensor(accepted.path, dtype=torch.long, device=out.hidden.device)
         if self.log is not None:
             self.log.append((int(tree.tokens[0]), self.last_f.float().cpu(), tree.tokens[1:].tolist(),
                              len(accepted.path) - 1))
-        n = int(path.numel())
-        self.feats[self.nf:self.nf + n] = self._feats(out, path)
-        self.nf += n
-        self.last_f = out.hidden[path[-1]]
+        self._track(out, accepted.path)
         super().observe(tree, out, accepted, ctx)
+
+    def watch(self, tree, out, accepted, ctx) -> None:
+        self._track(out, accepted.path)            # the next catch-up feeds these tokens with their features
+
+    def extended(self, out, rows, ctx) -> None:
+        self._track(out, rows)
 
     def describe(self) -> dict:
         d = {"method": self.name, "tree": self.shape, "head": self.net.meta.get("source", "draftwise"),

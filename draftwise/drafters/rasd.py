@@ -184,6 +184,8 @@ class Rasd(Drafter):
             lh = {k: v[: a.size] for k, v in out.layer_hidden.items()}
             out_a = ForwardOut(out.logits[: a.size] if out.logits is not None else None, out.hidden[: a.size], lh)
             self.base.observe(a, out_a, dataclasses.replace(accepted, path=base_path), ctx)
+            if len(base_path) < len(path):          # retrieval nodes accepted below the base's path
+                self.base.extended(out, path[len(base_path):], ctx)
         if self._added is not None:
             tried, hit = tried_nodes(tree, path)
             ad = self._added
