@@ -81,7 +81,7 @@ class EagleHead:
         t = self.target
         mask = t.attn_mask(n, cache.length, cache.pending, tree_mask)
         cos, sin = t.cos[positions].unsqueeze(1), t.sin[positions].unsqueeze(1)
-        return layer_forward(self.cfg, self.layer, x, cos, sin, lambda k, v: cache.write(0, k, v, start), mask)
+        return layer_forward(self.cfg, self.layer, x, cos, sin, lambda k, v: cache.write(0, k, v, start), mask, t.glue)
 
 
 def head_names(cfg, input_norm: bool, fc_bias: bool) -> list[str]:

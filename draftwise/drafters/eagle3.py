@@ -187,7 +187,7 @@ class Eagle3Head:
         mask = attn_mask(self.cfg, n, cache.length, cache.pending, tree_mask, self.device, self.dtype)
         cos, sin = self.cos[positions].unsqueeze(1), self.sin[positions].unsqueeze(1)
         return layer_forward(self.cfg, self.layer, x, cos, sin, lambda k, v: cache.write(0, k, v, start), mask,
-                             attn_in=a.contiguous())
+                             self.target.glue, attn_in=a.contiguous())
 
 
 # ---------------------------------------------------------------------- checkpoints
