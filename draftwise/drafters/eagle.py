@@ -343,7 +343,9 @@ def _factory(engine, head, ldlp, length, tree: str, max_depth: int, threshold: f
     v3 = isinstance(h, eagle3.Eagle3Head)
     ctl = None
     if tree == "chain":
-        length = length or ("ldlp-ddd" if ldlp else "ddd")
+        # without an LDLP, one token per step: with the heads trained here it beat DDD and the cost-aware
+        # Thompson controls on HumanEval and MT-Bench (docs/results.md), which fell below plain decoding in chat
+        length = length or ("ldlp-ddd" if ldlp else "fixed:1")
         lp = None
         if ldlp is not None:
             params, _ = load_ldlp(ldlp, model_fingerprint(model), h.id)
@@ -372,7 +374,7 @@ SPEC = MethodSpec(
                                "\"untrained-eagle3\": a random EAGLE-3 head (tests)", optional=True,
                                path=True, words=("untrained", "untrained-eagle3")),
         "ldlp": Option(str, None, "draft-length predictor (draftwise train ldlp)", optional=True, path=True),
-        "length": Option(str, None, f"chain length: {LENGTHS} (null: ldlp-ddd with an LDLP, else ddd)",
+        "length": Option(str, None, f"chain length: {LENGTHS} (null: ldlp-ddd with an LDLP, else fixed:1)",
                                  optional=True),
         "tree": Option(str, "chain", "chain | static | opt-tree (trees: deterministic top-n children)",
                                choices=("chain", "static", "opt-tree")),

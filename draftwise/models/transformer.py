@@ -263,13 +263,14 @@ def _invariant(mode: str, device: torch.device, dtype: torch.dtype) -> bool:
     "invariant" is asked for and cannot run."""
     if mode not in KERNEL_MODES:
         raise ConfigError(f"kernels must be one of {', '.join(KERNEL_MODES)}, got {mode!r}")
+    if mode == "torch" or (mode == "auto" and (device.type != "cuda" or dtype not in (torch.bfloat16, torch.float16))):
+        return False                                   # (no Triton import on the CPU's default path)
     from draftwise.kernels import invariant as inv
 
     if mode == "invariant":
         inv.check(device, dtype)
         return True
-    return mode == "auto" and device.type == "cuda" and dtype in (torch.bfloat16, torch.float16) \
-        and inv.why_unavailable(device, dtype) is None
+    return inv.why_unavailable(device, dtype) is None
 
 
 def _graph_mode(mode: str, device: torch.device) -> str:
