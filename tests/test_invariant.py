@@ -256,7 +256,8 @@ for arch in (80, 90):
     for kind, ptr in ((1, "*i16"), (2, "*fp16"), (0, "*fp32")):
         for dot16 in ((True, False) if kind else (False,)):
             k = build(inv._linear_kernel, dict(x=ptr, w=ptr, b=ptr, y=ptr, part="*fp32", M="i32", N="i32", K="i32",
-                      sxm="i32", chunk="i32"), dict(KIND=kind, HAS_BIAS=True, SPLIT=1, DOT16=dot16, BM=BM, BN=BN, BK=BK), arch)
+                      sxm="i32", chunk="i32"), dict(KIND=kind, HAS_BIAS=True, SPLIT=1, DOT16=dot16, SUMDOT=False,
+                                         BM=BM, BN=BN, BK=BK), arch)
             assert ("mma" in k.asm["ptx"]) == dot16, (arch, kind, dot16)     # 16-bit dots on tensor cores
         build(inv._split_sum_kernel, dict(part="*fp32", b=ptr, y=ptr, M="i32", N="i32"),
               dict(KIND=kind, HAS_BIAS=True, SPLIT=3, BM=32, BN=128), arch)

@@ -26,8 +26,10 @@ cache positions; a *visible list* the slots one row attends to.
 Storage is bfloat16, float16 or float32. bf16 is read and written through its bits (fp32 = bits <<
 16; stores round to nearest even by hand), because Triton's CPU interpreter (``TRITON_INTERPRET=1``,
 how CI runs these kernels with no GPU) neither rounds bf16 nor multiplies it correctly. Products:
-on CUDA, ``tl.dot`` on 16-bit tiles with fp32 accumulation (tensor cores); in the interpreter and for
-fp32, IEEE fp32 dots. Invariance is a property of the structure and holds for both; the interpreter
+on CUDA, ``tl.dot`` on 16-bit tiles with fp32 accumulation (tensor cores), IEEE fp32 dots for fp32;
+in the interpreter an explicit product-and-sum over each k step (``tl.dot`` there is numpy's matmul,
+whose BLAS may sum a row in another order by its position in the tile: seen with OpenBLAS's Haswell
+kernel on an AMD EPYC). Invariance is a property of the structure and holds for both; the interpreter
 tests check it (and the indexing) at small shapes, a GPU run at full size.
 """
 from __future__ import annotations
@@ -132,8 +134,9 @@ if triton is not None:
     @triton.jit
     def _linear_kernel(x, w, b, y, part, M, N, K, sxm, chunk,
                        KIND: tl.constexpr, HAS_BIAS: tl.constexpr, SPLIT: tl.constexpr, DOT16: tl.constexpr,
-                       BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr):
-        """One [BM, BN] tile of y (SPLIT 1) or of K chunk ``program_id(2)``'s fp32 partial sum."""
+                       SUMDOT: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr):
+        """One [BM, BN] tile of y (SPLIT 1) or of K chunk ``program_id(2)``'s fp32 partial sum. SUMDOT (the
+        interpreter): each k step's products summed explicitly, the same order for every row of the tile."""
         pm = tl.program_id(0)
         pn = tl.program_id(1)
         ps = tl.program_id(2)
@@ -147,7 +150,9 @@ if triton is not None:
             kk = k + rk
             a = _load(x, rm[:, None] * sxm + kk[None, :], (rm[:, None] < M) & (kk[None, :] < k1), KIND, DOT16)
             b_t = _load(w, rn[:, None] * K + kk[None, :], (rn[:, None] < N) & (kk[None, :] < k1), KIND, DOT16)
-            if DOT16:
+            if SUMDOT:
+                acc += tl.sum(a[:, :, None] * tl.trans(b_t)[None, :, :], axis=1)
+            elif DOT16:
                 acc = tl.dot(a, tl.trans(b_t), acc)
             else:
                 acc = tl.dot(a, tl.trans(b_t), acc, input_precision="ieee")
@@ -283,7 +288,7 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = No
     grid = (triton.cdiv(n, BM), triton.cdiv(N, BN), splits)
     _linear_kernel[grid](_bits(x), _bits(weight), b, _bits(y), part, n, N, K, x.stride(0), chunk,
                          KIND=kind, HAS_BIAS=bias is not None, SPLIT=splits, DOT16=_dot16(x),
-                         BM=BM, BN=BN, BK=BK, num_warps=WARPS)
+                         SUMDOT=interpreted(), BM=BM, BN=BN, BK=BK, num_warps=WARPS)
     if splits > 1:
         _split_sum_kernel[(triton.cdiv(n, 32), triton.cdiv(N, 128))](
             part, b, _bits(y), n, N, KIND=kind, HAS_BIAS=bias is not None, SPLIT=splits, BM=32, BN=128,
