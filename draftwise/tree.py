@@ -67,12 +67,13 @@ class DraftTree:
 
     @classmethod
     def from_parents(cls, tokens, parents, scores=None, device="cpu") -> "DraftTree":
-        tokens = torch.as_tensor(tokens, dtype=torch.long, device=device)
-        parents = torch.as_tensor(parents, dtype=torch.long, device=device)
-        depths = torch.zeros_like(parents)
-        for i in range(1, parents.numel()):   # small trees built once, not on the hot path
-            depths[i] = depths[parents[i]] + 1
-        return cls(tokens, parents, depths, scores)
+        par = parents.tolist() if isinstance(parents, torch.Tensor) else [int(p) for p in parents]
+        depths = [0] * len(par)
+        for i in range(1, len(par)):          # plain Python: per-element tensor indexing cost ~10 us a node
+            depths[i] = depths[par[i]] + 1
+        return cls(torch.as_tensor(tokens, dtype=torch.long, device=device),
+                   torch.tensor(par, dtype=torch.long, device=device),
+                   torch.tensor(depths, dtype=torch.long, device=device), scores)
 
     def to(self, device) -> "DraftTree":
         """The same tree on another device (no copy when it is there already).
@@ -205,28 +206,50 @@ def merge_trees(a: DraftTree, b: DraftTree) -> tuple[DraftTree, torch.Tensor]:
     """
     if int(a.tokens[0]) != int(b.tokens[0]):
         raise ValueError("trees must share the root token")
-    toks, pars = a.tokens.tolist(), a.parents.tolist()
-    children = {(p, t): i for i, (t, p) in enumerate(zip(toks, pars)) if p >= 0}
+    a_pars = a.parents.tolist()
+    toks, pars, mapping = fuse_lists(a.tokens.tolist(), a_pars, b.tokens.tolist(), b.parents.tolist())
     a_sampled, b_sampled = a.is_sampled().tolist(), b.is_sampled().tolist()
-    sampled = list(a_sampled)
+    sampled = a_sampled + [False] * (len(toks) - a.size)
     q_from: dict[int, int] = {}                  # fused parent -> node of b whose q row it uses
-    has_a_sampled_kids = {pars[i] for i in range(1, len(toks)) if a_sampled[i]}
-    mapping = [0] * b.size
-    b_toks, b_pars = b.tokens.tolist(), b.parents.tolist()
+    has_a_sampled_kids = {a_pars[i] for i in range(1, a.size) if a_sampled[i]}
+    b_pars, made = b.parents.tolist(), set()
     for i in range(1, b.size):
+        j = mapping[i]
+        if j >= a.size and j not in made:         # the node of b that made fused node j
+            made.add(j)
+            if not b_sampled[i]:
+                continue
+            if pars[j] in has_a_sampled_kids:
+                raise ValueError("both trees drew sampled children under one node: cannot verify losslessly")
+            q_from[pars[j]] = b_pars[i]
+            sampled[j] = True
+    return _fused_tree(a, b, toks, pars, mapping, sampled, q_from)
+
+
+def fuse_lists(toks: list[int], pars: list[int], b_toks: list[int], b_pars: list[int],
+               children: dict | None = None) -> tuple[list[int], list[int], list[int]]:
+    """merge_trees on plain lists for deterministic trees: b's nodes (parents first) map to a's node with the
+    same (parent, token) or are appended. Returns the fused tokens and parents (new lists) and b's mapping.
+    ``children``: a's {(parent, token): node}, when the caller has it."""
+    toks, pars = list(toks), list(pars)
+    if children is None:
+        children = {(p, t): i for i, (t, p) in enumerate(zip(toks, pars)) if p >= 0}
+    mapping = [0] * len(b_toks)
+    for i in range(1, len(b_toks)):
         parent = mapping[b_pars[i]]
-        j = children.get((parent, b_toks[i]))
+        key = (parent, b_toks[i])
+        j = children.get(key)
         if j is None:
-            if b_sampled[i]:
-                if parent in has_a_sampled_kids:
-                    raise ValueError("both trees drew sampled children under one node: cannot verify losslessly")
-                q_from[parent] = b_pars[i]
-            j = len(toks)
+            j = children[key] = len(toks)
             toks.append(b_toks[i])
             pars.append(parent)
-            sampled.append(b_sampled[i])
-            children[(parent, b_toks[i])] = j
         mapping[i] = j
+    return toks, pars, mapping
+
+
+def _fused_tree(a: DraftTree, b: DraftTree, toks: list[int], pars: list[int], mapping: list[int],
+                sampled: list[bool], q_from: dict[int, int]) -> tuple[DraftTree, torch.Tensor]:
+    """merge_trees' result: the fused structure with a's metadata, then b's for the nodes new from b."""
     dev = a.tokens.device
     tree = DraftTree.from_parents(toks, pars, device=dev)
     n_new = len(toks) - a.size

@@ -45,24 +45,20 @@ class Accepted:
 
 def verify_greedy(tree: DraftTree, logits: torch.Tensor) -> Accepted:
     """logits [n, V] from the target at every node."""
-    n = tree.size
-    best = kernels.argmax_rows(logits)                           # [n] (= logits.argmax(-1))
-    if n == 1:
-        b = int(best[0])
-        return Accepted([0], [b], b)
-    par = tree.parents.clamp(min=0)
-    ok = tree.tokens == best[par]                                # [n] edge matches
-    ok[0] = True
-    acc = ok.clone()
-    for _ in range(int(tree.depths.max())):                     # propagate along ancestors
-        acc = ok & acc[par]
-    acc[0] = True
-    score = torch.where(acc, tree.depths, torch.full_like(tree.depths, -1))
-    node = int(torch.argmax(score))                              # first deepest accepted node
+    best = kernels.argmax_rows(logits).tolist()                  # [n] (= logits.argmax(-1))
+    if tree.size == 1:
+        return Accepted([0], [best[0]], best[0])
+    # plain Python over the n nodes (parents first): a handful of small tensor ops cost more per step
+    toks, par, depth = tree.tokens.tolist(), tree.parents.tolist(), tree.depths.tolist()
+    ok = [True] * len(toks)                                      # node accepted: its parent is, and its token
+    node = 0                                                     # is the target's argmax there
+    for i in range(1, len(toks)):
+        ok[i] = ok[par[i]] and toks[i] == best[par[i]]
+        if ok[i] and depth[i] > depth[node]:                     # the first deepest accepted node
+            node = i
     path = tree.path_to(node)
-    bonus = int(best[node])
-    toks = tree.tokens[path[1:]].tolist() if len(path) > 1 else []
-    return Accepted(path, toks + [bonus], bonus)
+    bonus = best[node]
+    return Accepted(path, [toks[i] for i in path[1:]] + [bonus], bonus)
 
 
 def verify_sampling(tree: DraftTree, logits: torch.Tensor | None, sampling: Sampling,

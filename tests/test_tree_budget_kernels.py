@@ -250,3 +250,45 @@ def test_online_cost_buckets_and_fill_by_their_definitions():
         for i in range(12):
             near = [c.ratio[j] for j in (seen[seen <= i][-1:].tolist() + seen[seen >= i][:1].tolist())]
             assert c._filled[i] == (max(near) if near else 1.0)
+
+
+def _reference_accept(tree: DraftTree, best: list[int]) -> tuple[list[int], int]:
+    """Greedy acceptance by definition: walk down from the root, taking the first child whose token is the
+    target's argmax at the current node, until none is (independent of verify_greedy's propagation)."""
+    par, toks = tree.parents.tolist(), tree.tokens.tolist()
+    path = [0]
+    while True:
+        kids = [i for i in range(1, len(toks)) if par[i] == path[-1] and toks[i] == best[path[-1]]]
+        if not kids:
+            return path, best[path[-1]]
+        path.append(kids[0])
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_greedy_verification_accepts_the_longest_matching_path(seed):
+    from draftwise.verify import verify_greedy
+
+    g = torch.Generator().manual_seed(seed)
+    for _ in range(40):
+        n, V = int(torch.randint(1, 24, (1,), generator=g)), 5
+        parents = [-1] + [int(torch.randint(0, i, (1,), generator=g)) for i in range(1, n)]
+        tree = DraftTree.from_parents(torch.randint(0, V, (n,), generator=g).tolist(), parents)
+        logits = torch.randn(n, V, generator=g)
+        acc = verify_greedy(tree, logits)
+        path, bonus = _reference_accept(tree, logits.argmax(-1).tolist())
+        best = logits.argmax(-1).tolist()
+        # every edge of the path matches the target's argmax, and the emitted tokens are the path's + the bonus
+        assert all(tree.parents[j] == i and tree.tokens[j] == best[i] for i, j in zip(acc.path, acc.path[1:]))
+        assert acc.bonus == best[acc.path[-1]] and acc.tokens == tree.tokens[acc.path[1:]].tolist() + [acc.bonus]
+        # the deepest such path (the reference's first-match walk may stop early under repeated siblings);
+        # where siblings never repeat a token, the path is unique
+        assert len(acc.path) >= len(path)
+        if len(set(zip(parents, tree.tokens.tolist()))) == n:
+            assert acc.path == path and acc.bonus == bonus
+
+
+def test_cost_curve_for_one_n_equals_the_array_form():
+    c = CostCurve((1, 2, 4, 8, 64), (10.0, 11.0, 14.0, 20.0, 90.0), 128, (12.0, 13.5, 17.0, 25.0, 120.0), 1024)
+    for n in (1, 2, 3, 5, 8, 40, 64, 65, 200):
+        for ctx in (None, 0, 128, 600, 1024, 4000):
+            assert c.t(n, ctx) == pytest.approx(float(c.t(np.array(n), ctx)), rel=1e-12)

@@ -51,7 +51,7 @@ from draftwise.drafters.retrieval import RetrievalSource, load_store
 from draftwise.drafters.spec import MethodSpec, Option
 from draftwise.policies.budget import OnlineCost, Overhead, best_prefix
 from draftwise.policies.guard import ArmRates
-from draftwise.tree import DraftTree, merge_trees, tried_nodes
+from draftwise.tree import DraftTree, fuse_lists, tried_nodes
 
 RECYCLING, RETRIEVAL, DRAFT_MODEL = 1, 2, 4
 
@@ -165,25 +165,34 @@ class Auto(Drafter):
     # ------------------------------------------------------------------ the free arm
     def _free(self, ctx: Context) -> tuple[DraftTree, torch.Tensor, float]:
         """The free arm's tree, its origin bits, and (with a draft model) its expected tokens per second."""
-        # the arrays here have ~100 entries: numpy, where torch's per-op cost was most of the step's overhead
-        rec = self.recycling.candidates(ctx).to("cpu")
+        # the arrays here have ~100 entries: numpy and lists, where torch's per-op cost was most of the step's
+        # overhead; only the kept tree becomes a DraftTree
+        rtoks, rs = self.recycling.candidate_arrays(ctx)
+        rs = rs.astype(np.float32).astype(np.float64)              # the scores as a tree carries them
+        rp, rd, T = self.recycling.template_parents, self.recycling.template_depths, rtoks.size
         cand = self.source.candidates(ctx)
-        fused, mapping = (rec, None) if cand is None else merge_trees(rec, cand.tree)
-        n = fused.size
+        if cand is None:
+            toks, parents, depths = rtoks, rp, rd
+        else:
+            ftoks, fpars, mapping = fuse_lists(rtoks.tolist(), rp.tolist(), cand.tree.tokens.tolist(),
+                                               cand.tree.parents.tolist())
+            fdep = rd.tolist() + [0] * (len(ftoks) - T)
+            for j in range(T, len(ftoks)):                         # retrieval nodes new to the tree
+                fdep[j] = fdep[fpars[j]] + 1
+            toks, parents, depths = np.array(ftoks), np.array(fpars), np.array(fdep)
+        n = toks.size
         rate = np.zeros(n)
         bits = np.zeros(n, dtype=np.int8)
-        s, rp = rec.scores.double().numpy(), rec.parents.numpy()
-        ps = s[rp[1:]]
-        rate[1:rec.size] = np.where(ps > 0, s[1:] / np.maximum(ps, 1e-12), 0.0)
-        bits[1:rec.size] = RECYCLING
+        ps = rs[rp[1:]]
+        rate[1:T] = np.where(ps > 0, rs[1:] / np.maximum(ps, 1e-12), 0.0)
+        bits[1:T] = RECYCLING
         ret_of = np.full(n, -1, dtype=np.int64)                    # fused node -> retrieval trie node
         if cand is not None:
             b, bp = cand.tree.scores.double().numpy(), cand.tree.parents.numpy()
-            m = mapping[1:].numpy()
+            m = np.array(mapping[1:], dtype=np.int64)
             rate[m] = np.maximum(rate[m], b[1:] / np.maximum(b[bp[1:]], 1e-12))
             bits[m] |= RETRIEVAL
             ret_of[m] = np.arange(1, cand.tree.size)
-        depths, parents = fused.depths.numpy(), fused.parents.numpy()
         raw = path_products(np.clip(rate, 0.0, 1.0), parents, depths)
         score = calibrated(raw, bits, np.array([1.0] + [c.ratio for c in self.source_calib[1:]]), parents, depths)
         order = np.argsort(-score[1:], kind="stable") + 1          # best first; parents first on ties
@@ -200,10 +209,13 @@ class Auto(Drafter):
         keep = np.sort(np.concatenate([np.zeros(1, dtype=np.int64), order[:k]]))
         kept_bits = torch.from_numpy(bits[keep])
         keep_t = torch.from_numpy(keep)
-        self._kept = {"template": rec.template_ids, "bits": kept_bits, "expected": expected, "raw": raw[keep],
-                      "index": keep_t, "ret_of": torch.from_numpy(ret_of[keep]), "cand": cand}
-        tree = fused.select(keep_t)
-        tree.scores = torch.from_numpy(score[keep]).float()
+        self._kept = {"bits": kept_bits, "expected": expected, "raw": raw[keep], "index": keep_t,
+                      "ret_of": torch.from_numpy(ret_of[keep]), "cand": cand}
+        remap = np.full(n, -1, dtype=np.int64)
+        remap[keep] = np.arange(keep.size)
+        kept_par = parents[keep]
+        tree = DraftTree(torch.from_numpy(toks[keep]), torch.from_numpy(np.where(kept_par >= 0, remap[kept_par], -1)),
+                         torch.from_numpy(depths[keep]), scores=torch.from_numpy(score[keep]).float())
         return tree, kept_bits.clone(), free_rate
 
     def _learn(self, tree: DraftTree, out, accepted) -> None:
@@ -220,7 +232,7 @@ class Auto(Drafter):
         on_path = torch.from_numpy(on_path)
         rec = (k["bits"] & RECYCLING).bool()
         rec[0] = True                                             # the root is template node 0
-        self.recycling.record(k["template"][k["index"][rec]], on_path[rec])
+        self.recycling.record(k["index"][rec], on_path[rec])       # recycling's nodes = template nodes 0..T-1
         ret = (k["bits"] & RETRIEVAL).bool()
         if ret.any() and k["cand"] is not None:
             tried, hit = tried_nodes(tree, accepted.path)

@@ -57,7 +57,7 @@ class TokenRecycling(Drafter):
         self._par_dev = self.parents.to(self.device)
         self._rank_dev = self.ranks.to(self.device)
         self._depths_dev = self.depths.to(self.device)
-        self._prior_np, self._parents_np = self.prior.numpy(), self.parents.numpy()
+        self._prior_np, self._parents_np, self._depths_np = self.prior.numpy(), self.parents.numpy(), self.depths.numpy()
         self._levels_np = [lv.numpy() for lv in self.levels_cpu]
         self._ranks_np = self.ranks.numpy()
         self.last_size = 0
@@ -106,29 +106,46 @@ class TokenRecycling(Drafter):
         """Every template node as a tree (parents first): tokens from the matrix, ``scores`` the
         acceptance estimates (0 where a parent's row was never filled), ``template_ids`` the template
         node of each tree node. What a fusion of sources reads (``auto``); ``propose`` keeps a prefix."""
-        if self.device.type == "cpu":                                   # numpy views: small arrays, less per-op cost
-            M, seen, par = self.M.numpy(), self.seen.numpy(), self._parents_np
-            t = np.empty(self.parents.numel(), dtype=np.int64)
-            ok = np.ones(self.parents.numel(), dtype=bool)
-            t[0] = ctx.root
-            for lvl in self._levels_np:                                  # one gather per level
-                ptok = t[par[lvl]]
-                t[lvl] = M[ptok, self._ranks_np[lvl]]
-                ok[lvl] = ok[par[lvl]] & seen[ptok]                      # never draft from an empty row
-            toks, valid = torch.from_numpy(t), torch.from_numpy(ok)
-        else:
-            toks = torch.empty(self.parents.numel(), dtype=torch.long, device=self.device)
-            valid = torch.ones(self.parents.numel(), dtype=torch.bool, device=self.device)
-            toks[0] = ctx.root
-            for lvl in self.levels:                                      # one gather per level
-                ptok = toks[self._par_dev[lvl]]
-                toks[lvl] = self.M[ptok, self._rank_dev[lvl]]
-                valid[lvl] = valid[self._par_dev[lvl]] & self.seen[ptok]
+        if self.device.type == "cpu":
+            t, est = self.candidate_arrays(ctx)
+            tree = DraftTree(torch.from_numpy(t), self._par_dev, self._depths_dev)
+            tree.scores = torch.from_numpy(est).float()
+            tree.template_ids = torch.arange(self.parents.numel())
+            return tree
+        toks = torch.empty(self.parents.numel(), dtype=torch.long, device=self.device)
+        valid = torch.ones(self.parents.numel(), dtype=torch.bool, device=self.device)
+        toks[0] = ctx.root
+        for lvl in self.levels:                                          # one gather per level
+            ptok = toks[self._par_dev[lvl]]
+            toks[lvl] = self.M[ptok, self._rank_dev[lvl]]
+            valid[lvl] = valid[self._par_dev[lvl]] & self.seen[ptok]
         est = self.estimates() * valid.cpu()
         tree = DraftTree(toks, self._par_dev, self._depths_dev)
         tree.scores = est.float().to(self.device)
         tree.template_ids = torch.arange(self.parents.numel())
         return tree
+
+    def candidate_arrays(self, ctx: Context) -> tuple[np.ndarray, np.ndarray]:
+        """candidates() as numpy arrays, CPU matrix only: (tokens [T] int64, scores [T] float64), template
+        node i at index i (parents: ``template_parents``). numpy: ~80-element arrays, where torch's per-op
+        cost was most of the step's bookkeeping."""
+        M, seen, par = self.M.numpy(), self.seen.numpy(), self._parents_np
+        t = np.empty(par.size, dtype=np.int64)
+        ok = np.ones(par.size, dtype=bool)
+        t[0] = ctx.root
+        for lvl in self._levels_np:                                      # one gather per level
+            ptok = t[par[lvl]]
+            t[lvl] = M[ptok, self._ranks_np[lvl]]
+            ok[lvl] = ok[par[lvl]] & seen[ptok]                          # never draft from an empty row
+        return t, self.estimates().numpy() * ok
+
+    @property
+    def template_parents(self) -> np.ndarray:
+        return self._parents_np
+
+    @property
+    def template_depths(self) -> np.ndarray:
+        return self._depths_np
 
     def observe(self, tree: DraftTree, out, accepted, ctx: Context) -> None:
         with self.overhead:

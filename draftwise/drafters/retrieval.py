@@ -102,11 +102,10 @@ class RetrievalSource:
             sel[0] = False
             if sel.any():
                 rate[sel] = self.calib[k].rate(top1[sel], share[sel])
-        p_hat = rate.clone()
-        for i in range(1, n):                                   # parents come first
-            p_hat[i] = p_hat[pars[i]] * rate[i]
-        p_hat[0] = 1.0
-        tree = DraftTree.from_parents(toks, pars, scores=p_hat.float())
+        r, p_hat = rate.tolist(), [1.0] * n
+        for i in range(1, n):                                   # parents come first (plain Python: ~n ops)
+            p_hat[i] = p_hat[pars[i]] * r[i]
+        tree = DraftTree.from_parents(toks, pars, scores=torch.tensor(p_hat, dtype=torch.float32))
         tree.origin = (kind + 1).to(torch.int8)
         tree.origin[0] = 0
         return Candidates(tree, top1, share, kind)

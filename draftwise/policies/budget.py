@@ -54,6 +54,8 @@ class CostCurve:
     def t(self, n, context: int | None = None) -> np.ndarray:
         """Time (ms) for n nodes after `context` tokens; linear in n between and past the measured
         points, linear in the context between (and past) the two measured lengths."""
+        if isinstance(n, int):
+            return self.t_one(n, context)
         n = np.asarray(n, dtype=float)
         base = self._interp(n, self._ms)
         if context is None or self._ms_long is None:
@@ -61,6 +63,16 @@ class CostCurve:
         long = self._interp(n, self._ms_long)
         frac = (context - self.context) / (self.context_long - self.context)
         return np.maximum(base + frac * (long - base), 0.5 * base)
+
+    def t_one(self, n: int, context: int | None = None) -> float:
+        """t(n, context) for one n, in plain Python (the loop asks it every step; numpy's per-call
+        cost was most of it). The same values as :meth:`t`."""
+        base = _interp1(n, self.ns, self.ms)
+        if context is None or self.ms_long is None:
+            return base
+        long = _interp1(n, self.ns, self.ms_long)
+        frac = (context - self.context) / (self.context_long - self.context)
+        return max(base + frac * (long - base), 0.5 * base)
 
     def observe(self, n: int, ms: float, context: int | None = None) -> None:
         """A fixed curve learns nothing from timed passes (see OnlineCost)."""
@@ -91,6 +103,19 @@ class CostCurve:
                    None if long is None else tuple(long), d.get("context_long"))
 
 
+def _interp1(n: float, ns: tuple, ms: tuple) -> float:
+    """CostCurve._interp for one n: linear between the points, the last segment's slope past them,
+    the first point's time below them."""
+    if n <= ns[0]:
+        return float(ms[0])
+    for i in range(1, len(ns)):
+        if n <= ns[i]:
+            return ms[i - 1] + (ms[i] - ms[i - 1]) * (n - ns[i - 1]) / (ns[i] - ns[i - 1])
+    if len(ns) == 1:
+        return float(ms[0])
+    return ms[-1] + (ms[-1] - ms[-2]) / (ns[-1] - ns[-2]) * (n - ns[-1])
+
+
 class OnlineCost:
     """The measured curve, corrected by the passes the decoding loop actually times.
 
@@ -117,7 +142,7 @@ class OnlineCost:
 
     def observe(self, n: int, ms: float, context: int | None = None) -> None:
         b = min(max(int(n) - 1, 0).bit_length(), 11)     # = bucket(n), without numpy's per-call cost on a scalar
-        r = ms / float(self.curve.t(n, context))
+        r = ms / self.curve.t_one(int(n), context)
         self.count[b] += 1
         a = max(self.alpha, 1.0 / self.count[b])          # a running mean first, then a moving average
         self.ratio[b] = (1 - a) * self.ratio[b] + a * r
@@ -129,6 +154,8 @@ class OnlineCost:
         return self.since_one >= self.probe_every
 
     def t(self, n, context: int | None = None) -> np.ndarray:
+        if isinstance(n, int):
+            return self.curve.t_one(n, context) * float(self._filled[min(max(n - 1, 0).bit_length(), 11)])
         return self.curve.t(n, context) * self._filled[self.bucket(n)]
 
     def _fill(self) -> None:
