@@ -241,7 +241,8 @@ def test_online_cost_buckets_and_fill_by_their_definitions():
     for n in list(range(1, 70)) + [1000, 2047, 2048, 2049, 5000]:
         c = OnlineCost(CostCurve.flat())
         c.observe(n, 1.0)
-        assert np.flatnonzero(c.seen).tolist() == [int(OnlineCost.bucket(n))]
+        assert np.flatnonzero(c.seen).tolist() == [int(OnlineCost.bucket(n))] == [OnlineCost.bucket_one(n)]
+        assert c.t(n) == pytest.approx(float(c.t(np.array(n))))            # the scalar path = the array path
     rng = np.random.default_rng(1)
     for _ in range(200):
         c.ratio, c.seen = rng.random(12) * 2, rng.random(12) < 0.3

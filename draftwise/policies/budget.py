@@ -51,9 +51,9 @@ class CostCurve:
             out = np.where(n > self._ns[-1], ms[-1] + slope * (n - self._ns[-1]), out)
         return out
 
-    def t(self, n, context: int | None = None) -> np.ndarray:
+    def t(self, n, context: int | None = None) -> np.ndarray | float:
         """Time (ms) for n nodes after `context` tokens; linear in n between and past the measured
-        points, linear in the context between (and past) the two measured lengths."""
+        points, linear in the context between (and past) the two measured lengths. A float for an int n."""
         if isinstance(n, int):
             return self.t_one(n, context)
         n = np.asarray(n, dtype=float)
@@ -140,8 +140,13 @@ class OnlineCost:
     def bucket(n) -> np.ndarray:
         return np.minimum(np.ceil(np.log2(np.maximum(np.asarray(n, dtype=float), 1.0))).astype(int), 11)
 
+    @staticmethod
+    def bucket_one(n: int) -> int:
+        """bucket(n) for one int n, without numpy's per-call cost."""
+        return min(max(int(n) - 1, 0).bit_length(), 11)
+
     def observe(self, n: int, ms: float, context: int | None = None) -> None:
-        b = min(max(int(n) - 1, 0).bit_length(), 11)     # = bucket(n), without numpy's per-call cost on a scalar
+        b = self.bucket_one(n)
         r = ms / self.curve.t_one(int(n), context)
         self.count[b] += 1
         a = max(self.alpha, 1.0 / self.count[b])          # a running mean first, then a moving average
@@ -155,7 +160,7 @@ class OnlineCost:
 
     def t(self, n, context: int | None = None) -> np.ndarray:
         if isinstance(n, int):
-            return self.curve.t_one(n, context) * float(self._filled[min(max(n - 1, 0).bit_length(), 11)])
+            return self.curve.t_one(n, context) * float(self._filled[self.bucket_one(n)])
         return self.curve.t(n, context) * self._filled[self.bucket(n)]
 
     def _fill(self) -> None:
