@@ -58,24 +58,37 @@ def test_auto_is_the_default_method():
     assert "auto" in build_parser().parse_args(["bench"]).methods.split(",")
 
 
-def test_path_products_equal_the_sequential_products():
-    """auto scores a node by the product of conditional rates along its path: the vectorized
-    per-depth form equals the parents-first loop on random trees, bit for bit."""
-    import numpy as np
+def test_fused_scores_equal_their_definition():
+    """auto scores a node by the product of conditional rates along its path (raw), scaled by its origin's
+    factor (clipped to [0.25, 2]) and capped by every ancestor's score and 1: the one-pass form equals that
+    definition, walked ancestor by ancestor, on random trees."""
+    import random
 
-    from draftwise.drafters.auto import path_products
+    from draftwise.drafters.auto import fused_scores
 
-    rng = np.random.default_rng(0)
+    rng = random.Random(0)
     for n in (1, 2, 7, 40):
-        parents = np.array([-1] + [int(rng.integers(0, i)) for i in range(1, n)])
-        depths = np.zeros(n, dtype=np.int64)
-        for i in range(1, n):
-            depths[i] = depths[parents[i]] + 1
-        rate = rng.random(n)
-        want = np.ones(n)
-        for i in range(1, n):
-            want[i] = want[parents[i]] * rate[i]
-        assert np.array_equal(path_products(rate, parents, depths), want)
+        parents = [-1] + [rng.randrange(i) for i in range(1, n)]
+        rate = [1.0] + [rng.uniform(-0.2, 1.3) for _ in range(1, n)]      # out-of-range rates are clipped
+        bits = [0] + [rng.choice([1, 2, 3]) for _ in range(1, n)]
+        factor = [1.0] + [rng.uniform(0.0, 3.0) for _ in range(3)]
+        raw, score, depth = fused_scores(rate, bits, parents, factor)
+
+        def chain(i):                                              # i and its ancestors, root excluded
+            out = []
+            while i > 0:
+                out.append(i)
+                i = parents[i]
+            return out
+
+        want_raw = [1.0] * n
+        for i in range(n):
+            for a in reversed(chain(i)):
+                want_raw[i] *= min(max(rate[a], 0.0), 1.0)
+        for i in range(n):
+            caps = [1.0] + [want_raw[a] * min(max(factor[bits[a]], 0.25), 2.0) for a in chain(i)]
+            assert abs(raw[i] - want_raw[i]) < 1e-12 and depth[i] == len(chain(i))
+            assert abs(score[i] - min(caps)) < 1e-12
 
 
 def test_the_model_arm_runs_only_where_it_beats_the_free_tree(useless_pair):
@@ -94,19 +107,50 @@ def test_the_model_arm_runs_only_where_it_beats_the_free_tree(useless_pair):
 
 
 def test_calibrated_scores_scale_by_origin_and_stay_parents_first():
+    from draftwise.drafters.auto import fused_scores
+
+    parents = [-1, 0, 0, 1, 3]
+    rate = [1.0, 0.6, 0.3, 5 / 6, 0.8]                             # raw: 0.6, 0.3, 0.5, 0.4
+    bits = [0, 1, 2, 2, 1]                                         # 1 recycling only, 2 retrieval only
+    raw, s, _ = fused_scores(rate, bits, parents, [1.0, 0.5, 2.0, 1.0])
+    assert s[0] == 1.0 and s[1] == 0.3 and abs(s[2] - 0.6) < 1e-12   # scaled by their origin's factor
+    assert s[3] == 0.3 and abs(s[4] - 0.2) < 1e-12                  # 1.0 capped at its parent; 0.2 below it
+    assert all(s[i] <= s[parents[i]] for i in range(1, 5))
+    assert fused_scores(rate, bits, parents, [1.0, 0.01, 9.0, 1.0])[1][1] == 0.6 * 0.25   # clipped
+
+
+def test_recycling_best_candidates_are_the_best_valid_template_nodes():
+    """The free arm reads recycling's k best template nodes as lists: the same tokens and estimates as the
+    full template arrays, exactly the top-k by estimate among the nodes whose rows exist, parents first."""
     import numpy as np
+    import torch
 
-    from draftwise.drafters.auto import calibrated
+    from draftwise.drafters.base import Context
+    from draftwise.drafters.recycling import TokenRecycling
 
-    parents = np.array([-1, 0, 0, 1, 3])
-    depths = np.array([0, 1, 1, 2, 3])
-    raw = np.array([1.0, 0.6, 0.3, 0.5, 0.4])
-    bits = np.array([0, 1, 2, 2, 1], dtype=np.int8)                # 1 recycling only, 2 retrieval only
-    s = calibrated(raw, bits, np.array([1.0, 0.5, 2.0, 1.0]), parents, depths)
-    assert s[0] == 1.0 and s[1] == 0.3 and s[2] == 0.6            # scaled by their origin's factor
-    assert s[3] == 0.3 and s[4] == 0.2                            # 1.0 capped at its parent; 0.2 below it
-    assert np.all(s[1:] <= s[parents[1:]])
-    assert calibrated(raw, bits, np.array([1.0, 0.01, 9.0, 1.0]), parents, depths)[1] == 0.6 * 0.25   # clipped
+    rng = np.random.default_rng(3)
+    for trial in range(20):
+        rec = TokenRecycling(50, k=4, template_nodes=40)
+        rec.M.copy_(torch.from_numpy(rng.integers(0, 50, (50, 4))))
+        rec.seen.copy_(torch.from_numpy(rng.random(50) < 0.8))
+        ids = torch.from_numpy(rng.integers(0, 41, 60))
+        rec.record(ids, torch.from_numpy(rng.random(60) < 0.5))
+        ctx = Context([int(rng.integers(0, 50))], None, None, None)
+        toks, est = rec.candidate_arrays(ctx)
+        k = int(rng.integers(1, 40))
+        got_ids, got_toks, got_pars, got_est = rec.best_candidates(ctx, k)
+        order = np.argsort(-rec.estimates().numpy()[1:], kind="stable")[:k] + 1
+        want = sorted([0] + [int(i) for i in order if est[i] > 0])
+        assert got_ids == want
+        assert got_toks == toks[want].tolist() and got_est == est[want].tolist()
+        assert all(got_ids[p] == rec.parents[i] for i, p in zip(got_ids[1:], got_pars[1:]))
+        p0, a0 = rec.proposed.clone(), rec.accepted.clone()
+        hit = [bool(x) for x in rng.random(len(got_ids)) < 0.5]
+        rec.record(torch.tensor(got_ids), torch.tensor(hit))
+        want_p, want_a = rec.proposed.clone(), rec.accepted.clone()
+        rec.proposed.copy_(p0), rec.accepted.copy_(a0)
+        rec.record_lists(got_ids, hit)                             # the list form of record
+        assert torch.equal(rec.proposed, want_p) and torch.equal(rec.accepted, want_a)
 
 
 @pytest.mark.parametrize("head", ["untrained", "untrained-eagle3"])

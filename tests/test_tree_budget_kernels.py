@@ -107,6 +107,49 @@ def test_lookup_matching():
         PromptLookup(min_ngram=3, max_ngram=2)
 
 
+def test_lookup_continuations_equal_matching_each_n():
+    """continuations scans the context once for the newest token and measures each match backwards: the
+    same continuations, in the same order, as find_matches for each n, longest first, on random contexts."""
+    from draftwise.drafters.lookup import PromptLookup, find_matches
+
+    def by_each_n(d, arr):
+        conts, seen = [], set()
+        for n in range(d.max_ngram, d.min_ngram - 1, -1):
+            for i in find_matches(arr, n, d.max_matches * 2):
+                c = tuple(arr[i + n: i + n + d.max_depth].tolist())
+                if c and c not in seen:
+                    seen.add(c)
+                    conts.append(list(c))
+                    if len(conts) >= d.max_matches:
+                        return conts
+            if conts:
+                break
+        return conts
+
+    rng = np.random.default_rng(5)
+    for _ in range(1500):
+        arr = rng.integers(0, int(rng.integers(2, 12)), int(rng.integers(0, 60)))
+        hi = int(rng.integers(1, 6))
+        d = PromptLookup(max_ngram=hi, min_ngram=int(rng.integers(1, hi + 1)), max_depth=int(rng.integers(1, 8)),
+                         max_matches=int(rng.integers(1, 6)))
+        assert d.continuations(arr) == by_each_n(d, arr)
+
+
+def test_best_prefix_with_patience():
+    """The plain-Python walk scores prefixes as the numpy form does: with patience at least the number of
+    gains it is exact on any curve, and with 8 on falling gains over a measured CPU curve."""
+    rng = np.random.default_rng(2)
+    cpu = CostCurve((1, 2, 3, 4, 6, 8, 16, 64), (16.9, 17.1, 20.2, 24.5, 34.9, 44.5, 79.4, 307.0))
+    for _ in range(300):
+        m = int(rng.integers(0, 40))
+        gains = sorted(rng.random(m) ** int(rng.integers(1, 4)), reverse=True)
+        curve = CostCurve(tuple(range(1, 9)), tuple(np.cumsum(rng.random(8) * 5 + 0.1)))
+        oh = float(rng.random())
+        assert best_prefix(gains, curve, overhead_ms=oh, patience=max(m, 1)) == best_prefix(gains, curve, overhead_ms=oh)
+        assert best_prefix(gains, cpu, overhead_ms=oh, patience=8) == best_prefix(gains, cpu, overhead_ms=oh)
+        assert best_prefix(gains, cpu, max_nodes=3, patience=8) == best_prefix(gains, cpu, max_nodes=3)
+
+
 def test_budget_with_context_and_overhead():
     # verification of 4 nodes is almost free after 128 tokens, dear after 2048 (attention)
     c = CostCurve((1, 4), (10.0, 11.0), context=128, ms_long=(12.0, 30.0), context_long=1024)

@@ -40,7 +40,6 @@ from __future__ import annotations
 
 import time
 
-import numpy as np
 import torch
 
 from draftwise.drafters import draft_model, eagle
@@ -51,19 +50,9 @@ from draftwise.drafters.retrieval import RetrievalSource, load_store
 from draftwise.drafters.spec import MethodSpec, Option
 from draftwise.policies.budget import OnlineCost, Overhead, best_prefix
 from draftwise.policies.guard import ArmRates
-from draftwise.tree import DraftTree, fuse_lists, tried_nodes
+from draftwise.tree import DraftTree, fuse_lists
 
 RECYCLING, RETRIEVAL, DRAFT_MODEL = 1, 2, 4
-
-
-def path_products(rate: np.ndarray, parents: np.ndarray, depths: np.ndarray) -> np.ndarray:
-    """[n] float64: the product of ``rate`` along each node's path from the root (root 1), one
-    vectorized step per depth."""
-    score = np.ones(rate.shape[0])
-    for d in range(1, int(depths.max()) + 1 if depths.size else 1):
-        lv = np.flatnonzero(depths == d)
-        score[lv] = score[parents[lv]] * rate[lv]
-    return score
 
 
 class Auto(Drafter):
@@ -84,6 +73,7 @@ class Auto(Drafter):
         self.calib = _Calibration()             # realized / expected accepted tokens of the free arm
         # per origin (1 recycling only, 2 retrieval only, 3 both): realized / expected accepted nodes
         self.source_calib = [_Calibration() for _ in range(4)]
+        self.rec_nodes = candidate_nodes(cost, max_nodes, recycling.template_size - 1)
         self.explore_every = 16                 # the model arm runs at least this often
         self.switch_margin = 1.1                # the free tree must beat the running model arm by this factor
         self._steady = False                    # this model step follows a model step (no switch catch-up)
@@ -115,7 +105,7 @@ class Auto(Drafter):
             tree = self.model.propose(ctx)
             bits = torch.full((tree.size,), RETRIEVAL, dtype=torch.int8)
             bits[: self.model.last_base_size] = DRAFT_MODEL
-        bits[0] = 0
+            bits[0] = 0
         tree.origin = bits.to(tree.tokens.device)
         self._t_propose = time.perf_counter() - t0
         return tree
@@ -165,84 +155,76 @@ class Auto(Drafter):
     # ------------------------------------------------------------------ the free arm
     def _free(self, ctx: Context) -> tuple[DraftTree, torch.Tensor, float]:
         """The free arm's tree, its origin bits, and (with a draft model) its expected tokens per second."""
-        # the arrays here have ~100 entries: numpy and lists, where torch's per-op cost was most of the step's
-        # overhead; only the kept tree becomes a DraftTree
-        rtoks, rs = self.recycling.candidate_arrays(ctx)
-        rs = rs.astype(np.float32).astype(np.float64)              # the scores as a tree carries them
-        rp, rd, T = self.recycling.template_parents, self.recycling.template_depths, rtoks.size
+        # plain Python over the ~10-50 candidate nodes, where numpy's and torch's per-call cost (~3x its isolated
+        # cost after a forward pass has flushed the caches) was most of the step's overhead; only the kept tree
+        # becomes a DraftTree
+        ids, toks, pars, rs = self.recycling.best_candidates(ctx, self.rec_nodes)
+        T = len(toks)
+        rate = [1.0] + [rs[i] / rs[pars[i]] for i in range(1, T)]    # an estimate never exceeds its parent's
+        bits = [0] + [RECYCLING] * (T - 1)
+        ret_of = [-1] * T                                          # fused node -> retrieval trie node
         cand = self.source.candidates(ctx)
-        if cand is None:
-            toks, parents, depths = rtoks, rp, rd
-        else:
-            ftoks, fpars, mapping = fuse_lists(rtoks.tolist(), rp.tolist(), cand.tree.tokens.tolist(),
-                                               cand.tree.parents.tolist())
-            fdep = rd.tolist() + [0] * (len(ftoks) - T)
-            for j in range(T, len(ftoks)):                         # retrieval nodes new to the tree
-                fdep[j] = fdep[fpars[j]] + 1
-            toks, parents, depths = np.array(ftoks), np.array(fpars), np.array(fdep)
-        n = toks.size
-        rate = np.zeros(n)
-        bits = np.zeros(n, dtype=np.int8)
-        ps = rs[rp[1:]]
-        rate[1:T] = np.where(ps > 0, rs[1:] / np.maximum(ps, 1e-12), 0.0)
-        bits[1:T] = RECYCLING
-        ret_of = np.full(n, -1, dtype=np.int64)                    # fused node -> retrieval trie node
         if cand is not None:
-            b, bp = cand.tree.scores.double().numpy(), cand.tree.parents.numpy()
-            m = np.array(mapping[1:], dtype=np.int64)
-            rate[m] = np.maximum(rate[m], b[1:] / np.maximum(b[bp[1:]], 1e-12))
-            bits[m] |= RETRIEVAL
-            ret_of[m] = np.arange(1, cand.tree.size)
-        raw = path_products(np.clip(rate, 0.0, 1.0), parents, depths)
-        score = calibrated(raw, bits, np.array([1.0] + [c.ratio for c in self.source_calib[1:]]), parents, depths)
-        order = np.argsort(-score[1:], kind="stable") + 1          # best first; parents first on ties
-        order = order[(score[order] > 0) & (depths[order] < max(1, ctx.remaining))]
+            b, bp = cand.tree.scores.tolist(), cand.tree.parents.tolist()
+            toks, pars, mapping = fuse_lists(toks, pars, cand.tree.tokens.tolist(), bp)
+            extra = len(toks) - T
+            rate, bits, ret_of = rate + [0.0] * extra, bits + [0] * extra, ret_of + [-1] * extra
+            for j in range(1, len(mapping)):
+                i, pb = mapping[j], b[bp[j]]
+                r = b[j] / pb if pb > 1e-12 else 0.0
+                if r > rate[i]:
+                    rate[i] = r
+                bits[i] |= RETRIEVAL
+                ret_of[i] = j
+        raw, score, depth = fused_scores(rate, bits, pars, [1.0] + [c.ratio for c in self.source_calib[1:]])
+        limit = max(1, ctx.remaining)
+        order = sorted((i for i in range(1, len(toks)) if score[i] > 0 and depth[i] < limit),
+                       key=score.__getitem__, reverse=True)        # best first; parents first on ties (stable)
         if self.cost.probe_due():
             k = 0                                                  # a timed one-node pass keeps t(1) measured
         else:
-            k = best_prefix(score[order], self.cost, self.max_nodes, self.overhead.ms, len(ctx.tokens))
-        expected = float(score[order[:k]].sum())
+            k = best_prefix([score[i] for i in order], self.cost, self.max_nodes, self.overhead.ms, len(ctx.tokens),
+                            patience=8)
+        keep = [0] + sorted(order[:k])
+        expected = sum(score[i] for i in keep[1:])
         free_rate = 0.0                                            # expected tokens/s: only the arm choice reads it
         if self.model is not None:
             ms = float(self.cost.t(k + 1, len(ctx.tokens))) + (self.overhead.ms if k else 0.0)
             free_rate = (1.0 + self.calib.ratio * expected) / ms * 1e3
-        keep = np.sort(np.concatenate([np.zeros(1, dtype=np.int64), order[:k]]))
-        kept_bits = torch.from_numpy(bits[keep])
-        keep_t = torch.from_numpy(keep)
-        self._kept = {"bits": kept_bits, "expected": expected, "raw": raw[keep], "index": keep_t,
-                      "ret_of": torch.from_numpy(ret_of[keep]), "cand": cand}
-        remap = np.full(n, -1, dtype=np.int64)
-        remap[keep] = np.arange(keep.size)
-        kept_par = parents[keep]
-        tree = DraftTree(torch.from_numpy(toks[keep]), torch.from_numpy(np.where(kept_par >= 0, remap[kept_par], -1)),
-                         torch.from_numpy(depths[keep]), scores=torch.from_numpy(score[keep]).float())
-        return tree, kept_bits.clone(), free_rate
+        remap = {j: i for i, j in enumerate(keep)}
+        kept_bits = [bits[i] for i in keep]
+        self._kept = {"bits": kept_bits, "expected": expected, "raw": [raw[i] for i in keep],
+                      "template": [ids[i] if i < T else -1 for i in keep], "ret_of": [ret_of[i] for i in keep],
+                      "cand": cand}
+        tree = DraftTree(torch.tensor([toks[i] for i in keep]), torch.tensor([remap.get(pars[i], -1) for i in keep]),
+                         torch.tensor([depth[i] for i in keep]), scores=torch.tensor([score[i] for i in keep]))
+        return tree, torch.tensor(kept_bits, dtype=torch.int8), free_rate
 
     def _learn(self, tree: DraftTree, out, accepted) -> None:
         k = self._kept
-        on_path = np.zeros(tree.size, dtype=bool)
-        on_path[accepted.path] = True
+        path = accepted.path
+        on_path = [False] * tree.size
+        for i in path:
+            on_path[i] = True
+        bits = k["bits"]
         if tree.size > 1:                                         # each origin's calibration
-            b = k["bits"].numpy()
+            exp, got = [0.0] * 4, [0] * 4
+            for i in range(1, tree.size):
+                exp[bits[i]] += k["raw"][i]
+                got[bits[i]] += on_path[i]
             for o in (1, 2, 3):
-                sel = b == o
-                if sel.any():
-                    self.source_calib[o].add(float(k["raw"][sel].sum()), int(on_path[sel].sum()))
+                if exp[o] > 0:
+                    self.source_calib[o].add(exp[o], got[o])
         self.recycling.learn_rows(tree.tokens, out.logits)       # every node teaches the matrix
-        on_path = torch.from_numpy(on_path)
-        rec = (k["bits"] & RECYCLING).bool()
-        rec[0] = True                                             # the root is template node 0
-        self.recycling.record(k["index"][rec], on_path[rec])       # recycling's nodes = template nodes 0..T-1
-        ret = (k["bits"] & RETRIEVAL).bool()
-        if ret.any() and k["cand"] is not None:
-            tried, hit = tried_nodes(tree, accepted.path)
-            tried, hit = torch.cat([torch.zeros(1, dtype=torch.bool), tried]), torch.cat(
-                [torch.zeros(1, dtype=torch.bool), hit])
-            sel = ret & tried
-            if sel.any():
-                j = k["ret_of"][sel]
+        rec = [i for i in range(tree.size) if i == 0 or bits[i] & RECYCLING]   # the root is template node 0
+        self.recycling.record_lists([k["template"][i] for i in rec], [on_path[i] for i in rec])
+        if k["cand"] is not None:
+            par = tree.parents.tolist()
+            tried = [i for i in range(1, tree.size) if bits[i] & RETRIEVAL and on_path[par[i]]]   # its parent accepted
+            if tried:
+                j = torch.tensor([k["ret_of"][i] for i in tried])
                 c = k["cand"]
-                self.source.learn(c.top1[j], c.share[j], c.kind[j], hit[sel])
+                self.source.learn(c.top1[j], c.share[j], c.kind[j], torch.tensor([on_path[i] for i in tried]))
         self._kept = None
 
     def describe(self) -> dict:
@@ -251,16 +233,33 @@ class Auto(Drafter):
                 "arm_tokens_per_s": {a: round(r.value, 2) for a, r in self.arms.rates.items()}}
 
 
-def calibrated(raw: np.ndarray, bits: np.ndarray, factor: np.ndarray, parents: np.ndarray,
-               depths: np.ndarray) -> np.ndarray:
-    """[n] float64: each node's p̂ times its origin's calibration factor (``factor[bits]``, clipped to
-    [0.25, 2]), then capped at its parent's (so a kept set stays parents-first; the root stays 1)."""
-    score = raw * np.clip(factor, 0.25, 2.0)[bits]
-    score[0] = 1.0
-    for d in range(1, int(depths.max()) + 1 if depths.size else 1):
-        lv = np.flatnonzero(depths == d)
-        score[lv] = np.minimum(np.minimum(score[lv], score[parents[lv]]), 1.0)
-    return score
+def candidate_nodes(cost, max_nodes: int | None, template: int) -> int:
+    """How many of recycling's template nodes (best estimates first) the free arm scores each step: three times
+    the largest tree worth verifying, at least 12: max_nodes when given, else the largest n whose pass costs at
+    most twice a one-token pass on the cost curve (on a 2-core CPU ~4, so 12 of the 80 nodes; on a GPU all).
+    The kept set rarely reaches past the best few; the rest were scored every step for nothing."""
+    if max_nodes is None:
+        t1, max_nodes = float(cost.t(1)), 1
+        while max_nodes < template and float(cost.t(max_nodes + 2)) <= 2.0 * t1:
+            max_nodes += 1
+    return min(template, max(12, 3 * max_nodes))
+
+
+def fused_scores(rate: list[float], bits: list[int], parents: list[int],
+                 factor: list[float]) -> tuple[list[float], list[float], list[int]]:
+    """One parents-first pass over a fused tree (root 0): (raw, score, depth) per node. raw: the product of
+    the conditional rates (clipped to [0, 1]) along the node's path; score: raw times its origin's
+    calibration factor (``factor[bits]``, clipped to [0.25, 2]), capped at its parent's score and at 1 (so
+    a kept set stays parents-first; the root stays 1)."""
+    f = [min(max(x, 0.25), 2.0) for x in factor]
+    n = len(parents)
+    raw, score, depth = [1.0] * n, [1.0] * n, [0] * n
+    for i in range(1, n):
+        p = parents[i]
+        raw[i] = raw[p] * min(max(rate[i], 0.0), 1.0)
+        score[i] = min(raw[i] * f[bits[i]], score[p], 1.0)
+        depth[i] = depth[p] + 1
+    return raw, score, depth
 
 
 class _Calibration:

@@ -45,11 +45,27 @@ class PromptLookup(Drafter):
         self.overhead = Overhead()
 
     def continuations(self, arr: np.ndarray) -> list[list[int]]:
+        """What follows the most recent occurrences of the longest suffix n-gram (max_ngram down to min_ngram)
+        that occurred before: up to max_matches distinct continuations, most recent first. One scan of the
+        context for the newest token, then each candidate's match length backwards (equal to find_matches per
+        n, longest first, with one pass over the context instead of one per n)."""
+        L = arr.size
+        if L < 2:
+            return []
+        ends = np.flatnonzero(arr[: L - 1] == arr[L - 1])          # matches end here; continuations start after
+        length = np.ones(ends.size, dtype=np.int64)
+        alive = ends
+        for j in range(1, min(self.max_ngram, L - 1)):             # extend each candidate backwards by one
+            alive = alive[alive >= j]
+            alive = alive[arr[alive - j] == arr[L - 1 - j]]
+            if alive.size == 0:
+                break
+            length[np.searchsorted(ends, alive)] += 1
         conts: list[list[int]] = []
         seen: set[tuple[int, ...]] = set()
         for n in range(self.max_ngram, self.min_ngram - 1, -1):
-            for i in find_matches(arr, n, self.max_matches * 2):
-                c = tuple(arr[i + n: i + n + self.max_depth].tolist())
+            for e in ends[length >= n][::-1][: self.max_matches * 2].tolist():    # most recent first
+                c = tuple(arr[e + 1: e + 1 + self.max_depth].tolist())
                 if c and c not in seen:
                     seen.add(c)
                     conts.append(list(c))

@@ -42,6 +42,8 @@ class TokenRecycling(Drafter):
         self.vocab_size, self.k, self.device = vocab_size, k, torch.device(device)
         self.M = torch.zeros(vocab_size, k, dtype=torch.long, device=self.device)   # [V, k]
         self.seen = torch.zeros(vocab_size, dtype=torch.bool, device=self.device)     # [V] row filled
+        cpu = self.device.type == "cpu"
+        self._M_np, self._seen_np = (self.M.numpy(), self.seen.numpy()) if cpu else (None, None)   # views
         self.parents, self.ranks, self.prior = make_template(template_nodes + 1, k, 6, RANK_PRIOR)
         self.depths = torch.zeros_like(self.parents)
         for i in range(1, self.parents.numel()):
@@ -60,18 +62,26 @@ class TokenRecycling(Drafter):
         self._prior_np, self._parents_np, self._depths_np = self.prior.numpy(), self.parents.numpy(), self.depths.numpy()
         self._levels_np = [lv.numpy() for lv in self.levels_cpu]
         self._ranks_np = self.ranks.numpy()
+        self._par_list, self._rank_list = self.parents.tolist(), self.ranks.tolist()
+        self._est: np.ndarray | None = None            # estimates, until record() or load() changes them
+        self._est_order: list[int] = []                 # template nodes 1..T-1 by estimate, best first
         self.last_size = 0
         self.overhead = Overhead()
 
     # ---------------------------------------------------------------- budget
     def estimates(self) -> torch.Tensor:
         """[T] acceptance probability estimate per template node (never above its parent's)."""
-        # numpy views of the CPU statistics: ~80-element arrays, where torch's per-op cost dominated
-        est = (self.accepted.numpy() + self.w * self._prior_np) / (self.proposed.numpy() + self.w)
-        est[0] = 1.0
-        for lv in self._levels_np:
-            est[lv] = np.minimum(est[lv], est[self._parents_np[lv]])
-        return torch.from_numpy(est)
+        return torch.from_numpy(self._estimates().copy())
+
+    def _estimates(self) -> np.ndarray:
+        if self._est is None:       # numpy views of the CPU statistics: ~80 elements, where torch's per-op cost dominated
+            est = (self.accepted.numpy() + self.w * self._prior_np) / (self.proposed.numpy() + self.w)
+            est[0] = 1.0
+            for lv in self._levels_np:
+                est[lv] = np.minimum(est[lv], est[self._parents_np[lv]])
+            self._est = est
+            self._est_order = (np.argsort(-est[1:], kind="stable") + 1).tolist()
+        return self._est
 
     def choose_nodes(self, est: torch.Tensor, remaining: int, context: int | None = None) -> torch.Tensor:
         """Template node ids to draft (sorted, parents first, root included)."""
@@ -127,9 +137,9 @@ class TokenRecycling(Drafter):
 
     def candidate_arrays(self, ctx: Context) -> tuple[np.ndarray, np.ndarray]:
         """candidates() as numpy arrays, CPU matrix only: (tokens [T] int64, scores [T] float64), template
-        node i at index i (parents: ``template_parents``). numpy: ~80-element arrays, where torch's per-op
+        node i at index i. numpy: ~80-element arrays, where torch's per-op
         cost was most of the step's bookkeeping."""
-        M, seen, par = self.M.numpy(), self.seen.numpy(), self._parents_np
+        M, seen, par = self._M_np, self._seen_np, self._parents_np
         t = np.empty(par.size, dtype=np.int64)
         ok = np.ones(par.size, dtype=bool)
         t[0] = ctx.root
@@ -137,15 +147,32 @@ class TokenRecycling(Drafter):
             ptok = t[par[lvl]]
             t[lvl] = M[ptok, self._ranks_np[lvl]]
             ok[lvl] = ok[par[lvl]] & seen[ptok]                          # never draft from an empty row
-        return t, self.estimates().numpy() * ok
+        return t, self._estimates() * ok
+
+    def best_candidates(self, ctx: Context, k: int) -> tuple[list[int], list[int], list[int], list[float]]:
+        """The root and the k template nodes of highest estimate, CPU matrix, as lists (parents first): template
+        ids, tokens, parents (positions in these lists; -1 for the root) and estimates. A node's estimate never
+        exceeds its parent's and ties keep the parent first, so the k best are closed under parents; a node whose
+        parent's matrix row was never filled is left out with its subtree. Plain Python over ~k nodes: what a
+        fusion of sources reads each step (``auto``), where numpy's per-call cost was most of the step."""
+        est = self._estimates()
+        M, seen, par, rank = self._M_np, self._seen_np, self._par_list, self._rank_list
+        pos = {0: 0}
+        ids, toks, pars, scores = [0], [int(ctx.root)], [-1], [1.0]
+        for i in sorted(self._est_order[:k]):
+            p = pos.get(par[i])
+            if p is None or not seen[toks[p]]:
+                continue
+            pos[i] = len(ids)
+            ids.append(i)
+            toks.append(int(M[toks[p], rank[i]]))
+            pars.append(p)
+            scores.append(float(est[i]))
+        return ids, toks, pars, scores
 
     @property
-    def template_parents(self) -> np.ndarray:
-        return self._parents_np
-
-    @property
-    def template_depths(self) -> np.ndarray:
-        return self._depths_np
+    def template_size(self) -> int:
+        return len(self._par_list)
 
     def observe(self, tree: DraftTree, out, accepted, ctx: Context) -> None:
         with self.overhead:
@@ -175,6 +202,17 @@ class TokenRecycling(Drafter):
         self.accepted *= self.decay
         self.proposed[template_ids] += 1
         self.accepted[template_ids[accepted]] += 1
+        self._est = None
+
+    def record_lists(self, template_ids: list[int], accepted: list[bool]) -> None:
+        """record() for lists (distinct ids), on the statistics' numpy views: a few calls instead of torch's
+        per-op cost."""
+        p, a = self.proposed.numpy(), self.accepted.numpy()
+        p *= self.decay
+        a *= self.decay
+        p[template_ids] += 1
+        a[[i for i, hit in zip(template_ids, accepted) if hit]] += 1
+        self._est = None
 
     def describe(self) -> dict:
         return {"method": self.name, "k": self.k, "template_nodes": self.parents.numel() - 1,
@@ -204,6 +242,7 @@ class TokenRecycling(Drafter):
         self.seen.copy_(d["seen"])
         if d["proposed"].shape == self.proposed.shape:
             self.proposed.copy_(d["proposed"]); self.accepted.copy_(d["accepted"])
+        self._est = None
 
 
 def _factory(engine, max_nodes=None, **opts) -> TokenRecycling:

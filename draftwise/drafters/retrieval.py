@@ -4,12 +4,13 @@ the context itself, merged into one trie (method ``retrieval``).
 Terms
 - continuation: up to max_len tokens that followed an earlier occurrence of the context's
   longest matching suffix (datastore: 16 tokens down to 2, up to 64 occurrences sampled evenly;
-  context: prompt lookup's n-grams).
+  context: prompt lookup's n-grams, 4 down to 2; unigrams, which the lookup method also matches,
+  added no accepted tokens to ``auto`` next to Token Recycling and cost a trie every step).
 - count: how many continuations pass through a trie node (the two sources weigh the same in
   total when both answer); share = count / parent's count.
 - p̂: the product along the path of learned acceptance rates. ``Calibration`` (the one OPT-Tree
   uses) maps (most-counted child or not, share decile) to an acceptance rate, online, one table
-  per source (datastore only, context only, both agree).
+  per source kind (datastore only, context only, both agree).
 - budget: the nodes of largest p̂ that maximize expected tokens per ms under the target's
   measured cost curve (or a fixed max_nodes).
 - online growth (option ``online``): each finished sequence (prompt and answer) joins the
@@ -30,7 +31,8 @@ from draftwise.policies.budget import CostCurve, OnlineCost, Overhead, best_pref
 from draftwise.policies.opt_tree import Calibration, top_nodes
 from draftwise.tree import DraftTree, tried_nodes, weighted_trie
 
-ORIGIN_STORE, ORIGIN_CONTEXT, ORIGIN_BOTH = 1, 2, 3
+# a node's source kind (one Calibration each): datastore only, context only, both
+KIND_STORE, KIND_CONTEXT, KIND_BOTH = 0, 1, 2
 
 
 @dataclass
@@ -39,7 +41,7 @@ class Candidates:
     tree: DraftTree
     top1: torch.Tensor        # [n] bool: the most-counted child of its parent
     share: torch.Tensor       # [n] float64: count / parent's count
-    kind: torch.Tensor        # [n] long: 0 store only, 1 context only, 2 both
+    kind: torch.Tensor        # [n] long: KIND_* (store only, context only, both)
 
 
 class RetrievalSource:
@@ -54,7 +56,7 @@ class RetrievalSource:
         self.store, self.online = store, online
         self.lookup = PromptLookup(max_ngram=4, min_ngram=2, max_depth=max_len, max_matches=8) if lookup else None
         self.max_conts, self.max_len, self.max_match = max_conts, max_len, max_match
-        self.calib = [Calibration() for _ in range(3)]
+        self.calib = [Calibration() for _ in range(3)]          # one per KIND_*
         self._last: list[int] | None = None
 
     def reset(self, ctx: Context) -> None:
@@ -78,40 +80,39 @@ class RetrievalSource:
         seqs = store_conts + ctx_conts
         weights = [1.0] * len(store_conts) + [w_ctx] * len(ctx_conts)
         toks, pars, counts = weighted_trie(ctx.root, seqs, weights)
-        _, _, c_store = weighted_trie(ctx.root, store_conts) if store_conts else (None, None, [])
+        c_store = weighted_trie(ctx.root, store_conts)[2] if store_conts else []   # store sequences come first
         n = len(toks)
-        cnt = torch.tensor(counts, dtype=torch.float64)
-        par = torch.tensor(pars)
-        share = torch.ones(n, dtype=torch.float64)
-        share[1:] = cnt[1:] / cnt[par[1:]]
-        top1 = torch.ones(n, dtype=torch.bool)
-        best: dict[int, int] = {}
-        for i in range(1, n):                                   # most-counted child (first on ties)
-            j = best.get(pars[i])
+        # ~n-element lists: plain Python, where torch's per-op cost was most of this step
+        share, kind, best = [1.0] * n, [KIND_CONTEXT] * n, {}
+        for i in range(1, n):
+            p = pars[i]
+            share[i] = counts[i] / counts[p]
+            j = best.get(p)                                     # most-counted child (first on ties)
             if j is None or counts[i] > counts[j]:
-                best[pars[i]] = i
-        top1[1:] = False
+                best[p] = i
+            s = c_store[i] if i < len(c_store) else 0.0
+            if s > 0:
+                kind[i] = KIND_BOTH if counts[i] - s > 1e-9 else KIND_STORE
+        top1 = torch.zeros(n, dtype=torch.bool)
+        top1[0] = True
         top1[list(best.values())] = True
-        in_store = torch.zeros(n, dtype=torch.bool)
-        in_store[: len(c_store)] = torch.tensor([c > 0 for c in c_store], dtype=torch.bool)  # store sequences come first
-        from_ctx = (cnt - torch.tensor(c_store + [0.0] * (n - len(c_store)), dtype=torch.float64)) > 1e-9
-        kind = torch.where(in_store & from_ctx, 2, torch.where(in_store, 0, 1))
+        share_t, kind_t = torch.tensor(share, dtype=torch.float64), torch.tensor(kind)
+        kind_t[0] = KIND_CONTEXT if ctx_conts else KIND_STORE
         rate = torch.ones(n, dtype=torch.float64)
-        for k in range(3):
-            sel = kind == k
+        for k in set(kind[1:]):
+            sel = kind_t == k
             sel[0] = False
-            if sel.any():
-                rate[sel] = self.calib[k].rate(top1[sel], share[sel])
+            rate[sel] = self.calib[k].rate(top1[sel], share_t[sel])
         r, p_hat = rate.tolist(), [1.0] * n
         for i in range(1, n):                                   # parents come first (plain Python: ~n ops)
             p_hat[i] = p_hat[pars[i]] * r[i]
         tree = DraftTree.from_parents(toks, pars, scores=torch.tensor(p_hat, dtype=torch.float32))
-        tree.origin = (kind + 1).to(torch.int8)
+        tree.origin = (kind_t + 1).to(torch.int8)
         tree.origin[0] = 0
-        return Candidates(tree, top1, share, kind)
+        return Candidates(tree, top1, share_t, kind_t)
 
     def learn(self, top1: torch.Tensor, share: torch.Tensor, kind: torch.Tensor, accepted: torch.Tensor) -> None:
-        for k in range(3):
+        for k in range(len(self.calib)):
             sel = kind == k
             if sel.any():
                 self.calib[k].update(top1[sel], share[sel], accepted[sel])

@@ -216,9 +216,26 @@ class Overhead:
         self.ms = ms if self.ms == 0.0 else (1 - self.alpha) * self.ms + self.alpha * ms
 
 
-def best_prefix(gains: torch.Tensor | np.ndarray, cost: CostCurve, max_nodes: int | None = None,
-                overhead_ms: float = 0.0, context: int | None = None) -> int:
-    """gains: acceptance probabilities of candidate nodes, best first. Returns how many to keep."""
+def best_prefix(gains: torch.Tensor | np.ndarray | list, cost: CostCurve, max_nodes: int | None = None,
+                overhead_ms: float = 0.0, context: int | None = None, patience: int | None = None) -> int:
+    """gains: acceptance probabilities of candidate nodes, best first. Returns how many to keep.
+
+    patience: None scores every prefix (numpy); an int walks the sizes in plain Python and stops once that
+    many sizes in a row did not beat the best (gains fall and t(n) rises, so a later size rarely wins;
+    for a drafter whose step budget is a millisecond, where numpy's per-call cost was most of this)."""
+    if patience is not None:
+        g = gains.tolist() if hasattr(gains, "tolist") else list(gains)
+        if max_nodes is not None:
+            g = g[:max_nodes]
+        best_m, best, e = 0, 1.0 / float(cost.t(1, context)), 1.0
+        for m in range(1, len(g) + 1):
+            e += g[m - 1]
+            v = e / (float(cost.t(m + 1, context)) + overhead_ms)
+            if v > best:
+                best, best_m = v, m
+            elif m - best_m >= patience:
+                break
+        return best_m
     g = np.asarray(gains.cpu() if isinstance(gains, torch.Tensor) else gains, dtype=float)
     if max_nodes is not None:
         g = g[:max_nodes]
