@@ -26,7 +26,7 @@ def test_a_useless_draft_model_stops_running(useless_pair):
     ref, _ = generate(target, prompt, max_new_tokens=120)
     arms = []
     choose = d.choose_arm
-    d.choose_arm = lambda rate: arms.append(choose(rate)) or arms[-1]     # record every step's arm
+    d.choose_arm = lambda rate, lag=0: arms.append(choose(rate, lag)) or arms[-1]     # record every step's arm
     out, st = generate(target, prompt, drafter=d, max_new_tokens=120)
     assert out == ref and len(arms) == st.steps
     trial = d.arms.trial + 1                      # its trial (the first step's catch-up is not counted) ...
@@ -101,9 +101,17 @@ def test_the_model_arm_runs_only_where_it_beats_the_free_tree(useless_pair):
     for _ in range(d.arms.trial):
         d.arms.record("model", 3, 0.1)                            # the draft model delivers 30 tokens/s
     assert d.choose_arm(20.0) == "model"                          # the free tree expects less this step
-    seen = [d.choose_arm(50.0) for _ in range(3 * d.explore_every)]
+    assert d.choose_arm(32.0) == "model"                          # ... or not enough more to leave the model arm
+    seen = [d.choose_arm(50.0) for _ in range(6 * d.explore_every)]
     e = d.explore_every                                           # explored for two steps (the switch, one counted)
-    assert seen.count("model") == 4 and seen[e:e + 2] == ["model", "model"] and "model" not in seen[:e]
+    assert seen[e:e + 2] == ["model", "model"] and "model" not in seen[:e]
+    assert seen[3 * e + 2:3 * e + 4] == ["model", "model"]        # that exploration lost: the next comes 2e later
+    assert seen.count("model") == 4
+    assert d.choose_arm(32.0) == "free"                           # from the free arm, 30 tokens/s must beat 32 x 1.1
+    lagging = [d.choose_arm(50.0, lag=d.explore_lag + 1) for _ in range(d.max_explore_every + 1)]
+    assert "model" not in lagging                                 # no exploration while its catch-up is long ...
+    assert d.choose_arm(50.0, lag=d.explore_lag) == "model"       # ... one as soon as it is short
+    assert d.choose_arm(20.0, lag=10_000) == "model"              # a winning model arm runs whatever its lag
 
 
 def test_calibrated_scores_scale_by_origin_and_stay_parents_first():
@@ -169,7 +177,7 @@ def test_an_eagle_head_in_auto_keeps_every_committed_tokens_feature(useless_pair
     prompt = repetitive(30)
     arms = []
     choose = d.choose_arm
-    d.choose_arm = lambda rate: arms.append(choose(rate)) or arms[-1]
+    d.choose_arm = lambda rate, lag=0: arms.append(choose(rate, lag)) or arms[-1]
     out, st = generate(target, prompt, drafter=d, max_new_tokens=60, guard=False)
     assert out == generate(target, prompt, max_new_tokens=60)[0]
     assert {"model", "free"} <= set(arms)                          # both arms ran

@@ -4,8 +4,9 @@ tokens per second, and with the loop's guard it never drafts when nothing pays.
 Terms
 - sources: Token Recycling's matrix (always), retrieval (prompt lookup over the context, plus a
   datastore when given), and the draft model when the engine has one loaded.
-- free arm: recycling's whole template tree and the retrieval trie fused into one tree
-  (``merge_trees``). Each node's p̂ is the product of conditional acceptance rates along its path;
+- free arm: recycling's best template nodes (``candidate_nodes``: a few times the largest tree the cost
+  curve pays for; all 80 on a GPU) and the retrieval trie fused into one tree (``fuse_lists``), scored
+  in one parents-first pass (``fused_scores``). Each node's p̂ is the product of conditional acceptance rates along its path;
   a node's rate is the larger of those of the sources that proposed it, each the source's own
   online-calibrated estimate (recycling: accepted / drafted per template node; retrieval: its
   ``Calibration`` tables). Then one more, shared scale: per origin (recycling only, retrieval only,
@@ -24,11 +25,18 @@ Terms
 - arm choice, per step: the free tree is planned every step (about a millisecond), so its expected
   tokens per second this step are known before any draft-model forward: (1 + c x sum of its kept
   p̂) / (t(kept + 1) + its own time), where c = realized / expected accepted tokens of recent free
-  steps (the free arm's calibration). The model arm runs when its realized tokens per second over
-  its recent consecutive steps (drafting, target pass and bookkeeping timed: ``ArmRates``; the first
-  model step after free steps is not counted, its catch-up over the tokens the free steps accepted
-  is the cost of switching) beat that, by ``switch_margin`` to leave the model arm, and at least
-  every ``explore_every`` steps so its rate stays current. So a long retrieval match
+  steps (the free arm's calibration, clipped to [0.25, 2]). The model arm runs when its realized tokens
+  per second over its recent consecutive steps (drafting, target pass and bookkeeping timed:
+  ``ArmRates``; the first model step after free steps is not counted: its catch-up over the tokens
+  the free steps accepted is the cost of switching) beat that by ``switch_margin`` (either way: a
+  switch to the model arm pays a catch-up now, a switch away one later), and at least every
+  ``explore_every`` steps so its rate stays current; each exploration after which the free arm wins
+  again doubles that gap (up to ``max_explore_every``; the model arm winning resets it): on a
+  2-core AVX2 EPYC with the 1.5B + 0.5B pair, where the draft model paid no more than the free tree,
+  explorations with their catch-ups every 16 steps cost auto ~10%. An exploration waits while the
+  model arm's catch-up (``lag``: the tokens it has not fed, the whole prompt's window at a request's
+  start) is longer than ``explore_lag``: a 256-token catch-up of the 0.5B costs ~20 steps of the 1.5B
+  on that CPU; a model arm whose rate wins still runs, catch-up and all. So a long retrieval match
   (copying from the context) is verified without running the draft model, the draft model runs
   where retrieval has little to offer, and a draft model that does not pay even against a plain
   step (a free tree of one node) stops running; the loop's guard adds plain decoding as the last
@@ -70,12 +78,19 @@ class Auto(Drafter):
         # below the free tree's until the next exploration (chat, where acceptance comes in runs)
         self.arms = ArmRates(["model", "free"] if model is not None else ["free"], decay=0.95)
         self.overhead = Overhead()
-        self.calib = _Calibration()             # realized / expected accepted tokens of the free arm
+        # realized / expected accepted tokens of the free arm; a prior of 8 tokens, so one wild step (a 16-node
+        # retrieval chain trusted in full before its calibration has seen any) cannot sink the free arm's
+        # estimate below the model arm's for the rest of the request (the free arm learns only when it runs)
+        self.calib = _Calibration(prior=8.0)
         # per origin (1 recycling only, 2 retrieval only, 3 both): realized / expected accepted nodes
         self.source_calib = [_Calibration() for _ in range(4)]
         self.rec_nodes = candidate_nodes(cost, max_nodes, recycling.template_size - 1)
-        self.explore_every = 16                 # the model arm runs at least this often
-        self.switch_margin = 1.1                # the free tree must beat the running model arm by this factor
+        self.explore_every = 16                 # the model arm runs at least this often while it wins ...
+        self.max_explore_every = 256            # ... and at least this often after losing explorations
+        self.switch_margin = 1.1                # an arm must beat the running one by this factor to replace it
+        self.explore_lag = 32                   # explore only while the model arm's catch-up is this short
+        self._explore_gap = self.explore_every
+        self._exploring = False                 # the model arm runs because of an exploration
         self._steady = False                    # this model step follows a model step (no switch catch-up)
         self._explore_left = 0
         self._since_model = 0
@@ -98,8 +113,7 @@ class Auto(Drafter):
         t0 = time.perf_counter()
         with self.overhead:
             tree, bits, free_rate = self._free(ctx)
-        self._arm = self.choose_arm(free_rate)
-        if self._arm == "model":
+        if self.choose_arm(free_rate, self.model.lag(ctx) if self.model is not None else 0) == "model":
             self.overhead.discard()             # the free tree's planning is charged to the model step
             self._kept = None
             tree = self.model.propose(ctx)
@@ -135,21 +149,32 @@ class Auto(Drafter):
         if self.model is not None:
             self.model.watch(tree, out, accepted, ctx)
 
-    def choose_arm(self, free_rate: float) -> str:
-        """The arm of this step, given the free tree's expected tokens per second (module docstring)."""
+    def choose_arm(self, free_rate: float, lag: int = 0) -> str:
+        """The arm of this step, given the free tree's expected tokens per second and the tokens the model arm
+        would catch up on first (module docstring)."""
         if self.model is None:
+            self._arm = "free"
             return "free"
         rate = self.arms.rates["model"]
         if self._explore_left > 0 or rate.steps < self.arms.trial:
             arm = "model"
             self._explore_left = max(0, self._explore_left - 1)
-        elif self._since_model >= self.explore_every:
+        elif self._since_model >= self._explore_gap and lag <= self.explore_lag:
             arm, self._explore_left = "model", 1      # the switch, then one step whose rate counts
+            self._exploring = True
         else:
-            stay = self.switch_margin if self._arm == "model" else 1.0   # leaving costs a catch-up later
-            arm = "model" if rate.value * stay > free_rate else "free"
+            if self._arm == "model":                  # either switch pays a catch-up, now or on the way back
+                arm = "model" if rate.value * self.switch_margin > free_rate else "free"
+            else:
+                arm = "model" if rate.value > free_rate * self.switch_margin else "free"
+            if self._exploring and arm == "free":     # an exploration the model arm lost: explore less often
+                self._explore_gap = min(self.max_explore_every, 2 * self._explore_gap)
+            elif arm == "model":
+                self._explore_gap = self.explore_every
+            self._exploring = self._exploring and arm == "model"
         self._steady = arm == "model" and self._arm == "model"
         self._since_model = 0 if arm == "model" else self._since_model + 1
+        self._arm = arm
         return arm
 
     # ------------------------------------------------------------------ the free arm
@@ -190,7 +215,7 @@ class Auto(Drafter):
         free_rate = 0.0                                            # expected tokens/s: only the arm choice reads it
         if self.model is not None:
             ms = float(self.cost.t(k + 1, len(ctx.tokens))) + (self.overhead.ms if k else 0.0)
-            free_rate = (1.0 + self.calib.ratio * expected) / ms * 1e3
+            free_rate = (1.0 + min(max(self.calib.ratio, 0.25), 2.0) * expected) / ms * 1e3
         remap = {j: i for i, j in enumerate(keep)}
         kept_bits = [bits[i] for i in keep]
         self._kept = {"bits": kept_bits, "expected": expected, "raw": [raw[i] for i in keep],

@@ -111,6 +111,11 @@ class Drafter:
         return {"method": self.name}
 
     # ------------------------------------------------------------------ composition hooks (RASD, auto)
+    def lag(self, ctx: Context) -> int:
+        """Context tokens this drafter's next proposal must feed its own network first (a model drafter's
+        catch-up: after steps it did not draft, or the prompt); 0 for a drafter without a network."""
+        return 0
+
     def offered(self, scores: np.ndarray) -> None:
         """Another source will verify nodes with these expected acceptances [m] beside this drafter's
         next tree; a drafter that sizes its tree by expected gain may grow less. Called before ``propose``."""

@@ -76,6 +76,11 @@ class ModelDrafter(Drafter, metaclass=abc.ABCMeta):
         if self.text is not None:
             self.text.reset()
 
+    def lag(self, ctx: Context) -> int:
+        if self.synced == 0 and self.cache.length == 0:            # the prompt's prefill (its last window tokens)
+            return len(ctx.tokens) if self.window is None else min(len(ctx.tokens), self.window)
+        return len(ctx.tokens) - self.synced
+
     @property
     def next_pos(self) -> int:
         return self.pos0 + self.cache.length

@@ -204,6 +204,9 @@ class Rasd(Drafter):
     def watch(self, tree: DraftTree, out, accepted, ctx: Context) -> None:
         self.base.watch(tree, out, accepted, ctx)
 
+    def lag(self, ctx: Context) -> int:
+        return self.base.lag(ctx)
+
     def describe(self) -> dict:
         s = self.source
         return {"method": self.name, "base": self.base.describe(),
