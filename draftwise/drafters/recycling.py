@@ -64,7 +64,7 @@ class TokenRecycling(Drafter):
         self._ranks_np = self.ranks.numpy()
         self._par_list, self._rank_list = self.parents.tolist(), self.ranks.tolist()
         self._est: np.ndarray | None = None            # estimates, until record() or load() changes them
-        self._est_order: list[int] = []                 # template nodes 1..T-1 by estimate, best first
+        self._est_order: list[int] | None = None        # template nodes 1..T-1 by estimate, best first (lazy)
         self.last_size = 0
         self.overhead = Overhead()
 
@@ -79,8 +79,7 @@ class TokenRecycling(Drafter):
             est[0] = 1.0
             for lv in self._levels_np:
                 est[lv] = np.minimum(est[lv], est[self._parents_np[lv]])
-            self._est = est
-            self._est_order = (np.argsort(-est[1:], kind="stable") + 1).tolist()
+            self._est, self._est_order = est, None
         return self._est
 
     def choose_nodes(self, est: torch.Tensor, remaining: int, context: int | None = None) -> torch.Tensor:
@@ -137,8 +136,8 @@ class TokenRecycling(Drafter):
 
     def candidate_arrays(self, ctx: Context) -> tuple[np.ndarray, np.ndarray]:
         """candidates() as numpy arrays, CPU matrix only: (tokens [T] int64, scores [T] float64), template
-        node i at index i. numpy: ~80-element arrays, where torch's per-op
-        cost was most of the step's bookkeeping."""
+        node i at index i. numpy: ~80-element arrays, where torch's per-op cost was most of the step's
+        bookkeeping."""
         M, seen, par = self._M_np, self._seen_np, self._parents_np
         t = np.empty(par.size, dtype=np.int64)
         ok = np.ones(par.size, dtype=bool)
@@ -156,6 +155,8 @@ class TokenRecycling(Drafter):
         parent's matrix row was never filled is left out with its subtree. Plain Python over ~k nodes: what a
         fusion of sources reads each step (``auto``), where numpy's per-call cost was most of the step."""
         est = self._estimates()
+        if self._est_order is None:                 # only auto reads the order: sorted once per record
+            self._est_order = (np.argsort(-est[1:], kind="stable") + 1).tolist()
         M, seen, par, rank = self._M_np, self._seen_np, self._par_list, self._rank_list
         pos = {0: 0}
         ids, toks, pars, scores = [0], [int(ctx.root)], [-1], [1.0]
