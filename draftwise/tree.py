@@ -194,6 +194,36 @@ def weighted_trie(root: int, sequences: list[list[int]], weights: list[float] | 
     return tokens, parents, counts
 
 
+def two_source_trie(root: int, first: list[list[int]], second: list[list[int]], w_second: float = 1.0
+                    ) -> tuple[list[int], list[int], list[float], list[float]]:
+    """weighted_trie over first + second (weights 1 and ``w_second``) in one pass, with the counts of
+    ``first`` alone as well: (tokens, parents, counts, first_counts)."""
+    tokens, parents, counts, firsts = [root], [-1], [0.0], [0.0]
+    children: dict[tuple[int, int], int] = {}
+    for k, seq in enumerate(first + second):
+        one = k < len(first)
+        w = 1.0 if one else w_second
+        counts[0] += w
+        if one:
+            firsts[0] += 1.0
+        node = 0
+        for tok in seq:
+            key = (node, tok)
+            nxt = children.get(key)
+            if nxt is None:
+                nxt = len(tokens)
+                tokens.append(tok)
+                parents.append(node)
+                counts.append(0.0)
+                firsts.append(0.0)
+                children[key] = nxt
+            counts[nxt] += w
+            if one:
+                firsts[nxt] += 1.0
+            node = nxt
+    return tokens, parents, counts, firsts
+
+
 def merge_trees(a: DraftTree, b: DraftTree) -> tuple[DraftTree, torch.Tensor]:
     """Fuse tree b into tree a by longest-prefix matching from the shared root (RASD fusion).
 

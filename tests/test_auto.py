@@ -189,3 +189,50 @@ def test_an_eagle_head_in_auto_keeps_every_committed_tokens_feature(useless_pair
     want = e.net.fuse(full, None) if isinstance(e.net, eagle3.Eagle3Head) else full.hidden
     assert torch.allclose(e.feats[:e.nf], want.to(e.feats.dtype), atol=1e-6)
     assert d.describe()["sources"][-1] == "eagle" and set(st.sources) <= {"recycling", "retrieval", "eagle"}
+
+
+def _auto_with_store(model, docs, tmp_path):
+    import numpy as np
+
+    from draftwise import datastore as D
+    from draftwise.drafters.auto import Auto
+    from draftwise.drafters.recycling import TokenRecycling
+    from draftwise.drafters.retrieval import RetrievalSource
+    from draftwise.policies.budget import CostCurve, OnlineCost
+
+    stream = np.concatenate([np.append(np.asarray(d, np.int32), D.SEPARATOR) for d in docs]).astype(np.int32)
+    D.write(stream, tmp_path / "s.dwds", "fp", model.cfg.vocab_size)
+    source = RetrievalSource(D.Datastore.load(tmp_path / "s.dwds"), lookup=True)
+    d = Auto(TokenRecycling(model.cfg.vocab_size, device="cpu"), source, OnlineCost(CostCurve.flat()))
+    queried = []
+    cands = source.candidates
+    source.candidates = lambda ctx, use_store=True: queried.append(use_store) or cands(ctx, use_store)
+    return d, queried
+
+
+def test_a_datastore_that_proposes_nothing_accepted_is_queried_only_on_probes(useless_pair, tmp_path):
+    import random
+
+    target, _ = useless_pair
+    rng = random.Random(0)
+    prompt = [rng.randrange(target.cfg.vocab_size) for _ in range(30)]
+    ref, _ = generate(target, prompt, max_new_tokens=200)
+    # the store holds every 2-gram of the prompt and the answer, each followed by tokens the target never picks
+    docs = [[a, b] + [(b * 7 + j) % target.cfg.vocab_size for j in range(1, 6)] for a, b in zip(ref, ref[1:])]
+    d, queried = _auto_with_store(target, docs, tmp_path)
+    out, _ = generate(target, prompt, drafter=d, max_new_tokens=200)
+    assert out == ref
+    g = d.store_gate
+    assert g.queries >= g.trial and g.value < g.cost
+    late = queried[g.trial + 8:]
+    assert len(late) > 20 and sum(late) <= len(late) / g.probe_every + 1   # probes only
+
+
+def test_a_datastore_that_holds_the_answer_stays_queried(useless_pair, tmp_path):
+    target, _ = useless_pair
+    prompt = [3, 9, 27, 4, 12, 36]
+    ref, _ = generate(target, prompt, max_new_tokens=100)
+    d, queried = _auto_with_store(target, [prompt + ref], tmp_path)
+    out, st = generate(target, prompt, drafter=d, max_new_tokens=100)
+    assert out == ref and all(queried) and st.sources.get("retrieval", 0) > 50
+    assert d.store_gate.value > d.store_gate.cost

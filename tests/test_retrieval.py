@@ -9,13 +9,14 @@ import pytest
 import torch
 
 from draftwise import datastore as D
+from draftwise import kernels
 from draftwise.decoding import generate
 from draftwise.drafters.base import Context, Drafter
 from draftwise.drafters.rasd import Rasd
 from draftwise.drafters.retrieval import Retrieval, RetrievalSource
 from draftwise.errors import CheckpointError, ConfigError
 from draftwise.sampling import Sampling
-from draftwise.tree import weighted_trie
+from draftwise.tree import two_source_trie, weighted_trie
 from tests.fixtures import TinyEngine, tiny_pair
 
 
@@ -71,6 +72,48 @@ def test_weighted_trie_counts():
     toks, pars, counts = weighted_trie(9, [[1, 2, 3], [1, 2, 4], [1, 5], [6]], weights=[1, 1, 2, 0.5])
     assert toks == [9, 1, 2, 3, 4, 5, 6] and pars == [-1, 0, 1, 2, 2, 1, 0]
     assert counts == [4.5, 4.0, 2.0, 1.0, 1.0, 2.0, 0.5]
+
+
+def test_two_source_trie_equals_weighted_tries_of_both_and_of_the_first():
+    rng = random.Random(3)
+    for _ in range(200):
+        first = [[rng.randrange(4) for _ in range(rng.randrange(1, 6))] for _ in range(rng.randrange(0, 6))]
+        second = [[rng.randrange(4) for _ in range(rng.randrange(1, 6))] for _ in range(rng.randrange(0, 6))]
+        w = rng.choice([1.0, 0.5, 3.0])
+        toks, pars, counts, firsts = two_source_trie(7, first, second, w)
+        assert (toks, pars, counts) == weighted_trie(7, first + second, [1.0] * len(first) + [w] * len(second))
+        ft, fp, fc = weighted_trie(7, first)
+        assert (toks[:len(ft)], pars[:len(ft)], firsts[:len(ft)]) == (ft, fp, fc)   # first's nodes come first
+        assert all(c == 0 for c in firsts[len(ft):])
+
+
+@pytest.mark.parametrize("sa_dtype", [np.int32, np.int64])
+def test_native_suffix_array_search_equals_the_reference(sa_dtype):
+    if not kernels.available():
+        pytest.skip(kernels.why_unavailable())
+    rng = np.random.default_rng(5)
+    for trial in range(1500):
+        alphabet, n = int(rng.integers(2, 6)), int(rng.integers(0, 50))
+        stream = rng.integers(0, alphabet, n).astype(np.int32)
+        sa = D.suffix_array(stream).astype(sa_dtype)
+        if trial % 5 == 0 and n:
+            pat = np.concatenate([np.sort(stream)[::-1][:3], [alphabet]]).astype(np.int32)  # past every suffix
+        else:
+            pat = rng.integers(0, alphabet, int(rng.integers(0, 9))).astype(np.int32)
+        m = int(rng.integers(1, 4))
+        assert D.longest_match(stream, sa, pat, m, native=True) == D.longest_match(stream, sa, pat, m, native=False)
+
+
+def test_calibration_rate_one_equals_rate():
+    from draftwise.policies.opt_tree import Calibration
+
+    c = Calibration()
+    g = torch.Generator().manual_seed(0)
+    for _ in range(5):
+        p = torch.rand(40, generator=g, dtype=torch.float64)
+        top1 = torch.rand(40, generator=g) < 0.5
+        assert c.rate(top1, p).tolist() == [c.rate_one(t, q) for t, q in zip(top1.tolist(), p.tolist())]
+        c.update(top1, p, torch.rand(40, generator=g) < p)
 
 
 def test_online_overlay_drafts_from_earlier_text():

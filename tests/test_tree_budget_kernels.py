@@ -198,6 +198,30 @@ def test_online_cost_learns_the_real_pass_times_and_probes_one_node_passes():
     assert not c.probe_due()
 
 
+def test_a_tree_size_that_looked_dear_once_is_tried_again():
+    from draftwise.policies.budget import OnlineCost
+
+    c = OnlineCost(CostCurve((1, 4), (10.0, 10.0)), probe_every=8)
+    c.observe(1, 10.0)
+    c.observe(4, 40.0)                                         # one slow pass (another process ran)
+    gains = [0.6, 0.5, 0.4]
+    assert best_prefix(gains, c) == 0                          # trees now look 4x dearer: only one-node passes
+    steps = 0
+    while best_prefix(gains, c) == 0:
+        c.observe(1, 10.0)                                     # what the planner runs while it keeps nothing
+        steps += 1
+        assert steps < 40, "a tree size once measured slow is never verified again"
+    assert steps > 8                                           # not before the bucket is stale
+    for _ in range(8):
+        c.observe(4, 10.0)                                     # tried: measured at its real cost
+    assert float(c.t(4)) < 12.0 and best_prefix(gains, c) == 3
+    d = OnlineCost(CostCurve((1, 4), (10.0, 10.0)), probe_every=8)
+    for _ in range(20):                                        # a size that really is dear stays dear while measured
+        d.observe(1, 10.0)
+        d.observe(4, 40.0)
+    assert abs(float(d.t(4)) - 40.0) < 1e-9
+
+
 @pytest.mark.skipif(not kernels.available(), reason=f"kernels unavailable: {kernels.why_unavailable()}")
 @pytest.mark.parametrize("n,H,Hkv,Dh,T", [(1, 14, 2, 64, 37), (6, 12, 2, 128, 90), (3, 9, 3, 20, 11)])
 def test_native_attention_matches_sdpa_and_each_row_stands_alone(n, H, Hkv, Dh, T):

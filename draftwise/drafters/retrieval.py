@@ -18,6 +18,7 @@ Terms
 """
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass
 
 import torch
@@ -29,7 +30,7 @@ from draftwise.drafters.spec import MAX_NODES, MethodSpec, Option
 from draftwise.errors import ConfigError
 from draftwise.policies.budget import CostCurve, OnlineCost, Overhead, best_prefix, online_cost
 from draftwise.policies.opt_tree import Calibration, top_nodes
-from draftwise.tree import DraftTree, tried_nodes, weighted_trie
+from draftwise.tree import DraftTree, tried_nodes, two_source_trie
 
 # a node's source kind (one Calibration each): datastore only, context only, both
 KIND_STORE, KIND_CONTEXT, KIND_BOTH = 0, 1, 2
@@ -57,6 +58,7 @@ class RetrievalSource:
         self.lookup = PromptLookup(max_ngram=4, min_ngram=2, max_depth=max_len, max_matches=8) if lookup else None
         self.max_conts, self.max_len, self.max_match = max_conts, max_len, max_match
         self.calib = [Calibration() for _ in range(3)]          # one per KIND_*
+        self.store_ms = 0.0                                     # the datastore's share of the last candidates()
         self._last: list[int] | None = None
 
     def reset(self, ctx: Context) -> None:
@@ -68,19 +70,24 @@ class RetrievalSource:
         if self.online:
             self._last = ctx.tokens
 
-    def candidates(self, ctx: Context) -> Candidates | None:
+    def candidates(self, ctx: Context, use_store: bool = True) -> Candidates | None:
+        """The scored trie of this step (None: no source has a continuation). use_store: query the datastore
+        (when there is one); ``store_ms`` is then its share of this call's time (its search, and of the trie
+        the part its tokens make)."""
+        t0 = time.perf_counter()
         arr = ctx.array()
         store_conts: list[list[int]] = []
-        if self.store is not None:
+        self.store_ms = 0.0
+        if self.store is not None and use_store:
             _, store_conts = self.store.retrieve(arr, self.max_conts, self.max_len, self.max_match)
+        t1 = time.perf_counter()
         ctx_conts = self.lookup.continuations(arr) if self.lookup is not None else []
+        t2 = time.perf_counter()
         if not store_conts and not ctx_conts:
+            self.store_ms = (t1 - t0) * 1e3
             return None
         w_ctx = len(store_conts) / len(ctx_conts) if store_conts and ctx_conts else 1.0
-        seqs = store_conts + ctx_conts
-        weights = [1.0] * len(store_conts) + [w_ctx] * len(ctx_conts)
-        toks, pars, counts = weighted_trie(ctx.root, seqs, weights)
-        c_store = weighted_trie(ctx.root, store_conts)[2] if store_conts else []   # store sequences come first
+        toks, pars, counts, c_store = two_source_trie(ctx.root, store_conts, ctx_conts, w_ctx)
         n = len(toks)
         # ~n-element lists: plain Python, where torch's per-op cost was most of this step
         share, kind, best = [1.0] * n, [KIND_CONTEXT] * n, {}
@@ -90,26 +97,26 @@ class RetrievalSource:
             j = best.get(p)                                     # most-counted child (first on ties)
             if j is None or counts[i] > counts[j]:
                 best[p] = i
-            s = c_store[i] if i < len(c_store) else 0.0
+            s = c_store[i]
             if s > 0:
                 kind[i] = KIND_BOTH if counts[i] - s > 1e-9 else KIND_STORE
-        top1 = torch.zeros(n, dtype=torch.bool)
+        top1 = [False] * n
         top1[0] = True
-        top1[list(best.values())] = True
-        share_t, kind_t = torch.tensor(share, dtype=torch.float64), torch.tensor(kind)
-        kind_t[0] = KIND_CONTEXT if ctx_conts else KIND_STORE
-        rate = torch.ones(n, dtype=torch.float64)
-        for k in set(kind[1:]):
-            sel = kind_t == k
-            sel[0] = False
-            rate[sel] = self.calib[k].rate(top1[sel], share_t[sel])
-        r, p_hat = rate.tolist(), [1.0] * n
-        for i in range(1, n):                                   # parents come first (plain Python: ~n ops)
-            p_hat[i] = p_hat[pars[i]] * r[i]
+        for j in best.values():
+            top1[j] = True
+        kind[0] = KIND_CONTEXT if ctx_conts else KIND_STORE
+        calib, p_hat = self.calib, [1.0] * n
+        for i in range(1, n):                                   # parents come first
+            p_hat[i] = p_hat[pars[i]] * calib[kind[i]].rate_one(top1[i], share[i])
         tree = DraftTree.from_parents(toks, pars, scores=torch.tensor(p_hat, dtype=torch.float32))
+        kind_t = torch.tensor(kind)
         tree.origin = (kind_t + 1).to(torch.int8)
         tree.origin[0] = 0
-        return Candidates(tree, top1, share_t, kind_t)
+        if store_conts:
+            n_store = sum(map(len, store_conts))
+            n_all = n_store + sum(map(len, ctx_conts))
+            self.store_ms = (t1 - t0 + (time.perf_counter() - t2) * n_store / n_all) * 1e3
+        return Candidates(tree, torch.tensor(top1), torch.tensor(share, dtype=torch.float64), kind_t)
 
     def learn(self, top1: torch.Tensor, share: torch.Tensor, kind: torch.Tensor, accepted: torch.Tensor) -> None:
         for k in range(len(self.calib)):

@@ -61,3 +61,4 @@ void dw_topk_rows(const float* x, long n, long V, long ld, long k, int64_t* idx)
 int dw_q8linear(const dw_q8lin_t* L, const float* x, long n, float* y);
 void dw_q8_quantize(const float* x, long n, long I, int kind, int8_t* q, float* d, float* s, int32_t* bs16, int32_t* bs32);
 int dw_q8_set_isa(int isa);
+void dw_sa_longest_match(const int32_t* stream, long n, const void* sa, int sa64, const int32_t* pat, long m, long min_len, int64_t* out);

@@ -392,3 +392,49 @@ void dw_topk_rows(const float* x, long n, long V, long ld, long k, int64_t* idx)
     }
   }
 }
+
+// ---- suffix-array search (datastore.longest_match, whose Python form is the reference)
+// How the suffix of stream[0..n) at `start` compares with pat[0..m): -1 smaller, 0 equal, 1 larger (a suffix
+// that ends first is smaller); *lcp = their common prefix.
+static int sa_compare(const int32_t* stream, long n, long start, const int32_t* pat, long m, long* lcp) {
+  long avail = n - start < m ? n - start : m;
+  for (long j = 0; j < avail; j++)
+    if (stream[start + j] != pat[j]) { *lcp = j; return stream[start + j] < pat[j] ? -1 : 1; }
+  *lcp = avail;
+  return avail == m ? 0 : -1;
+}
+
+static long sa_at(const void* sa, int sa64, long i) {
+  return sa64 ? (long)((const int64_t*)sa)[i] : (long)((const int32_t*)sa)[i];
+}
+
+// The first suffix-array index in [lo, hi) whose suffix is >= pat (upper: > pat) on m tokens.
+static long sa_bound(const int32_t* stream, long n, const void* sa, int sa64, const int32_t* pat, long m, int upper,
+                     long lo, long hi) {
+  long lcp;
+  while (lo < hi) {
+    long mid = lo + (hi - lo) / 2;
+    int sign = sa_compare(stream, n, sa_at(sa, sa64, mid), pat, m, &lcp);
+    if (sign < 0 || (upper && sign == 0)) lo = mid + 1;
+    else hi = mid;
+  }
+  return lo;
+}
+
+// out[0..3) = (length, lo, hi): the longest prefix of pat[0..m) (at least min_len tokens) that occurs in the
+// stream and the suffix-array range [lo, hi) of its occurrences; (0, 0, 0) when none does.
+void dw_sa_longest_match(const int32_t* stream, long n, const void* sa, int sa64, const int32_t* pat, long m,
+                         long min_len, int64_t* out) {
+  out[0] = out[1] = out[2] = 0;
+  if (n == 0 || m < min_len) return;
+  long i = sa_bound(stream, n, sa, sa64, pat, m, 0, 0, n), best = 0, lcp;
+  for (long j = i - 1; j <= i; j++)
+    if (j >= 0 && j < n) {
+      sa_compare(stream, n, sa_at(sa, sa64, j), pat, m, &lcp);
+      if (lcp > best) best = lcp;
+    }
+  if (best < min_len) return;
+  long lo = sa_bound(stream, n, sa, sa64, pat, best, 0, 0, i + 1 < n ? i + 1 : n);
+  long hi = sa_bound(stream, n, sa, sa64, pat, best, 1, lo > i - 1 ? lo : i - 1, n);
+  out[0] = best; out[1] = lo; out[2] = hi;
+}

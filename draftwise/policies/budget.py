@@ -125,16 +125,22 @@ class OnlineCost:
     observed / predicted for n's bucket (1, 2, 3-4, 5-8, ...); t(n, L) = curve(n, L) x that
     ratio. Every ``probe_every`` steps without a one-node pass, ``probe_due()`` asks the drafter
     for one (plain decoding: still a token), so t(1), the baseline every draft is weighed
-    against, stays measured too.
+    against, stays measured too. A bucket not measured for ``probe_every`` passes and dearer than
+    t(1)'s relaxes toward t(1)'s ratio by ``relax`` at each one-node pass: the first passes of a
+    size set its ratio in full, and a size that looked dear once (a slow spell: another process, the
+    first request after start-up) would otherwise never be verified again, so never re-measured (a
+    bench drafter with a datastore ran 20 prompts without one draft that way).
     """
 
-    def __init__(self, curve: CostCurve, alpha: float = 0.1, probe_every: int = 32):
-        self.curve, self.alpha, self.probe_every = curve, alpha, probe_every
+    def __init__(self, curve: CostCurve, alpha: float = 0.1, probe_every: int = 32, relax: float = 0.1):
+        self.curve, self.alpha, self.probe_every, self.relax = curve, alpha, probe_every, relax
         self.ratio = np.ones(12)
         self.count = np.zeros(12)
         self.seen = np.zeros(12, dtype=bool)
         self._filled = np.ones(12)
         self.since_one = 0
+        self.passes = 0
+        self.last = [0] * 12                             # the pass that last measured each bucket
 
     @staticmethod
     def bucket(n) -> np.ndarray:
@@ -152,8 +158,18 @@ class OnlineCost:
         a = max(self.alpha, 1.0 / self.count[b])          # a running mean first, then a moving average
         self.ratio[b] = (1 - a) * self.ratio[b] + a * r
         self.seen[b] = True
+        self.passes += 1
+        self.last[b] = self.passes
+        if b == 0:
+            self._relax()
         self._fill()
         self.since_one = 0 if n == 1 else self.since_one + 1
+
+    def _relax(self) -> None:
+        r1 = float(self.ratio[0])
+        for b in range(1, 12):
+            if self.seen[b] and self.passes - self.last[b] > self.probe_every and self.ratio[b] > r1:
+                self.ratio[b] = r1 + (self.ratio[b] - r1) * (1.0 - self.relax)
 
     def probe_due(self) -> bool:
         return self.since_one >= self.probe_every

@@ -121,3 +121,34 @@ class ArmRates:
 
     def record(self, arm: str, tokens: int, seconds: float) -> None:
         self.rates[arm].add(tokens, seconds, self.decay)
+
+
+class SourceGate:
+    """Whether one optional draft source (auto's datastore) is queried this step: it is while the time its
+    accepted tokens save pays for the time it takes.
+
+    value: the accepted tokens that only this source proposed, times the ms per emitted token of the steps
+    around them (a token more per step at T ms and τ tokens a step saves about T / τ); cost: the source's own
+    ms that step. Both are averaged over the steps that queried it (decayed by ``decay`` per query). After
+    ``trial`` queries the source is skipped while value < cost, except every ``probe_every``-th step, so a
+    source that starts to pay later (a request whose text the datastore holds) is queried again."""
+
+    def __init__(self, trial: int = 16, probe_every: int = 8, decay: float = 0.97):
+        self.trial, self.probe_every, self.decay = trial, probe_every, decay
+        self.value = self.cost = 0.0                  # decayed sums, ms
+        self.queries = 0
+        self.skipped = 0                              # steps skipped since the last query
+
+    def open(self) -> bool:
+        """Whether to query the source this step."""
+        if self.queries < self.trial or self.value >= self.cost or self.skipped + 1 >= self.probe_every:
+            self.skipped = 0
+            return True
+        self.skipped += 1
+        return False
+
+    def record(self, gained_tokens: int, ms_per_token: float, cost_ms: float) -> None:
+        """One step that queried the source: tokens accepted that only it proposed, and its own time."""
+        self.value = self.value * self.decay + gained_tokens * ms_per_token
+        self.cost = self.cost * self.decay + cost_ms
+        self.queries += 1

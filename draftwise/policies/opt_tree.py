@@ -63,6 +63,7 @@ class Calibration:
         self.proposed = torch.zeros(2, buckets, dtype=torch.float64)
         self.accepted = torch.zeros(2, buckets, dtype=torch.float64)
         self.psum = torch.zeros(2, buckets, dtype=torch.float64)
+        self._factors: list[list[float]] | None = None     # factor() as lists, until the next update
 
     def _cell(self, top1: torch.Tensor, p: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         return (~top1).long(), (p * self.b).long().clamp_(0, self.b - 1)
@@ -74,7 +75,14 @@ class Calibration:
         r, b = self._cell(top1, p)
         return (p * self.factor()[r, b]).clamp_(max=1.0)
 
+    def rate_one(self, top1: bool, p: float) -> float:
+        """rate() of one node in plain Python (the same float64 arithmetic, so the same value)."""
+        if self._factors is None:
+            self._factors = self.factor().tolist()
+        return min(p * self._factors[0 if top1 else 1][min(max(int(p * self.b), 0), self.b - 1)], 1.0)
+
     def update(self, top1: torch.Tensor, p: torch.Tensor, accepted: torch.Tensor) -> None:
+        self._factors = None
         r, b = self._cell(top1, p)
         self.proposed.index_put_((r, b), torch.ones_like(p), accumulate=True)
         self.accepted.index_put_((r, b), accepted.double(), accumulate=True)
