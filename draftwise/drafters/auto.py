@@ -15,8 +15,9 @@ Terms
   only nodes delivered 0.60 of their p̂, retrieval-only 0.72, both 0.92). The kept set is the
   best-p̂ prefix that maximizes expected tokens per ms of the step under the target's measured cost
   curve, this drafter's own time included.
-- datastore gate: with a datastore, the free arm queries it while the tokens only it proposed (accepted
-  nodes of datastore-only origin) save more time than its search and its part of the trie cost
+- datastore gate: with a datastore, the free arm queries it while the tokens it decided (accepted nodes
+  that no context match proposed and whose rate was the datastore's, not a lower one of recycling's)
+  save more time than its search and its part of the trie cost
   (``SourceGate``: value = those tokens x ms per emitted token, against the measured ms, both averaged
   over its recent queries); otherwise only every 8th step, so it comes back when it starts to pay. On
   a 2-core CPU a query costs ~0.3-1 ms a step against a ~19 ms pass: a chat datastore raised τ on
@@ -206,10 +207,12 @@ class Auto(Drafter):
             for j in range(1, len(mapping)):
                 i, pb = mapping[j], b[bp[j]]
                 r = b[j] / pb if pb > 1e-12 else 0.0
-                if r > rate[i]:
+                if r >= rate[i]:
                     rate[i] = r
+                    ret_of[i] = j                                  # retrieval's rate is the node's
+                else:
+                    ret_of[i] = -1 - j                             # recycling's rate is higher
                 bits[i] |= RETRIEVAL
-                ret_of[i] = j
         raw, score, depth = fused_scores(rate, bits, pars, [1.0] + [c.ratio for c in self.source_calib[1:]])
         limit = max(1, ctx.remaining)
         order = sorted((i for i in range(1, len(toks)) if score[i] > 0 and depth[i] < limit),
@@ -252,9 +255,10 @@ class Auto(Drafter):
         self.recycling.learn_rows(tree.tokens, out.logits)       # every node teaches the matrix
         rec = [i for i in range(tree.size) if i == 0 or bits[i] & RECYCLING]   # the root is template node 0
         self.recycling.record_lists([k["template"][i] for i in rec], [on_path[i] for i in rec])
-        if k["store_queried"]:                                   # tokens only the datastore proposed
+        if k["store_queried"]:                                   # tokens the datastore decided
             kinds = k["cand"].kind.tolist() if k["cand"] is not None else []
-            gained = sum(1 for i in path[1:] if bits[i] == RETRIEVAL and kinds[k["ret_of"][i]] == KIND_STORE)
+            ret_of = k["ret_of"]
+            gained = sum(1 for i in path[1:] if ret_of[i] >= 0 and kinds[ret_of[i]] == KIND_STORE)
             rate = self.arms.rates["free"].value
             ms_per_token = 1e3 / rate if rate > 0 else float(self.cost.t(1))
             self.store_gate.record(gained, ms_per_token, self.source.store_ms)
@@ -262,7 +266,7 @@ class Auto(Drafter):
             par = tree.parents.tolist()
             tried = [i for i in range(1, tree.size) if bits[i] & RETRIEVAL and on_path[par[i]]]   # its parent accepted
             if tried:
-                j = torch.tensor([k["ret_of"][i] for i in tried])
+                j = torch.tensor([_trie_node(k["ret_of"][i]) for i in tried])
                 c = k["cand"]
                 self.source.learn(c.top1[j], c.share[j], c.kind[j], torch.tensor([on_path[i] for i in tried]))
         self._kept = None
@@ -273,6 +277,11 @@ class Auto(Drafter):
                 "arm_tokens_per_s": {a: round(r.value, 2) for a, r in self.arms.rates.items()},
                 **({"datastore_value_vs_cost_ms": [round(self.store_gate.value, 2), round(self.store_gate.cost, 2)]}
                    if self.store_gate is not None else {})}
+
+
+def _trie_node(r: int) -> int:
+    """The retrieval trie node of a fused node's ``ret_of`` entry (-1 - j: node j, whose rate recycling beat)."""
+    return r if r >= 0 else -1 - r
 
 
 def candidate_nodes(cost, max_nodes: int | None, template: int) -> int:

@@ -87,8 +87,12 @@ typedef __m256 VF;
 #define Q8_PF 2048                   // software prefetch distance along each streamed panel (bytes)
 #endif
 #if Q8_ISA == 0
-#define RMAX 2                       // rows per tile (16 ymm registers)
-#define CP 1                         // panels per tile from 2 rows
+#ifndef Q8_RMAX
+#define RMAX 4                       // rows per tile (16 ymm registers: see F16)
+#else
+#define RMAX Q8_RMAX                 // experiments (-DQ8_RMAX=2: the two-row tiles of before)
+#endif
+#define CP 1                         // panels per tile
 #elif Q8_ISA == 1
 #define RMAX 4
 #define CP 1
@@ -102,10 +106,15 @@ enum { K_Q8_0, K_Q5_0, K_Q4_1, K_Q6_K, K_Q4_K };
 
 #if Q8_ISA == 0
 // AVX2: vpmaddubsw's int16 pair sums are added in int16 for F steps before vpmaddwd widens them: exact while
-// F x 2 x max(u) x 127 < 32768 (4-bit: 8 steps; Q5_0: 4; Q6_K: 2; Q8_0's |q| up to 128: 1).
-#define F16(KIND) ((KIND) == K_Q4_1 || (KIND) == K_Q4_K ? 8 : (KIND) == K_Q5_0 ? 4 : (KIND) == K_Q6_K ? 2 : 1)
+// F x 2 x max(u) x 127 < 32768 (4-bit: 8 steps; Q5_0: 4; Q6_K: 2; Q8_0's |q| up to 128: 1). Tiles of 3-4 rows
+// widen every step (F = 1): their int16 sums would need as many registers again as the int32 ones, and
+// spilled; one pass of 4 rows over a panel beat two passes of 2 (2-core Zen 3, two interleaved runs: 0.5B
+// t(4) 25.6-30.7 -> 22.8-23.3 ms, t(8) 45.4-54.1 -> 38.3-41.3; 1.5B t(4) 66.3-76.1 -> 57.7-59.0, t(8)
+// 122-127 -> 111-114; benchmarks/results/avx2-zen3/tn-rows4-*).
+#define F16(KIND, R) ((R) > 2 ? 1 : (KIND) == K_Q4_1 || (KIND) == K_Q4_K ? 8 : (KIND) == K_Q5_0 ? 4 \
+                      : (KIND) == K_Q6_K ? 2 : 1)
 #else
-#define F16(KIND) 1
+#define F16(KIND, R) 1
 #endif
 
 // R rows (from r0) x C panels (from b) of segment s, y at the segment's first column.
@@ -115,7 +124,7 @@ AI void tile(const int R, const int C, const int KIND, const dw_q8seg_t* s, long
   const int SGN = KIND == K_Q8_0 && Q8_ISA == 0;       // AVX2: |q| x sign(q) * qa
   const int HAS_SC = KIND == K_Q6_K || KIND == K_Q4_K;
   const int MK = KIND == K_Q4_1 ? 1 : KIND == K_Q4_K ? 2 : 0;
-  const int F = F16(KIND);
+  const int F = F16(KIND, R);
   const long SB = KIND == K_Q6_K ? 16 : 32, SS = (KIND == K_Q6_K || KIND == K_Q4_K) ? 256 : 32;
   const int bias_q = SGN ? 0 : (int)s->bias;
   const long nsup = I / SS, nsub = SS / SB, psb = NIB ? I * 8 : I * 16;

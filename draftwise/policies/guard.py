@@ -127,7 +127,8 @@ class SourceGate:
     """Whether one optional draft source (auto's datastore) is queried this step: it is while the time its
     accepted tokens save pays for the time it takes.
 
-    value: the accepted tokens that only this source proposed, times the ms per emitted token of the steps
+    value: the accepted tokens this source decided (the caller's call: for auto's datastore, nodes no context
+    match proposed whose rate was the datastore's), times the ms per emitted token of the steps
     around them (a token more per step at T ms and τ tokens a step saves about T / τ); cost: the source's own
     ms that step. Both are averaged over the steps that queried it (decayed by ``decay`` per query). After
     ``trial`` queries the source is skipped while value < cost, except every ``probe_every``-th step, so a
@@ -148,7 +149,7 @@ class SourceGate:
         return False
 
     def record(self, gained_tokens: int, ms_per_token: float, cost_ms: float) -> None:
-        """One step that queried the source: tokens accepted that only it proposed, and its own time."""
+        """One step that queried the source: the accepted tokens it decided, and its own time."""
         self.value = self.value * self.decay + gained_tokens * ms_per_token
         self.cost = self.cost * self.decay + cost_ms
         self.queries += 1
