@@ -92,7 +92,7 @@ class Auto(Drafter):
         # per origin (1 recycling only, 2 retrieval only, 3 both): realized / expected accepted nodes
         self.source_calib = [_Calibration() for _ in range(4)]
         self.rec_nodes = candidate_nodes(cost, max_nodes, recycling.template_size - 1)
-        # the datastore is queried while the tokens only it proposes save more time than its search costs
+        # the datastore is queried while the tokens it decides save more time than its search costs
         self.store_gate = SourceGate() if source.store is not None else None
         self.explore_every = 16                 # the model arm runs at least this often while it wins ...
         self.max_explore_every = 256            # ... and at least this often after losing explorations

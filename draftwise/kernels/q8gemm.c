@@ -110,7 +110,7 @@ enum { K_Q8_0, K_Q5_0, K_Q4_1, K_Q6_K, K_Q4_K };
 // widen every step (F = 1): their int16 sums would need as many registers again as the int32 ones, and
 // spilled; one pass of 4 rows over a panel beat two passes of 2 (2-core Zen 3, two interleaved runs: 0.5B
 // t(4) 25.6-30.7 -> 22.8-23.3 ms, t(8) 45.4-54.1 -> 38.3-41.3; 1.5B t(4) 66.3-76.1 -> 57.7-59.0, t(8)
-// 122-127 -> 111-114; benchmarks/results/avx2-zen3/tn-rows4-*).
+// 122-127 -> 111-114; benchmarks/results/avx2-zen3/tn-rows4/).
 #define F16(KIND, R) ((R) > 2 ? 1 : (KIND) == K_Q4_1 || (KIND) == K_Q4_K ? 8 : (KIND) == K_Q5_0 ? 4 \
                       : (KIND) == K_Q6_K ? 2 : 1)
 #else
