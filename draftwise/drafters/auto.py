@@ -197,6 +197,7 @@ class Auto(Drafter):
         rate = [1.0] + [rs[i] / rs[pars[i]] for i in range(1, T)]    # an estimate never exceeds its parent's
         bits = [0] + [RECYCLING] * (T - 1)
         ret_of = [-1] * T                                          # fused node -> retrieval trie node
+        ret_led = [False] * T                                      # the node's rate is retrieval's
         use_store = self.store_gate is not None and self.store_gate.open()
         cand = self.source.candidates(ctx, use_store=use_store)
         if cand is not None:
@@ -204,15 +205,15 @@ class Auto(Drafter):
             toks, pars, mapping = fuse_lists(toks, pars, cand.tree.tokens.tolist(), bp)
             extra = len(toks) - T
             rate, bits, ret_of = rate + [0.0] * extra, bits + [0] * extra, ret_of + [-1] * extra
+            ret_led += [False] * extra
             for j in range(1, len(mapping)):
                 i, pb = mapping[j], b[bp[j]]
                 r = b[j] / pb if pb > 1e-12 else 0.0
                 if r >= rate[i]:
                     rate[i] = r
-                    ret_of[i] = j                                  # retrieval's rate is the node's
-                else:
-                    ret_of[i] = -1 - j                             # recycling's rate is higher
+                    ret_led[i] = True
                 bits[i] |= RETRIEVAL
+                ret_of[i] = j
         raw, score, depth = fused_scores(rate, bits, pars, [1.0] + [c.ratio for c in self.source_calib[1:]])
         limit = max(1, ctx.remaining)
         order = sorted((i for i in range(1, len(toks)) if score[i] > 0 and depth[i] < limit),
@@ -232,6 +233,7 @@ class Auto(Drafter):
         kept_bits = [bits[i] for i in keep]
         self._kept = {"bits": kept_bits, "expected": expected, "raw": [raw[i] for i in keep],
                       "template": [ids[i] if i < T else -1 for i in keep], "ret_of": [ret_of[i] for i in keep],
+                      "ret_led": [ret_led[i] for i in keep],
                       "cand": cand, "store_queried": use_store}
         tree = DraftTree(torch.tensor([toks[i] for i in keep]), torch.tensor([remap.get(pars[i], -1) for i in keep]),
                          torch.tensor([depth[i] for i in keep]), scores=torch.tensor([score[i] for i in keep]))
@@ -257,8 +259,8 @@ class Auto(Drafter):
         self.recycling.record_lists([k["template"][i] for i in rec], [on_path[i] for i in rec])
         if k["store_queried"]:                                   # tokens the datastore decided
             kinds = k["cand"].kind.tolist() if k["cand"] is not None else []
-            ret_of = k["ret_of"]
-            gained = sum(1 for i in path[1:] if ret_of[i] >= 0 and kinds[ret_of[i]] == KIND_STORE)
+            ret_of, led = k["ret_of"], k["ret_led"]
+            gained = sum(1 for i in path[1:] if led[i] and kinds[ret_of[i]] == KIND_STORE)
             rate = self.arms.rates["free"].value
             ms_per_token = 1e3 / rate if rate > 0 else float(self.cost.t(1))
             self.store_gate.record(gained, ms_per_token, self.source.store_ms)
@@ -266,7 +268,7 @@ class Auto(Drafter):
             par = tree.parents.tolist()
             tried = [i for i in range(1, tree.size) if bits[i] & RETRIEVAL and on_path[par[i]]]   # its parent accepted
             if tried:
-                j = torch.tensor([_trie_node(k["ret_of"][i]) for i in tried])
+                j = torch.tensor([k["ret_of"][i] for i in tried])
                 c = k["cand"]
                 self.source.learn(c.top1[j], c.share[j], c.kind[j], torch.tensor([on_path[i] for i in tried]))
         self._kept = None
@@ -277,11 +279,6 @@ class Auto(Drafter):
                 "arm_tokens_per_s": {a: round(r.value, 2) for a, r in self.arms.rates.items()},
                 **({"datastore_value_vs_cost_ms": [round(self.store_gate.value, 2), round(self.store_gate.cost, 2)]}
                    if self.store_gate is not None else {})}
-
-
-def _trie_node(r: int) -> int:
-    """The retrieval trie node of a fused node's ``ret_of`` entry (-1 - j: node j, whose rate recycling beat)."""
-    return r if r >= 0 else -1 - r
 
 
 def candidate_nodes(cost, max_nodes: int | None, template: int) -> int:
