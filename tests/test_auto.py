@@ -236,3 +236,49 @@ def test_a_datastore_that_holds_the_answer_stays_queried(useless_pair, tmp_path)
     out, st = generate(target, prompt, drafter=d, max_new_tokens=100)
     assert out == ref and all(queried) and st.sources.get("retrieval", 0) > 50
     assert d.store_gate.value > d.store_gate.cost
+
+
+def test_the_datastore_query_is_sized_by_the_cost_curve(useless_pair, tmp_path):
+    from draftwise.drafters.auto import affordable_nodes, store_query
+    from draftwise.policies.budget import CostCurve
+
+    cpu = CostCurve((1, 2, 4, 6, 8, 16), (15.0, 15.5, 19.0, 29.0, 38.0, 75.0))    # the 0.5B on a 2-core EPYC
+    assert affordable_nodes(cpu, 80) == 5                  # root + 5: t(6) = 29 <= 2 x t(1) < t(7) = 33.5
+    assert affordable_nodes(cpu, 3) == 3
+    assert store_query(cpu, None) == (40, 6)
+    assert store_query(CostCurve.flat(), None) == (64, 16)  # a GPU-like curve: REST's 64 x 16
+    assert store_query(cpu, 1) == (16, 4)                  # a fixed max_nodes decides instead
+
+    target, _ = useless_pair
+    prompt = [3, 9, 27, 4, 12, 36]
+    ref, _ = generate(target, prompt, max_new_tokens=40)
+    d, _ = _auto_with_store(target, [prompt + ref], tmp_path)
+    store, calls = d.source.store, []
+    retrieve = store.retrieve
+    store.retrieve = lambda arr, conts, length, match: calls.append((conts, length)) or retrieve(arr, conts, length, match)
+    d.source.max_conts, d.source.store_len = 7, 3
+    out, _ = generate(target, prompt, drafter=d, max_new_tokens=40)
+    assert out == ref and calls and set(calls) == {(7, 3)}
+    assert all(len(c) <= 3 for c in retrieve(prompt + ref[:5], 7, 3, 16)[1])
+
+
+def test_auto_store_options_reach_the_retrieval_source(useless_pair, tmp_path):
+    import numpy as np
+
+    from draftwise import datastore as D
+    from draftwise.vocab import fingerprint
+
+    class Tok:
+        def get_vocab(self):
+            return {}
+
+    target, _ = useless_pair
+    eng = TinyEngine(target)
+    eng.tokenizer = Tok()
+    D.write(np.asarray([1, 2, 3, 4, 5, D.SEPARATOR], np.int32), tmp_path / "s.dwds", fingerprint(eng.tokenizer),
+            target.cfg.vocab_size)
+    spec = methods.get("auto")
+    d = spec.factory(eng, **spec.validate({"datastore": str(tmp_path / "s.dwds"), "store_conts": 5, "store_len": 2}))
+    assert (d.source.max_conts, d.source.store_len, d.source.max_len) == (5, 2, 16)   # context lookup stays 16 deep
+    d = spec.factory(eng, **spec.validate({"datastore": str(tmp_path / "s.dwds")}))
+    assert (d.source.max_conts, d.source.store_len) == (64, 16)                         # a flat curve: REST's sizes

@@ -19,9 +19,10 @@ Terms
   that no context match proposed and whose rate was the datastore's, not a lower one of recycling's)
   save more time than its search and its part of the trie cost
   (``SourceGate``: value = those tokens x ms per emitted token, against the measured ms, both averaged
-  over its recent queries); otherwise only every 8th step, so it comes back when it starts to pay. On
-  a 2-core CPU a query costs ~0.3-1 ms a step against a ~19 ms pass: a chat datastore raised τ on
-  MT-Bench (1.15 -> 1.27) and still lost time, a code datastore on HumanEval added no τ at all.
+  over its recent queries); otherwise only every 8th step, so it comes back when it starts to pay. A
+  query returns continuations only as deep as the largest tree worth verifying (``store_query``: on a
+  2-core CPU 32 continuations of 5 tokens instead of REST's 64 x 16, whose trie cost more than its extra
+  nodes gave).
 - model arm: the draft model's tree (a chain by default, ``model_tree``; its planner grows it only
   while it pays for both models' time), or with ``head`` an EAGLE head's chain on the target's own
   features (``head_length``), with the retrieval trie fused and pruned as RASD does; recycling learns
@@ -281,16 +282,32 @@ class Auto(Drafter):
                    if self.store_gate is not None else {})}
 
 
+def affordable_nodes(cost, limit: int) -> int:
+    """The largest n (at most ``limit``) such that a pass over the root and n draft nodes costs at most twice a
+    one-token pass on the cost curve: on a 2-core CPU ~4, on a GPU the limit. Larger trees rarely pay."""
+    t1, n = float(cost.t(1)), 1
+    while n < limit and float(cost.t(n + 2)) <= 2.0 * t1:
+        n += 1
+    return n
+
+
 def candidate_nodes(cost, max_nodes: int | None, template: int) -> int:
     """How many of recycling's template nodes (best estimates first) the free arm scores each step: three times
-    the largest tree worth verifying, at least 12: max_nodes when given, else the largest n whose pass costs at
-    most twice a one-token pass on the cost curve (on a 2-core CPU ~4, so 12 of the 80 nodes; on a GPU all).
-    The kept set rarely reaches past the best few; the rest were scored every step for nothing."""
+    the largest tree worth verifying, at least 12: max_nodes when given, else ``affordable_nodes`` (on a 2-core
+    CPU ~4, so 12 of the 80 nodes; on a GPU all). The kept set rarely reaches past the best few; the rest were
+    scored every step for nothing."""
     if max_nodes is None:
-        t1, max_nodes = float(cost.t(1)), 1
-        while max_nodes < template and float(cost.t(max_nodes + 2)) <= 2.0 * t1:
-            max_nodes += 1
+        max_nodes = affordable_nodes(cost, template)
     return min(template, max(12, 3 * max_nodes))
+
+
+def store_query(cost, max_nodes: int | None) -> tuple[int, int]:
+    """(continuations, tokens each) of the datastore's answer per step: as deep as the largest tree worth
+    verifying (max_nodes, else ``affordable_nodes``) plus one, and 8 continuations per such node, within
+    REST's 64 x 16. A query's cost is mostly the trie its tokens make (Python, per token): on a 2-core CPU,
+    where kept trees hold 2-5 nodes, 64 x 16 tokens cost ~1.5 ms a step against a ~15 ms pass."""
+    n = max_nodes if max_nodes is not None else affordable_nodes(cost, 16)
+    return min(64, max(16, 8 * n)), min(16, max(4, n + 1))
 
 
 def fused_scores(rate: list[float], bits: list[int], parents: list[int],
@@ -327,9 +344,11 @@ class _Calibration:
 
 
 def _factory(engine, datastore, online: bool, max_nodes, use_draft: bool, model_tree: str, model_cross: str,
-             head, head_length: str) -> Auto:
+             head, head_length: str, store_conts, store_len) -> Auto:
     store = load_store(engine, datastore, online)
-    source = RetrievalSource(store, lookup=True, online=online)
+    conts, length = store_query(engine.cost_curve(), max_nodes)
+    source = RetrievalSource(store, lookup=True, online=online, max_conts=store_conts or conts,
+                             store_len=store_len or length)
     rec = TokenRecycling(engine.model.cfg.vocab_size, device="cpu")
     model, name = None, "draft-model"
     if head is not None:                       # the model arm drafts with an EAGLE head on the target's features
@@ -349,6 +368,10 @@ SPEC = MethodSpec(
         "datastore": Option(str, None, "datastore file for retrieval (draftwise datastore build); null: the "
                                     "context only", optional=True, path=True),
         "online": Option(bool, False, "add each finished sequence to the datastore's in-memory overlay"),
+        "store_conts": Option(int, None, "datastore continuations per step (null: 8 per node of the largest "
+                                         "tree worth verifying, 16-64)", optional=True, lo=1, hi=1024),
+        "store_len": Option(int, None, "tokens per datastore continuation (null: that tree's size + 1, 4-16)",
+                            optional=True, lo=1, hi=64),
         "max_nodes": Option(int, None, "most nodes verified per step without the draft model (null: the "
                                     "cost curve decides)", optional=True, lo=1, hi=256),
         "use_draft": Option(bool, True, "use the engine's draft model when one is loaded"),

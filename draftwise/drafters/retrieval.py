@@ -49,14 +49,16 @@ class RetrievalSource:
     """Continuations from a datastore and/or the context, as a scored trie."""
 
     def __init__(self, store: Datastore | None = None, lookup: bool = True, online: bool = False,
-                 max_conts: int = 64, max_len: int = 16, max_match: int = 16):
+                 max_conts: int = 64, max_len: int = 16, max_match: int = 16, store_len: int | None = None):
         if store is None and not lookup and not online:
             raise ConfigError("retrieval needs a datastore, prompt lookup or online growth")
-        if max_conts < 1 or max_len < 1 or not 2 <= max_match <= 64:
-            raise ConfigError("retrieval needs max_conts >= 1, max_len >= 1 and 2 <= max_match <= 64")
+        if max_conts < 1 or max_len < 1 or not 2 <= max_match <= 64 or (store_len is not None and store_len < 1):
+            raise ConfigError("retrieval needs max_conts >= 1, max_len >= 1, store_len >= 1 (or null) and "
+                              "2 <= max_match <= 64")
         self.store, self.online = store, online
         self.lookup = PromptLookup(max_ngram=4, min_ngram=2, max_depth=max_len, max_matches=8) if lookup else None
         self.max_conts, self.max_len, self.max_match = max_conts, max_len, max_match
+        self.store_len = max_len if store_len is None else store_len     # tokens per datastore continuation
         self.calib = [Calibration() for _ in range(3)]          # one per KIND_*
         self.store_ms = 0.0                                     # the datastore's share of the last candidates()
         self._last: list[int] | None = None
@@ -79,7 +81,7 @@ class RetrievalSource:
         store_conts: list[list[int]] = []
         self.store_ms = 0.0
         if self.store is not None and use_store:
-            _, store_conts = self.store.retrieve(arr, self.max_conts, self.max_len, self.max_match)
+            _, store_conts = self.store.retrieve(arr, self.max_conts, self.store_len, self.max_match)
         t1 = time.perf_counter()
         ctx_conts = self.lookup.continuations(arr) if self.lookup is not None else []
         t2 = time.perf_counter()
